@@ -1,0 +1,5 @@
+"""Errors a user can cause. The CLI prints them as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad config, missing file, unreadable URL, missing weights offline: say what to do."""

