@@ -192,6 +192,25 @@ class ConfigError(UserError):
 
 
 # ------------------------------------------------------------------------ loading
+def _package_dir(name: str) -> str:
+    """``${pkgdir:NAME}``: the folder of an installed package, found without importing it
+    (so configs can point at assets that packages ship, e.g. a bundled text model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"${{pkgdir:{name}}}: package '{name}' is not installed (pip install it)")
+    return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+if not OmegaConf.has_resolver("pkgdir"):
+    # omegaconf >= 2.4 names it register_resolver; 2.3 only has register_new_resolver
+    _register = getattr(OmegaConf, "register_resolver", None)
+    if _register is None or not hasattr(OmegaConf, "legacy_register_resolver"):
+        _register = OmegaConf.register_new_resolver
+    _register("pkgdir", _package_dir)
+
+
 def default_config() -> DictConfig:
     return OmegaConf.structured(Config)
 
@@ -274,7 +293,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise _explain(err, "override") from None
     try:
         OmegaConf.resolve(cfg)
+    except ConfigError:
+        raise
     except OmegaConfBaseException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
         raise _explain(err, str(path or "config")) from None
     _check_choices(cfg)
     OmegaConf.set_readonly(cfg, False)

