@@ -51,8 +51,22 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_cmd_config_show)
 
 
+# ------------------------------------------------------------------------- bench
+# Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
+# measuring code lives in regionvlp/bench.py (or the module it measures).
+_BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measurements against a baseline, printed as JSON")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for add in _BENCH_BUILDERS:
+        add(bsub)
+
+
 _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
+    _add_bench,
 ]
 
 
