@@ -1,0 +1,265 @@
+"""Building torchvision Faster R-CNN detectors: the four stock archs plus a tiny one.
+
+``build_detector(arch, weights, num_classes=None, **kw)`` returns a plain torchvision
+:class:`~torchvision.models.detection.FasterRCNN` (trainable; the frozen extractor wraps
+it separately). ``weights`` is one of
+
+- ``none``: random init (tests, CPU demo);
+- ``DEFAULT`` or an enum name (``COCO_V1``, ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``):
+  torchvision's pretrained weights, read from the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints``). Nothing is ever downloaded here: a missing file is a
+  :class:`UserError` that says where to put it or how to pass a local path;
+- a local checkpoint path: either ``{"arch", "num_classes", "state_dict"}`` (what
+  ``save_detector`` and ``regionvlp detector fit`` write) or a plain state_dict.
+
+``fasterrcnn_tiny`` is FasterRCNN over a 4-stage conv+BN backbone with an FPN, sized to
+train and run on 2 CPU cores at 64-128 px; its box head is the stock TwoMLPHead with
+1024-d representation, so region features keep the same width as the big archs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regionvlp.errors import UserError
+
+TORCHVISION_ARCHS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+TINY_ARCH = "fasterrcnn_tiny"
+ARCHS = TORCHVISION_ARCHS + (TINY_ARCH,)
+COCO_NUM_CLASSES = 91  # torchvision's default (background + 90 COCO ids)
+REPRESENTATION_SIZE = 1024  # box-head RoI feature width, every arch
+
+
+# ------------------------------------------------------------------ tiny arch
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyConvNet(nn.Module):
+    """Four conv stages at strides 4, 8, 16, 32 (channels 16, 32, 64, 96)."""
+
+    channels = (16, 32, 64, 96)
+
+    def __init__(self) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = self.channels
+        self.stem = nn.Sequential(_conv_bn(3, c1, 2), _conv_bn(c1, c1, 2))  # stride 4
+        self.layer1 = _conv_bn(c1, c2, 2)  # stride 8
+        self.layer2 = _conv_bn(c2, c3, 2)  # stride 16
+        self.layer3 = _conv_bn(c3, c4, 2)  # stride 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - used via FPN getter
+        return self.layer3(self.layer2(self.layer1(self.stem(x))))
+
+
+def _tiny_fasterrcnn(num_classes: int, **kw: Any) -> nn.Module:
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    body = TinyConvNet()
+    fpn_channels = 32
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"stem": "0", "layer1": "1", "layer2": "2", "layer3": "3"},
+        in_channels_list=list(TinyConvNet.channels),
+        out_channels=fpn_channels,
+    )  # levels '0'..'3' + 'pool'
+    anchors = AnchorGenerator(
+        sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5
+    )
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(fpn_channels * 7 * 7, REPRESENTATION_SIZE)
+    defaults: dict[str, Any] = {
+        "min_size": 128,
+        "max_size": 128,
+        "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 150,
+        "rpn_pre_nms_top_n_train": 600,
+        "rpn_post_nms_top_n_train": 300,
+        "box_batch_size_per_image": 128,
+    }
+    return FasterRCNN(
+        backbone,
+        num_classes=num_classes,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        **{**defaults, **kw},
+    )
+
+
+# --------------------------------------------------------------------- weights
+def _weights_enum(arch: str):
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch)
+
+
+def _resolve_enum(arch: str, weights: str):
+    """``DEFAULT`` / ``COCO_V1`` / ``<EnumClass>.COCO_V1`` -> the enum member, or None."""
+    enum = _weights_enum(arch)
+    name = weights.split(".")[-1] if weights.startswith(enum.__name__ + ".") else weights
+    try:
+        return enum[name]
+    except KeyError:
+        return None
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torchvision's ``load_state_dict_from_url`` caches ``url``."""
+    from urllib.parse import urlparse
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _load_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt / not a torch file
+        raise UserError(f"detector weights {path}: cannot read it as a torch checkpoint ({err})") from None
+
+
+def _split_checkpoint(obj: Any, source: str) -> tuple[str | None, int | None, dict[str, torch.Tensor]]:
+    """(arch, num_classes, state_dict) from a ``{"arch", "num_classes", "state_dict"}`` file or a plain state_dict."""
+    if not isinstance(obj, dict):
+        raise UserError(f"detector weights {source}: expected a state_dict or a dict with 'state_dict'")
+    arch = None
+    num_classes = None
+    state = obj
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        arch = obj.get("arch")
+        num_classes = obj.get("num_classes")
+        state = obj["state_dict"]
+    if num_classes is None:
+        cls_w = state.get("roi_heads.box_predictor.cls_score.weight")
+        if cls_w is not None:
+            num_classes = int(cls_w.shape[0])
+    return arch, num_classes, state
+
+
+def _construct(arch: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    if arch == TINY_ARCH:
+        return _tiny_fasterrcnn(num_classes, **kw)
+    import torchvision.models.detection as det
+
+    return getattr(det, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **kw)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3])
+        unexpected = ", ".join(result.unexpected_keys[:3])
+        raise UserError(
+            f"detector weights {source} do not fit this arch "
+            f"({len(result.missing_keys)} missing keys e.g. [{missing}], "
+            f"{len(result.unexpected_keys)} unexpected e.g. [{unexpected}]); check model.detector.arch"
+        )
+
+
+def _replace_predictor(model: nn.Module, num_classes: int) -> None:
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    in_features = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+
+
+def build_detector(
+    arch: str, weights: str | None = "none", num_classes: int | None = None, **kw: Any
+) -> nn.Module:
+    """A torchvision ``FasterRCNN`` for ``arch`` with ``weights`` (see module doc).
+
+    ``num_classes`` (background included) replaces the box predictor when it differs from
+    the weights' classes (fine-tuning a pretrained detector on new labels); ``kw`` goes to
+    ``FasterRCNN`` (``min_size``, ``max_size``, ``rpn_pre_nms_top_n_test``, ...).
+    """
+    if arch not in ARCHS:
+        raise UserError(f"model.detector.arch '{arch}' is unknown; choose one of {', '.join(ARCHS)}")
+    w = "none" if weights is None else str(weights).strip()
+    if w.lower() in ("none", "", "null", "random"):
+        return _construct(arch, num_classes or COCO_NUM_CLASSES, kw)
+
+    path = Path(w).expanduser()
+    looks_like_path = path.suffix in (".pt", ".pth", ".bin", ".ckpt") or os.sep in w or path.exists()
+    if looks_like_path:
+        if not path.is_file():
+            raise UserError(f"detector weights file not found: {path} (model.detector.weights)")
+        ckpt_arch, ckpt_classes, state = _split_checkpoint(_load_file(path), str(path))
+        if ckpt_arch is not None and ckpt_arch != arch:
+            raise UserError(
+                f"detector checkpoint {path} is for arch '{ckpt_arch}' but model.detector.arch is '{arch}'; "
+                f"set model.detector.arch={ckpt_arch}"
+            )
+        model = _construct(arch, ckpt_classes or COCO_NUM_CLASSES, kw)
+        _load_into(model, state, str(path))
+        if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
+            _replace_predictor(model, num_classes)
+        return model
+
+    if arch == TINY_ARCH:
+        raise UserError(
+            f"{TINY_ARCH} has no pretrained weights ('{w}'): use model.detector.weights=none or a local "
+            "checkpoint path (e.g. one written by `regionvlp detector fit`)"
+        )
+    member = _resolve_enum(arch, w)
+    if member is None:
+        names = ", ".join(["DEFAULT"] + [m.name for m in _weights_enum(arch)])
+        raise UserError(
+            f"model.detector.weights '{w}' is neither a file nor a weights name for {arch} "
+            f"(names: {names}; or none, or a local checkpoint path)"
+        )
+    cached = hub_checkpoint_path(member.url)
+    if not cached.is_file():
+        raise UserError(
+            f"pretrained weights {type(member).__name__}.{member.name} are not on this machine "
+            f"(expected {cached}) and regionvlp never downloads them; download {member.url} to that path "
+            "(or set TORCH_HOME), or pass a local file with model.detector.weights=/path/to/detector.pth"
+        )
+    weight_classes = len(member.meta["categories"])
+    model = _construct(arch, weight_classes, kw)
+    _load_into(model, _load_file(cached), str(cached))
+    if num_classes is not None and num_classes != weight_classes:
+        _replace_predictor(model, num_classes)
+    return model
+
+
+def save_detector(model: nn.Module, arch: str, path: str | Path, **extra: Any) -> Path:
+    """Write ``{"arch", "num_classes", "state_dict", **extra}`` (loadable by :func:`build_detector`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+    state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+    torch.save({"arch": arch, "num_classes": num_classes, "state_dict": state, **extra}, path)
+    return path
+
+
+def detector_kwargs(dcfg: Any) -> dict[str, Any]:
+    """FasterRCNN keyword arguments from ``model.detector`` (None = keep the arch's default)."""
+    kw: dict[str, Any] = {}
+    if dcfg.min_size is not None:
+        kw["min_size"] = int(dcfg.min_size)
+    if dcfg.max_size is not None:
+        kw["max_size"] = int(dcfg.max_size)
+    if dcfg.rpn_pre_nms_top_n is not None:
+        kw["rpn_pre_nms_top_n_test"] = int(dcfg.rpn_pre_nms_top_n)
+    if dcfg.rpn_post_nms_top_n is not None:
+        kw["rpn_post_nms_top_n_test"] = int(dcfg.rpn_post_nms_top_n)
+    return kw
