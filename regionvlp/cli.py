@@ -51,6 +51,31 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_cmd_config_show)
 
 
+# ------------------------------------------------------------------------- synth
+def _cmd_synth(args: argparse.Namespace) -> dict:
+    from regionvlp.data.synth import synth
+
+    return synth(args.out, videos=args.videos, seed=args.seed, val_videos=args.val_videos,
+                 size=args.size, frames=args.frames, fps=args.fps, shard_size=args.shard_size,
+                 workers=args.workers, compositional=args.compositional)
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic video-caption shard set with boxes (train/ and val/)")
+    p.add_argument("out", help="output folder (gets train/, val/, world.json)")
+    p.add_argument("--videos", type=int, required=True, help="train clips")
+    p.add_argument("--val-videos", type=int, default=None, help="val clips (default: videos/10, at least 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=100, help="samples per tar")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering and encoding clips")
+    p.add_argument("--compositional", action="store_true",
+                   help="hold some shape+colour pairs out of train; every val clip has one")
+    p.set_defaults(func=_cmd_synth)
+
+
 # ------------------------------------------------------------------------- bench
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
@@ -67,6 +92,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_bench,
+    _add_synth,
 ]
 
 
