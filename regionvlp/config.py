@@ -106,6 +106,8 @@ class LearnerConfig:
     mask_norm: str = "softmax"  # softmax | sigmoid
     interaction_layers: int = 1
     insert_after: int = -1  # ViT block index; -1 the last
+    checkpoint: str = "none"  # none | a saved learned-pathway (or whole model) state dict to start from
+    temporal_resize: str = "interpolate"  # interpolate | zeros: time embeddings when max_frames changed
 
 
 @dataclass

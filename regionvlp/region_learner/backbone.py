@@ -1,0 +1,82 @@
+"""The timm ViT backbone: creation (random, timm weights, or a local file) and the
+temporal attention used for divided space-time attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regionvlp.errors import UserError
+
+
+def create_vit(name: str, img_size: int, pretrained: str = "none") -> nn.Module:
+    """A timm ``VisionTransformer`` without classifier (``num_classes=0``).
+
+    ``pretrained``: ``none`` (random init), ``timm`` (timm's own weights; needs them in
+    the local cache or a reachable hub), or a path to a local checkpoint file
+    (``.safetensors``/``.pth``/``.bin``/``.npz`` as timm reads them; position embeddings
+    are resampled to ``img_size`` by timm's filter).
+    """
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+        hint = f" (e.g. {', '.join(near)})" if near else ""
+        raise UserError(f"model.learner.backbone: '{name}' is not a timm model name{hint}")
+    kwargs = dict(img_size=img_size, num_classes=0)
+    if pretrained in ("none", "", None):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif pretrained == "timm":
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # offline, no cache, no weights for this name
+            detail = " ".join(str(err).split())[:200]
+            raise UserError(
+                f"could not load timm weights for '{name}' ({type(err).__name__}: {detail}); "
+                "when offline, download them elsewhere and set model.learner.pretrained=/path/to/weights "
+                "(or pretrained=none for random init)") from None
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.learner.pretrained: no checkpoint file at {path} "
+                            "(use none, timm, or a path to a weights file)")
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except Exception as err:
+            detail = " ".join(str(err).split())[:300]
+            raise UserError(f"model.learner.pretrained: {path} does not load into '{name}': {detail}") from None
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"model.learner.backbone: '{name}' is a {type(model).__name__}, "
+                        "not a timm VisionTransformer (use e.g. vit_base_patch16_224)")
+    return model
+
+
+class TemporalAttention(nn.Module):
+    """Pre-norm self-attention across frames at each token position (divided space-time).
+
+    The output projection starts at zero, so a fresh block is the identity and a
+    pretrained image ViT computes exactly what it did per frame.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, S, C] -> [B, T, S, C]."""
+        B, T, S, C = x.shape
+        y = self.norm(x).permute(0, 2, 1, 3).reshape(B * S, T, C)  # [B*S, T, C]
+        qkv = self.qkv(y).reshape(B * S, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*S, h, T, C/h]
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * S, T, C)
+        y = self.proj(y).reshape(B, S, T, C).permute(0, 2, 1, 3)  # [B, T, S, C]
+        return x + y

@@ -1,0 +1,147 @@
+"""Loading a saved RegionLearner pathway into a (possibly different) config.
+
+Strict: every key of the checkpoint must land in the model and every key of the model
+must come from the checkpoint, else a :class:`UserError` lists the missing and
+unexpected keys (the RegionLearner weights are never dropped silently). Two planned
+differences are adapted instead of refused:
+
+- the temporal tables (``time_embed`` of the backbone and of the region interaction,
+  ``[max_frames, C]``) are resized when ``max_frames`` changed (1 -> 4 -> 8):
+  linear interpolation over the clip span (a single frame is repeated), or ``zeros``:
+  copy the common frames and zero-fill the rest;
+- temporal-attention weights (``temporal.*``) missing from an image-pretrained
+  checkpoint keep their identity initialisation when ``divided_space_time`` is on.
+
+The checkpoint may be the pathway's own ``state_dict`` or a whole model's (the
+pathway's keys are found by their common prefix, e.g. ``pathway.`` or ``module.``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regionvlp.errors import UserError
+
+TEMPORAL_RESIZE = ("interpolate", "zeros")
+_ANCHOR = "learner.quantizer.embed"  # a key only a RegionLearner pathway has
+_TIME_KEYS = ("time_embed", "learner.interaction.time_embed")
+
+
+def resize_time_embed(table: torch.Tensor, frames: int, mode: str = "interpolate") -> torch.Tensor:
+    """[T0, C] -> [frames, C]."""
+    if mode not in TEMPORAL_RESIZE:
+        raise UserError(f"temporal resize mode must be one of {', '.join(TEMPORAL_RESIZE)}, got {mode!r}")
+    t0 = table.shape[0]
+    if t0 == frames:
+        return table.clone()
+    if mode == "zeros":
+        out = table.new_zeros(frames, table.shape[1])
+        n = min(t0, frames)
+        out[:n] = table[:n]
+        return out
+    if t0 == 1:
+        return table.expand(frames, -1).clone()
+    src = table.float().t()[None]  # [1, C, T0]
+    out = F.interpolate(src, size=frames, mode="linear", align_corners=True)[0].t()  # [frames, C]
+    return out.to(table.dtype).contiguous()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, a torch checkpoint file (plain state dict or
+    one nested under ``module``/``state_dict``/``model``, as DeepSpeed and others save),
+    or a folder holding one ``*.safetensors`` / ``*.pt`` / ``*.pth`` / ``*.bin`` file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [p for ext in ("*.safetensors", "*.pt", "*.pth", "*.bin") for p in sorted(path.glob(ext))]
+        if len(found) != 1:
+            raise UserError(f"checkpoint folder {path} must hold exactly one weights file "
+                            f"(*.safetensors, *.pt, *.pth, *.bin), found {len(found)}; pass the file")
+        path = found[0]
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path), device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
+    for key in ("module", "state_dict", "model"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def pathway_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pathway's own keys out of a pathway or whole-model state dict."""
+    anchors = [k for k in state if k == _ANCHOR or k.endswith("." + _ANCHOR)]
+    if not anchors:
+        raise UserError(f"the checkpoint holds no RegionLearner pathway (no '{_ANCHOR}' key); "
+                        "was it saved from a model.regions=learned run?")
+    if len(anchors) > 1:
+        raise UserError(f"the checkpoint holds several RegionLearner pathways ({', '.join(anchors)}); "
+                        "extract one state dict first")
+    prefix = anchors[0][: -len(_ANCHOR)]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _short_list(keys: list[str], limit: int = 12) -> str:
+    more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pathway_state(model: nn.Module, state: Mapping[str, torch.Tensor], *,
+                       temporal: str = "interpolate") -> dict[str, list[str]]:
+    """Strictly load ``state`` into a RegionLearner pathway (see the module doc).
+
+    Returns ``{"resized": [...], "kept_init": [...]}`` naming the adapted keys.
+    Raises :class:`UserError` listing missing/unexpected keys or shape mismatches."""
+    state = pathway_state(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    kept_init = [k for k in missing if k.startswith("temporal.")]  # identity-initialised temporal attention
+    missing = [k for k in missing if k not in kept_init]
+    resized: list[str] = []
+    adapted: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in state.items():
+        if key not in own:
+            continue
+        target = own[key]
+        if key in _TIME_KEYS and value.dim() == 2 and value.shape[1] == target.shape[1] \
+                and value.shape[0] != target.shape[0]:
+            value = resize_time_embed(value, target.shape[0], temporal)
+            resized.append(key)
+        elif value.shape != target.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
+            continue
+        adapted[key] = value
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short_list(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch (checkpoint vs config): {_short_list(mismatched)}")
+        raise UserError("checkpoint does not match the RegionLearner config (backbone, codebook_size, code_dim, "
+                        "num_regions, interaction_layers must be the same): " + "; ".join(parts))
+    for key in kept_init:
+        adapted[key] = own[key]
+    model.load_state_dict(adapted, strict=True)
+    return {"resized": resized, "kept_init": kept_init}
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, temporal: str = "interpolate") -> dict[str, list[str]]:
+    """:func:`read_state_dict` then :func:`load_pathway_state`."""
+    return load_pathway_state(model, read_state_dict(path), temporal=temporal)

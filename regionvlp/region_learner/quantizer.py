@@ -1,0 +1,158 @@
+"""Vector quantizer with an EMA codebook (VQ-VAE style), shared by all ranks.
+
+Every patch feature ``z`` (already projected to ``code_dim``) is assigned its nearest
+code; the output is the code, passed through a straight-through estimator so the
+gradient reaches ``z`` unchanged. In training mode the codebook follows the features
+by exponential moving averages of per-code counts and sums, with the configured
+decay, Laplace smoothing of the counts, and restart of dead codes (EMA count under a
+threshold) from current features. Counts and sums are all-reduced across ranks when
+``torch.distributed`` is initialised, so N ranks update the codebook exactly as one
+process seeing the concatenated batch; restarts are drawn on rank 0 and broadcast.
+
+The EMA buffers stay float32 even when the module is cast to bf16/fp16 (DeepSpeed
+casts whole modules), because a 0.99-decay average is meaningless in 8 mantissa bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_EMA_BUFFERS = ("embed", "embed_sum", "cluster_size")
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # [..., d] straight-through codes (value = code, grad -> z)
+    indices: torch.Tensor  # [...] long, code index per input vector
+    commitment: torch.Tensor  # [] beta * mean ||z - sg(code)||^2 (0 when beta == 0)
+    perplexity: torch.Tensor  # [] exp(entropy) of code use in this (global) batch
+    usage: torch.Tensor  # [] fraction of codes used in this (global) batch
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class EMAQuantizer(nn.Module):
+    """Nearest-code quantizer with an EMA-updated ``num_codes x code_dim`` codebook."""
+
+    def __init__(
+        self,
+        num_codes: int,
+        code_dim: int,
+        *,
+        decay: float = 0.99,
+        eps: float = 1.0e-5,
+        dead_code_threshold: float = 1.0e-3,
+        commitment: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.decay = float(decay)
+        self.eps = float(eps)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.commitment = float(commitment)
+        embed = torch.randn(num_codes, code_dim) / math.sqrt(code_dim)  # [C, d]
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_sum", embed.clone())  # [C, d] EMA of per-code sums
+        self.register_buffer("cluster_size", torch.zeros(num_codes))  # [C] EMA of per-code counts
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # total restarted codes
+
+    # keep the EMA statistics in float32 whatever the module is cast to
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        for name in _EMA_BUFFERS:
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, decay={self.decay}, "
+                f"dead_code_threshold={self.dead_code_threshold}, commitment={self.commitment}")
+
+    @torch.no_grad()
+    def assign(self, flat: torch.Tensor) -> torch.Tensor:
+        """Nearest code index for each row of ``flat`` [M, d] (float32)."""
+        embed = self.embed  # [C, d]
+        dist = (flat.pow(2).sum(1, keepdim=True)
+                - 2.0 * flat @ embed.t()
+                + embed.pow(2).sum(1)[None, :])  # [M, C]
+        return dist.argmin(dim=1)  # [M]
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        shape = z.shape
+        flat = z.reshape(-1, self.code_dim).float()  # [M, d]
+        idx = self.assign(flat)  # [M]
+        codes = self.embed[idx]  # [M, d], the codebook before this step's update
+        counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)  # [C]
+        if self.training:  # eval never talks to other ranks: their batch counts may differ
+            counts = self._ema_update(flat.detach(), idx, counts)
+        probs = counts / counts.sum().clamp_min(1.0)  # [C]
+        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+        usage = (counts > 0).float().mean()
+
+        if self.commitment > 0:
+            commitment = self.commitment * F.mse_loss(flat, codes.detach())
+        else:
+            commitment = flat.new_zeros(())
+        quantized = flat + (codes - flat).detach()  # straight-through: value codes, grad identity
+        return QuantizerOutput(
+            quantized=quantized.to(z.dtype).reshape(shape),
+            indices=idx.reshape(shape[:-1]),
+            commitment=commitment,
+            perplexity=perplexity.detach(),
+            usage=usage.detach(),
+        )
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One EMA step from this batch (all ranks' batches when distributed); returns the
+        global per-code counts."""
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)  # [C, d]
+        distributed = _dist_ready()
+        if distributed:
+            import torch.distributed as dist
+
+            stats = torch.cat([counts[:, None], sums], dim=1)  # [C, 1 + d], one collective
+            dist.all_reduce(stats)
+            counts, sums = stats[:, 0].contiguous(), stats[:, 1:]
+        d = self.decay
+        self.cluster_size.mul_(d).add_(counts, alpha=1.0 - d)
+        self.embed_sum.mul_(d).add_(sums, alpha=1.0 - d)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total  # Laplace
+        self.embed.copy_(self.embed_sum / smoothed.clamp_min(1e-12)[:, None])
+        self._restart_dead(flat, distributed)
+        return counts
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor, distributed: bool) -> None:
+        dead = self.cluster_size < self.dead_code_threshold  # [C], identical on every rank
+        n_dead = int(dead.sum())
+        if n_dead == 0 or flat.shape[0] == 0:
+            return
+        # new codes from this batch's features (with replacement when the batch is small)
+        if flat.shape[0] >= n_dead:
+            pick = torch.randperm(flat.shape[0], device=flat.device)[:n_dead]
+        else:
+            pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
+        self.embed[dead] = flat[pick]
+        self.embed_sum[dead] = flat[pick]
+        self.cluster_size[dead] = 1.0  # one sample's worth: a restarted code gets time to win
+        if distributed:
+            import torch.distributed as dist
+
+            for name in _EMA_BUFFERS:
+                dist.broadcast(self._buffers[name], src=0)
+        self.restarts.add_(n_dead)
