@@ -1,0 +1,330 @@
+"""Decode one sample's media into a clip: sparse frame sampling, resize + crop.
+
+Only the frames the sampler asks for are decoded: decord reads them by index
+(``get_batch``), PyAV seeks to the keyframe before a far-away frame and stops at the
+last needed one. A long video is never decoded whole for a few frames.
+
+Output is always uint8 ``[T, 3, H, W]`` with ``H = W = size``; a still image is a
+one-frame clip, repeated to T frames like any clip with fewer frames than T.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REGION_EXT = "regions.npz"
+SAMPLINGS = ("random_segment", "uniform", "first")
+BACKENDS = ("auto", "decord", "pyav")
+
+
+class DecodeError(Exception):
+    """Media that cannot become a clip. ``reason`` is the skip-count key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------- sampling
+def sample_indices(num_total: int, num_frames: int, mode: str, rng: Optional[random.Random] = None) -> list[int]:
+    """T frame indices out of ``num_total``.
+
+    ``random_segment``: one random frame in each of T equal segments (training);
+    ``uniform``: the segment midpoints (eval); ``first``: the first T frames.
+    Fewer frames than T repeat indices.
+    """
+    if num_total <= 0:
+        raise DecodeError("empty_video", "no frames")
+    if mode == "first":
+        return [min(i, num_total - 1) for i in range(num_frames)]
+    edges = np.linspace(0, num_total, num_frames + 1)
+    out = []
+    for i in range(num_frames):
+        lo, hi = edges[i], edges[i + 1]
+        if mode == "uniform":
+            idx = int((lo + hi) / 2)
+        elif mode == "random_segment":
+            rng = rng or random
+            lo_i, hi_i = int(math.floor(lo)), max(int(math.ceil(hi)) - 1, int(math.floor(lo)))
+            idx = rng.randint(lo_i, hi_i)
+        else:
+            raise ValueError(f"unknown frame sampling {mode!r}; choose one of {', '.join(SAMPLINGS)}")
+        out.append(min(max(idx, 0), num_total - 1))
+    return out
+
+
+# ---------------------------------------------------------------------- backends
+def _have_decord() -> bool:
+    try:
+        import decord  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def decode_decord(data: bytes, num_frames: int, mode: str, rng: Optional[random.Random] = None) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 via decord ``get_batch`` (reads only the needed frames)."""
+    import decord
+
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises DECORDError (a RuntimeError) on bad input
+        raise DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}") from None
+    n = len(vr)
+    if n <= 0:
+        raise DecodeError("empty_video", "decord: 0 frames")
+    idx = sample_indices(n, num_frames, mode, rng)
+    try:
+        frames = vr.get_batch(idx).asnumpy()  # [T, H, W, 3]
+    except Exception as err:
+        raise DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}") from None
+    return frames
+
+
+def _pyav_frame_count(stream, container) -> tuple[int, float]:
+    """(frame count, fps) from container metadata; count 0 when unknown."""
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    n = int(stream.frames or 0)
+    if n <= 0:
+        if stream.duration and stream.time_base:
+            n = int(round(float(stream.duration * stream.time_base) * fps))
+        elif container.duration:
+            n = int(round(container.duration / 1_000_000 * fps))
+    return n, fps
+
+
+def decode_pyav(
+    data: bytes,
+    num_frames: int,
+    mode: str,
+    rng: Optional[random.Random] = None,
+    short_side: Optional[int] = None,
+    seek_gap: int = 48,
+) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 via PyAV.
+
+    Frames are visited in order; when the next wanted frame is more than ``seek_gap``
+    frames ahead the demuxer seeks to the keyframe before it. Decoding stops at the
+    last wanted frame. ``short_side`` lets swscale shrink while converting to RGB.
+    """
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as err:
+        raise DecodeError("corrupt_media", f"pyav: {str(err).splitlines()[0][:200]}") from None
+    try:
+        if not container.streams.video:
+            raise DecodeError("no_media", "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        n, fps = _pyav_frame_count(stream, container)
+        if n <= 0:
+            # metadata says nothing: one pass to count (rare; broken containers)
+            n = sum(1 for _ in container.decode(stream))
+            if n <= 0:
+                raise DecodeError("empty_video", "pyav: 0 frames")
+            container.seek(0)
+        idx = sample_indices(n, num_frames, mode, rng)
+        wanted = sorted(set(idx))
+        got = _pyav_read(container, stream, wanted, fps, short_side, seek_gap)
+        if not got:
+            raise DecodeError("corrupt_media" if n else "empty_video", "pyav: no frame decoded")
+        missing = [i for i in wanted if i not in got]
+        if missing:
+            # metadata over-counts (VFR / truncated tail): fall back to the last decoded
+            # frame only when the stream ended close to the claimed end
+            last = max(got)
+            if last < 0.9 * (n - 1):
+                raise DecodeError("corrupt_media", f"pyav: stream ended at frame {last} of {n}")
+            for i in missing:
+                got[i] = got[last]
+        return np.stack([got[i] for i in idx])
+    except DecodeError:
+        raise
+    except Exception as err:  # av.error.*, struct errors in broken containers
+        raise DecodeError("corrupt_media", f"pyav: {str(err).splitlines()[0][:200]}") from None
+    finally:
+        container.close()
+
+
+def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side: Optional[int], seek_gap: int) -> dict[int, np.ndarray]:
+    """Decode the frames at sorted indices ``wanted``; returns index → [H, W, 3]."""
+    tb = float(stream.time_base)
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    out: dict[int, np.ndarray] = {}
+    pos = 0  # wanted[pos] is the next frame to find
+    frame_iter = None
+    current = -1  # index of the last decoded frame
+    while pos < len(wanted):
+        target = wanted[pos]
+        if frame_iter is None or target - current > seek_gap:
+            if target > seek_gap or frame_iter is not None:
+                pts = int((start + target / fps) / tb)
+                container.seek(pts, stream=stream, backward=True, any_frame=False)
+            frame_iter = container.decode(stream)
+        frame = next(frame_iter, None)
+        if frame is None:
+            break
+        if frame.pts is not None:
+            current = int(round((float(frame.pts) * tb - start) * fps))
+        else:
+            current += 1
+        while pos < len(wanted) and wanted[pos] <= current:
+            if wanted[pos] == current or wanted[pos] not in out:
+                out[wanted[pos]] = _to_rgb(frame, short_side)
+            pos += 1
+    return out
+
+
+def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
+    if short_side is None:
+        return frame.to_ndarray(format="rgb24")
+    w, h = frame.width, frame.height
+    scale = short_side / min(w, h)
+    if scale >= 1.0:
+        return frame.to_ndarray(format="rgb24")
+    # keep one spare pixel so the crop never falls short after rounding
+    nw, nh = max(short_side, int(math.ceil(w * scale))), max(short_side, int(math.ceil(h * scale)))
+    return frame.to_ndarray(format="rgb24", width=nw, height=nh)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """``[1, H, W, 3]`` uint8 from jpg/png/webp bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DecodeError("corrupt_media", f"image: {str(err).splitlines()[0][:200]}") from None
+    if arr.size == 0:
+        raise DecodeError("corrupt_media", "image: empty")
+    return arr[None]
+
+
+def decode_video(
+    data: bytes,
+    num_frames: int,
+    mode: str,
+    backend: str = "auto",
+    rng: Optional[random.Random] = None,
+    short_side: Optional[int] = None,
+) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 with the chosen backend.
+
+    ``auto``: decord where importable, PyAV for a file decord cannot open (broken
+    container metadata, exotic codec), and a still-image reader for an image stored
+    under a video extension.
+    """
+    if not data:
+        raise DecodeError("empty_video", "0 bytes")
+    if backend == "decord":
+        return decode_decord(data, num_frames, mode, rng)
+    if backend == "pyav":
+        return decode_pyav(data, num_frames, mode, rng, short_side)
+    if backend != "auto":
+        raise ValueError(f"unknown decode backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    first_err: Optional[DecodeError] = None
+    if _have_decord():
+        try:
+            return decode_decord(data, num_frames, mode, rng)
+        except DecodeError as err:
+            first_err = err
+    try:
+        return decode_pyav(data, num_frames, mode, rng, short_side)
+    except DecodeError as err:
+        first_err = first_err or err
+        if err.reason == "empty_video":
+            first_err = err
+    if _looks_like_image(data):
+        frames = decode_image(data)
+        return frames[[0] * num_frames]
+    raise first_err
+
+
+def _looks_like_image(data: bytes) -> bool:
+    head = data[:16]
+    return (
+        head.startswith(b"\xff\xd8\xff")
+        or head.startswith(b"\x89PNG\r\n\x1a\n")
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        or head[:3] == b"GIF"
+    )
+
+
+# ------------------------------------------------------------- resize and crop
+def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[random.Random] = None) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 → ``[T, 3, size, size]`` uint8.
+
+    Short side resized to ``size`` (antialiased), then a random crop + horizontal flip
+    in training, a centre crop otherwise. The same crop applies to every frame.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    rng = rng or random
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    h, w = clip.shape[-2:]
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+        clip = F.resize(clip, [nh, nw], antialias=True)
+        h, w = nh, nw
+    if training:
+        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    clip = clip[..., top : top + size, left : left + size]
+    if training and rng.random() < 0.5:
+        clip = clip.flip(-1)
+    return clip.contiguous()  # [T, 3, size, size]
+
+
+# ---------------------------------------------------------------- region shards
+REGION_ARRAYS = {"feats": np.float16, "boxes": np.float32, "mask": np.bool_, "labels": np.int64, "scores": np.float32}
+
+
+def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
+    """``regions.npz`` → ``region_feats`` float32 [T,K,F], ``region_boxes`` [T,K,4],
+    ``region_mask`` bool [T,K], ``region_labels`` int64 [T,K], ``region_scores`` [T,K]."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in REGION_ARRAYS if k in npz.files}
+    except Exception as err:
+        raise DecodeError("corrupt_regions", str(err).splitlines()[0][:200]) from None
+    for k in ("feats", "boxes", "mask"):
+        if k not in arrays:
+            raise DecodeError("corrupt_regions", f"regions.npz has no '{k}'")
+    feats, boxes, mask = arrays["feats"], arrays["boxes"], arrays["mask"]
+    if feats.ndim != 3 or boxes.shape != feats.shape[:2] + (4,) or mask.shape != feats.shape[:2]:
+        raise DecodeError(
+            "corrupt_regions",
+            f"shapes feats {feats.shape}, boxes {boxes.shape}, mask {mask.shape} do not match [T,K,F]/[T,K,4]/[T,K]",
+        )
+    t, k = mask.shape
+    out = {
+        "region_feats": torch.from_numpy(feats.astype(np.float32)),  # [T, K, F]
+        "region_boxes": torch.from_numpy(boxes.astype(np.float32)),  # [T, K, 4]
+        "region_mask": torch.from_numpy(mask.astype(np.bool_)),  # [T, K]
+        "region_labels": torch.from_numpy(arrays.get("labels", np.zeros((t, k), np.int64)).astype(np.int64)),
+        "region_scores": torch.from_numpy(arrays.get("scores", np.zeros((t, k), np.float32)).astype(np.float32)),
+    }
+    return out
+
+
+def select_region_frames(regions: dict[str, torch.Tensor], num_frames: int, mode: str, rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
+    """Sample T of the stored frames (repeat when fewer), the same way as video frames."""
+    t = regions["region_mask"].shape[0]
+    if t == num_frames:
+        return regions
+    idx = torch.tensor(sample_indices(t, num_frames, mode, rng))
+    return {k: v[idx] for k, v in regions.items()}

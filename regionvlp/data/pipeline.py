@@ -1,0 +1,486 @@
+"""The streaming pipeline: shards → samples → decoded clips → batches.
+
+    shard list ─ shuffle (seed + epoch, same on every rank) ─ split by rank ─ split by worker
+      └─ tar (retries, unreadable shard skipped) ─ sample shuffle buffer ─ decode ─ batch
+
+Non-resampled: every shard goes to exactly one (rank, worker), so an epoch visits every
+sample once across all ranks and workers. Resampled: each worker draws shards with
+replacement (weighted by source) forever, and ``with_epoch`` cuts every rank's loader
+to the same number of batches.
+
+Bad input never raises: it is skipped and counted by reason (see :data:`SKIP_REASONS`).
+Each batch carries ``skipped``, the counts its worker gathered since its previous batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from regionvlp import dist
+from regionvlp.data import decode as dec
+from regionvlp.data.sources import PROGRAMMING_ERRORS, ShardList, open_shard, parse_specs, read_sizes, register_webdataset_handlers
+from regionvlp.data.text import load_tokenizer, pick_caption, sample_captions, tokenize
+from regionvlp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = {
+    "unreadable_shard": "the shard could not be opened or read (after retries)",
+    "corrupt_shard": "the tar stream broke off or is not a tar (samples after the break are lost)",
+    "bad_json": "the sample's json is not valid JSON / not an object",
+    "status_not_success": "json.status is present and not 'success' (failed download)",
+    "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.npz in the sample",
+    "no_caption": "no txt and no json caption",
+    "corrupt_media": "the video/image bytes do not decode (corrupt, truncated, unknown codec)",
+    "empty_video": "the video has zero frames (or zero bytes)",
+    "corrupt_regions": "regions.npz is unreadable or its arrays do not match",
+}
+MAX_BAD_RECORDS = 1000
+
+
+# ---------------------------------------------------------------- skip counting
+@dataclass
+class SkipCounter:
+    """Skip counts by reason: ``total`` since the start, ``pending`` since the last
+    :meth:`pop`, and the first bad samples (key, reason, url, detail)."""
+
+    total: Counter = field(default_factory=Counter)
+    pending: Counter = field(default_factory=Counter)
+    bad: list[dict[str, str]] = field(default_factory=list)
+    shards: int = 0  # shards opened and read to the end (or to a break)
+    samples: int = 0  # good samples produced
+
+    def add(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
+        self.total[reason] += 1
+        self.pending[reason] += 1
+        if len(self.bad) < MAX_BAD_RECORDS:
+            self.bad.append({"key": key, "reason": reason, "url": url, "detail": detail})
+        if sum(self.total.values()) <= 20:
+            log.warning("skipped %s (%s): %s", key or url, reason, detail)
+
+    def pop(self) -> dict[str, int]:
+        out = dict(self.pending)
+        self.pending.clear()
+        return out
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.total)
+
+
+# ------------------------------------------------------------------ shard order
+def shard_order(urls: Sequence[str], *, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """The epoch's shard order; identical on every rank (seeded by seed + epoch only)."""
+    urls = list(urls)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(urls)
+    return urls
+
+
+def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
+    """This (rank, worker)'s disjoint share: rank-major, then worker."""
+    return list(urls)[rank::world][worker::num_workers]
+
+
+def resampled_shards(shards: ShardList, rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement: a source by weight, then a shard in it uniformly."""
+    sources = [s for s in shards.sources if s.urls]
+    weights = [s.weight for s in sources]
+    while True:
+        src = rng.choices(sources, weights=weights)[0]
+        yield rng.choice(src.urls)
+
+
+# -------------------------------------------------------------------- tar reading
+def _split_name(name: str) -> tuple[Optional[str], str]:
+    """``dir/key.ext.more`` → (``dir/key``, ``ext.more``), as webdataset groups files."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def tar_samples(
+    urls: Iterable[str],
+    counter: SkipCounter,
+    *,
+    retries: int = 3,
+    backoff: float = 0.5,
+    allow_pipe: bool = False,
+    max_consecutive_failures: Optional[int] = None,
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__``, ext → bytes) from tar shards. An unreadable
+    shard is skipped and counted; a tar that breaks off yields what came before."""
+    failures = 0
+    for url in urls:
+        try:
+            stream = open_shard(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe)
+        except (UserError,) + PROGRAMMING_ERRORS:
+            raise
+        except Exception as err:
+            counter.add("unreadable_shard", url=url, detail=_short(err))
+            failures += 1
+            if max_consecutive_failures and failures >= max_consecutive_failures:
+                raise UserError(f"{failures} shards in a row could not be read (last: {url}: {_short(err)})") from None
+            continue
+        current: Optional[dict[str, Any]] = None
+        produced = False
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tf:
+                for info in tf:
+                    if not info.isreg():
+                        continue
+                    key, ext = _split_name(info.name)
+                    if key is None or key.rpartition("/")[2].startswith("__"):
+                        continue
+                    data = tf.extractfile(info).read()
+                    if current is not None and current["__key__"] != key:
+                        produced = True
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    current[ext] = data
+            if current is not None:
+                produced = True
+                yield current
+            counter.shards += 1
+        except (UserError,) + PROGRAMMING_ERRORS:
+            raise
+        except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
+            broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or produced
+            what = "corrupt_shard" if broken_tar else "unreadable_shard"
+            counter.add(what, key=(current or {}).get("__key__", ""), url=url, detail=_short(err))
+            if broken_tar:
+                counter.shards += 1
+        finally:
+            stream.close()
+        if produced:
+            failures = 0
+        else:
+            failures += 1
+            if max_consecutive_failures and failures >= max_consecutive_failures:
+                raise UserError(f"{failures} shards in a row gave no samples (last: {url})")
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:300]
+
+
+def shuffled(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """A sample shuffle buffer of ``bufsize`` (0 or 1: pass through)."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ------------------------------------------------------------------------ decode
+@dataclass
+class DecodeSpec:
+    num_frames: int
+    size: int
+    sampling: str
+    backend: str
+    training: bool
+
+
+def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> DecodeSpec:
+    d = cfg.data
+    return DecodeSpec(
+        num_frames=int(num_frames or d.num_frames),
+        size=int(d.size),
+        sampling=str(d.train_sampling if training else d.eval_sampling),
+        backend=str(d.backend),
+        training=training,
+    )
+
+
+def _media_key(sample: dict[str, Any], exts: Sequence[str]) -> Optional[str]:
+    for k in sample:
+        if not k.startswith("__") and k.rpartition(".")[2] in exts:
+            return k
+    return None
+
+
+def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> dict[str, Any]:
+    """One raw tar sample → ``frames`` uint8 [T,3,H,W] (or ``region_*`` tensors),
+    ``caption``, ``captions``, ``meta``. Raises :class:`~regionvlp.data.decode.DecodeError`
+    (its ``reason`` is the skip-count key) for bad input."""
+    start = time.perf_counter()
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise dec.DecodeError("bad_json", _short(err)) from None
+        if not isinstance(meta, dict):
+            raise dec.DecodeError("bad_json", "json is not an object")
+    status = meta.get("status")
+    if status is not None and status != "success":
+        raise dec.DecodeError("status_not_success", f"status={status!r}")
+    video_key = _media_key(raw, dec.VIDEO_EXTS)
+    image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None else None
+    region_key = dec.REGION_EXT if dec.REGION_EXT in raw else None
+    if video_key is None and image_key is None and region_key is None:
+        raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
+    captions = sample_captions(raw.get("txt"), meta)
+    if not captions:
+        raise dec.DecodeError("no_caption")
+    out: dict[str, Any] = {
+        "__key__": raw["__key__"],
+        "__url__": raw.get("__url__", ""),
+        "caption": pick_caption(captions, training=spec.training, rng=rng),
+        "captions": captions,
+        "meta": meta,
+    }
+    if region_key is not None:
+        regions = dec.decode_regions(raw[region_key])
+        out.update(dec.select_region_frames(regions, spec.num_frames, spec.sampling, rng))
+        out["media"] = region_key
+    else:
+        if video_key is not None:
+            frames = dec.decode_video(
+                raw[video_key], spec.num_frames, spec.sampling, spec.backend, rng, short_side=spec.size
+            )
+        else:
+            frames = dec.decode_image(raw[image_key])[[0] * spec.num_frames]
+        out["frames"] = dec.resize_crop(frames, spec.size, training=spec.training, rng=rng)  # [T, 3, S, S]
+        out["media"] = video_key or image_key
+    out["decode_ms"] = (time.perf_counter() - start) * 1000.0
+    return out
+
+
+def decoded(raw_samples: Iterable[dict], spec: DecodeSpec, counter: SkipCounter, rng: random.Random) -> Iterator[dict]:
+    for raw in raw_samples:
+        try:
+            sample = decode_sample(raw, spec, rng)
+        except dec.DecodeError as err:
+            counter.add(err.reason, key=raw.get("__key__", ""), url=raw.get("__url__", ""), detail=err.detail)
+            continue
+        except Exception as err:  # a decoder bug on odd input must not end a long run
+            counter.add("corrupt_media", key=raw.get("__key__", ""), url=raw.get("__url__", ""), detail=_short(err))
+            continue
+        counter.samples += 1
+        yield sample
+
+
+# ---------------------------------------------------------------- single process
+class SampleStream:
+    """Decoded samples from ``urls`` in one process; skip counts in :attr:`skipped`,
+    the first bad samples in :attr:`bad`, shards read in :attr:`shards`."""
+
+    def __init__(self, urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None,
+                 seed: Optional[int] = None) -> None:
+        from regionvlp.config import default_config
+
+        self.cfg = cfg if cfg is not None else default_config()
+        self.shards = parse_specs(urls, allow_pipe=bool(self.cfg.data.allow_pipe))
+        self.spec = decode_spec(self.cfg, training=training, num_frames=num_frames)
+        self.counter = SkipCounter()
+        self.seed = int(self.cfg.seed if seed is None else seed)
+        register_webdataset_handlers()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        rng = random.Random(self.seed)
+        raw = tar_samples(self.shards.urls, self.counter, retries=int(d.retries), backoff=float(d.retry_backoff),
+                          allow_pipe=bool(d.allow_pipe))
+        return decoded(raw, self.spec, self.counter, rng)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.counter.skipped
+
+    @property
+    def bad(self) -> list[dict[str, str]]:
+        return self.counter.bad
+
+    @property
+    def num_shards(self) -> int:
+        return self.counter.shards
+
+
+def iter_samples(urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None) -> SampleStream:
+    """Decoded sample dicts from ``urls`` (in order, single process). The returned
+    :class:`SampleStream` exposes ``skipped`` / ``bad`` / ``num_shards`` as it goes."""
+    return SampleStream(urls, cfg, training=training, num_frames=num_frames)
+
+
+# ------------------------------------------------------------------------- batch
+def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[str, Any]:
+    """Decoded samples → the agreed batch dict (``frames`` [B,T,3,H,W] uint8 or
+    ``region_*`` [B,T,K,...], ``input_ids``/``attention_mask`` [B,L])."""
+    batch: dict[str, Any] = {
+        "__key__": [s["__key__"] for s in samples],
+        "caption": [s["caption"] for s in samples],
+        "captions": [s["captions"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+    for name in ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores"):
+        if all(name in s for s in samples):
+            batch[name] = torch.stack([s[name] for s in samples])  # [B, T, ...]
+    if tokenizer is not None:
+        batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, batch["caption"], max_words)  # [B, L]
+    return batch
+
+
+def batched(samples: Iterable[dict], batch_size: int, *, drop_last: bool, counter: SkipCounter, tokenizer,
+            max_words: int) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch_size``; a finished batch is held until the next one fills (or
+    the stream ends) so the skip counts gathered after it are never lost."""
+    held: Optional[list[dict]] = None
+    buf: list[dict] = []
+
+    def finish(group: list[dict]) -> dict[str, Any]:
+        batch = collate(group, tokenizer, max_words)
+        batch["skipped"] = counter.pop()
+        return batch
+
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            if held is not None:
+                yield finish(held)
+            held, buf = buf, []
+    if buf and not drop_last:
+        if held is not None:
+            yield finish(held)
+        held = buf
+    if held is not None:
+        yield finish(held)
+    elif counter.pending:
+        log.warning("data worker produced no batch; skipped %s", dict(counter.pending))
+
+
+# ------------------------------------------------------------------- the dataset
+class ClipDataset(IterableDataset):
+    """This rank's stream of batches; every DataLoader worker takes its own shard share."""
+
+    def __init__(self, cfg, shards: ShardList, *, training: bool, epoch: int, num_frames: Optional[int], tokenizer,
+                 rank: int, world: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shards = shards
+        self.training = training
+        self.epoch = epoch
+        self.spec = decode_spec(cfg, training=training, num_frames=num_frames)
+        self.tokenizer = tokenizer
+        self.rank, self.world = rank, world
+        self.resampled = bool(cfg.data.resampled) and training
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        worker, num_workers = self._worker()
+        seed = int(self.cfg.seed)
+        # distinct per (seed, epoch, rank, worker): sample shuffle, frame sampling, crops
+        rng = random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/samples")
+        counter = SkipCounter()
+        if self.resampled:
+            shard_rng = random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/shards")
+            urls: Iterable[str] = resampled_shards(self.shards, shard_rng)
+            max_fail = max(8, 3 * len(self.shards.urls))
+        else:
+            order = shard_order(self.shards.urls, seed=seed, epoch=self.epoch, shuffle=self.training)
+            urls = split_shards(order, self.rank, self.world, worker, num_workers)
+            max_fail = None
+        raw = tar_samples(urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
+                          allow_pipe=bool(d.allow_pipe), max_consecutive_failures=max_fail)
+        if self.training:
+            raw = shuffled(raw, int(d.shuffle_buffer), rng)
+        samples = decoded(raw, self.spec, counter, rng)
+        yield from batched(samples, int(d.batch_size), drop_last=self.training, counter=counter,
+                           tokenizer=self.tokenizer, max_words=int(d.max_words))
+
+
+# ----------------------------------------------------------------------- loader
+def _split_cfg(cfg, split: str):
+    if split not in ("train", "val"):
+        raise UserError(f"unknown data split '{split}'; use train or val")
+    return cfg.data[split]
+
+
+def epoch_size(split_cfg, *, allow_pipe: bool = False) -> Optional[int]:
+    """Samples per epoch: ``samples_per_epoch`` if set, else the ``sizes.json`` beside
+    the shards, else None."""
+    n = split_cfg.get("samples_per_epoch") if hasattr(split_cfg, "get") else getattr(split_cfg, "samples_per_epoch", None)
+    if n:
+        return int(n)
+    urls = list(split_cfg.urls if hasattr(split_cfg, "urls") else split_cfg["urls"])
+    if not urls:
+        return None
+    return read_sizes(parse_specs(urls, allow_pipe=allow_pipe).urls, allow_pipe=allow_pipe)
+
+
+def tokenizer_name(cfg) -> str:
+    return str(cfg.data.tokenizer or cfg.model.text.name)
+
+
+def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, num_frames: Optional[int] = None,
+                 tokenizer=None):
+    """A ``wds.WebLoader`` over ``cfg.data.<split>`` yielding collated batch dicts.
+
+    Non-resampled: each sample once per epoch across ranks × workers (the last partial
+    batch kept when ``training=False``). Resampled (``data.resampled`` and training):
+    every rank yields exactly ``samples_per_epoch / (world × batch_size)`` batches.
+    """
+    import webdataset as wds
+
+    d = cfg.data
+    split_cfg = _split_cfg(cfg, split)
+    if not list(split_cfg.urls):
+        raise UserError(f"data.{split}.urls is empty; give shard specs (e.g. data.{split}.urls=[shards/{{000..009}}.tar])")
+    shards = parse_specs(list(split_cfg.urls), allow_pipe=bool(d.allow_pipe))
+    register_webdataset_handlers()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_name(cfg))
+    rank, world = dist.rank(), dist.world_size()
+    dataset = ClipDataset(cfg, shards, training=training, epoch=epoch, num_frames=num_frames, tokenizer=tokenizer,
+                          rank=rank, world=world)
+    num_workers = int(d.num_workers)
+    if not dataset.resampled and num_workers > 0:
+        per_rank = len(shards.urls[rank::world])
+        if per_rank < num_workers:
+            log.warning("rank %d has %d shard(s) for %d workers; some workers stay idle", rank, per_rank, num_workers)
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    if dataset.resampled:
+        n = epoch_size(split_cfg, allow_pipe=bool(d.allow_pipe))
+        if not n:
+            raise UserError(
+                f"data.resampled needs an epoch length: set data.{split}.samples_per_epoch or put sizes.json beside the shards"
+            )
+        batches = max(1, n // (world * int(d.batch_size)))
+        loader = loader.with_epoch(batches)
+        loader.batches_per_epoch = batches
+    return loader
