@@ -1,0 +1,76 @@
+"""`compare`: the report from two run directories, and the budget check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from regionvlp.compare import check_same_budget, compare_runs, read_run
+from regionvlp.config import load_config
+from regionvlp.errors import UserError
+
+
+def fake_run(run_dir: Path, regions: str, r1s: list[float], seconds_per_step: float) -> Path:
+    """A run directory as the trainer leaves it: metrics.jsonl, summary.json, config.yaml."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    t0 = 1_700_000_000.0
+    for step in range(1, 9):
+        lines.append({"step": step, "time": t0 + step * seconds_per_step, "loss": 4.0 - 0.3 * step})
+        if step % 4 == 0:
+            r1 = r1s[step // 4 - 1]
+            lines.append({"step": step, "time": t0 + step * seconds_per_step + 0.5, "val/t2v_r1": r1,
+                          "val/t2v_r5": min(100.0, 3 * r1), "val/v2t_r1": r1 / 2, "val/num_videos": 20,
+                          "val/num_texts": 40, "val/loss": 3.0})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 9, \"lo")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 8, "final_loss": 1.6, "clips_per_s": 3.5,
+                                                      "peak_bytes": 512 * 2**20}))
+    (run_dir / "config.yaml").write_text(f"model:\n  regions: {regions}\n")
+    return run_dir
+
+
+def test_read_run_parses_curves_and_ignores_torn_line(tmp_path):
+    run = read_run(fake_run(tmp_path / "a", "detector", [10.0, 25.0], 2.0))
+    assert run.name == "detector"
+    assert [v["step"] for v in run.val] == [4, 8]
+    assert run.val[0]["elapsed"] == pytest.approx(6.5)  # from the first record's time
+    assert run.final["t2v_r1"] == 25.0 and run.final["num_videos"] == 20
+    assert len(run.loss) == 8 and run.loss[-1] == (8, pytest.approx(1.6))
+    assert run.clips_per_s == 3.5 and run.peak_bytes == 512 * 2**20
+
+
+def test_compare_runs_writes_report_with_both_pathways(tmp_path):
+    a = fake_run(tmp_path / "runs" / "det", "detector", [10.0, 25.0], 2.0)
+    b = fake_run(tmp_path / "runs" / "learn", "learned", [5.0, 15.0], 1.0)
+    summary = compare_runs([a, b], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| metric | detector | learned |" in report
+    assert "| t2v_r1 | 25.00 | 15.00 |" in report
+    assert "512 MiB" in report and "chance text→video R@1 = 5.00 %" in report
+    for png in summary["plots"]:
+        assert Path(png).read_bytes()[:4] == b"\x89PNG"
+        assert f"({Path(png).name})" in report
+    assert summary["detector"]["t2v_r1"] == 25.0 and summary["learned"]["t2v_r1"] == 15.0
+    assert summary["chance_r1"] == 5.0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["learned"]["clips_per_s"] == 3.5
+
+
+def test_compare_runs_needs_validation_records(tmp_path):
+    a = fake_run(tmp_path / "a", "detector", [10.0, 25.0], 2.0)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    with pytest.raises(UserError, match="no validation records"):
+        compare_runs([a, b], tmp_path / "out")
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        compare_runs([a, tmp_path / "missing"], tmp_path / "out")
+
+
+def test_budget_check_names_the_differing_keys():
+    a = load_config(overrides=["model.regions=detector", "train.max_steps=10"])
+    b = load_config(overrides=["model.regions=learned", "train.max_steps=20", "seed=3"])
+    with pytest.raises(UserError, match="seed, .*train.max_steps"):
+        check_same_budget({"detector": a, "learned": b})
+    check_same_budget({"detector": a, "learned": load_config(overrides=["model.regions=learned", "train.max_steps=10"])})
