@@ -76,10 +76,113 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_synth)
 
 
+# ------------------------------------------------------------------------ shards
+def _cmd_shards_write(args: argparse.Namespace) -> dict:
+    from regionvlp.data.writer import write_shards
+
+    return write_shards(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
+                        max_side=args.max_side, max_seconds=args.max_seconds, fps=args.fps,
+                        video_col=args.video_col, caption_col=args.caption_col)
+
+
+def _cmd_shards_check(args: argparse.Namespace) -> dict:
+    from regionvlp.data.check import check_shards
+
+    return check_shards(args.urls, config=args.config, overrides=args.overrides or [],
+                        max_bad_keys=args.max_bad_keys, allow_pipe=args.allow_pipe)
+
+
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="write video-caption tar shards, check them before a long run")
+    ssub = p.add_subparsers(dest="shards_command", required=True)
+    w = ssub.add_parser("write", help="CSV/JSONL manifest or folder of videos + .txt captions -> tar shards")
+    w.add_argument("src", help="manifest (.csv/.tsv with a header, .jsonl) or a folder of videos with sidecar .txt")
+    w.add_argument("out", help="output folder (NNNNNN.tar, sizes.json, skipped.jsonl)")
+    w.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
+    w.add_argument("--workers", type=int, default=1, help="processes reading/re-encoding videos")
+    w.add_argument("--max-side", type=int, default=None, help="re-encode videos whose longer side exceeds this")
+    w.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
+    w.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
+    w.add_argument("--video-col", default=None, help="manifest column with the video path or URL")
+    w.add_argument("--caption-col", default=None, help="manifest column with the caption")
+    w.set_defaults(func=_cmd_shards_write)
+    c = ssub.add_parser("check", help="decode every sample as training would; report good/bad counts and bad keys")
+    c.add_argument("urls", nargs="+", help="shard specs (brace patterns allowed)")
+    c.add_argument("--config", default=None, help="run config whose data section (frames, size, backend) to use")
+    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. --set data.num_frames=8 (repeatable)")
+    c.add_argument("--max-bad-keys", type=int, default=1000, help="list at most this many bad keys")
+    c.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    c.set_defaults(func=_cmd_shards_check)
+
+
+# -------------------------------------------------------------------------- data
+def _data_config(args: argparse.Namespace):
+    """The run config (or defaults) with the command line's data options on top."""
+    from regionvlp.config import load_config
+
+    cfg = load_config(args.config, args.overrides or [])
+    for key, value in (("num_frames", args.frames), ("size", args.size), ("backend", args.backend)):
+        if value is not None:
+            cfg.data[key] = value
+    if args.allow_pipe:
+        cfg.data.allow_pipe = True
+    return cfg
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> dict:
+    from regionvlp.data.pipeline import inspect_samples
+
+    return inspect_samples(args.urls, _data_config(args), limit=args.limit, training=args.train, emit=print_json)
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("urls", nargs="+", help="shard specs (brace patterns, ::-joined sources, s3:// http(s):// gs://)")
+    p.add_argument("--frames", type=int, default=None, help="T frames per clip (default: data.num_frames)")
+    p.add_argument("--size", type=int, default=None, help="output side in pixels (default: data.size)")
+    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default=None, help="video decoder (default: data.backend)")
+    p.add_argument("--config", default=None, help="run config whose data section to start from")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. --set data.eval_sampling=first (repeatable)")
+    p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="look at the data stream as training sees it")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("inspect", help="stream + decode samples: one JSON line each, then a JSON summary")
+    _add_data_options(i)
+    i.add_argument("--limit", type=int, default=10, help="stop after N good samples (0: all)")
+    i.add_argument("--train", action="store_true", help="training-time sampling/crops instead of eval's")
+    i.set_defaults(func=_cmd_data_inspect)
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> dict:
+    from regionvlp.bench import bench_data
+
+    return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
+                      repeats=args.repeats, loops=args.loops, sampling=args.sampling)
+
+
+def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("data", help="clips/s per worker: sparse sampling vs decoding every frame")
+    p.add_argument("urls", nargs="*", help="shard specs to take videos from (default: a >=10 s clip built with PyAV)")
+    p.add_argument("--frames", type=int, default=1, help="T frames sampled per clip")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto")
+    p.add_argument("--sampling", choices=("uniform", "random_segment", "first"), default="uniform")
+    p.add_argument("--clips", type=int, default=4, help="videos taken from URLS")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    p.add_argument("--loops", type=int, default=2, help="default clip: times the 10 s source clip is looped")
+    p.set_defaults(func=_cmd_bench_data)
+
+
 # ------------------------------------------------------------------------- bench
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
-_BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = []
+_BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_bench_data,
+]
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -90,9 +193,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data,
     _add_config,
     _add_bench,
     _add_synth,
+    _add_shards,
 ]
 
 

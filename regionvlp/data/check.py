@@ -1,0 +1,61 @@
+"""``regionvlp shards check URLS``: decode every sample the way training does, before a
+long run finds out the hard way. Reports good samples, bad counts by reason and the
+bad keys (with the shard and what went wrong)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from regionvlp.errors import UserError
+
+
+def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides: Sequence[str] = (),
+                 training: bool = True, max_bad_keys: int = 1000, allow_pipe: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Stream ``urls`` through :func:`regionvlp.data.iter_samples` (same tar reading,
+    skip rules, frame sampling and resize as the training loader, single process)."""
+    from tqdm import tqdm
+
+    from regionvlp.config import load_config
+    from regionvlp.data import iter_samples
+
+    if not urls:
+        raise UserError("shards check: give one or more shard URLs")
+    cfg = load_config(config, list(overrides))
+    if allow_pipe:
+        cfg.data.allow_pipe = True
+    start = time.perf_counter()
+    stream = iter_samples(list(urls), cfg, training=training)
+    good, decode_ms = 0, 0.0
+    bar = tqdm(desc="shards check", unit="sample", file=sys.stderr, disable=not progress)
+    try:
+        for sample in stream:
+            good += 1
+            decode_ms += float(sample.get("decode_ms", 0.0))
+            bar.update(1)
+            if stream.skipped:
+                bar.set_postfix(bad=sum(stream.skipped.values()), refresh=False)
+    finally:
+        bar.close()
+    skipped = dict(sorted(stream.skipped.items()))
+    bad = sum(skipped.values())
+    records = stream.bad[:max_bad_keys]
+    for r in records[:20]:
+        print(f"shards check: bad {r['key'] or r['url']}: {r['reason']} {r['detail']}".rstrip(), file=sys.stderr)
+    seconds = time.perf_counter() - start
+    return {
+        "samples": good,
+        "skipped": skipped,
+        "shards": stream.num_shards,
+        "shards_listed": len(stream.shards.urls),
+        "bad": bad,
+        "ok": bad == 0,
+        "bad_keys": [r["key"] for r in records if r["key"]],
+        "bad_samples": records,
+        "num_frames": int(cfg.data.num_frames),
+        "size": int(cfg.data.size),
+        "decode_ms_mean": round(decode_ms / good, 2) if good else None,
+        "seconds": round(seconds, 3),
+    }

@@ -1,0 +1,412 @@
+"""Videos + captions → WebDataset tar shards: ``regionvlp shards write SRC OUT``.
+
+SRC is a CSV or JSONL manifest (a video path/URL column and a caption column; every
+other column goes into the sample's json) or a folder of videos with sidecar ``.txt``
+captions (``a.mp4`` + ``a.txt``). Each input becomes one sample ``{key}.{mp4|webm|…}``
++ ``{key}.txt`` + ``{key}.json``; the key is the input's position (row order for a
+manifest, sorted relative path for a folder), so the same SRC always gives the same
+keys. Shard ``k`` holds inputs ``[k·N, (k+1)·N)``.
+
+Every input is opened and its first frame decoded before it is written; one that
+cannot be read, has no caption or no video stream is skipped, counted by reason and
+listed (``OUT/skipped.jsonl``). A video larger than ``--max-side``, longer than
+``--max-seconds`` or faster than ``--fps`` is re-encoded with PyAV (H.264, yuv420p);
+anything else is copied byte for byte.
+
+A shard is written under ``NNNNNN.tar.tmp`` and renamed when complete, so a final
+name always holds a whole shard; a re-run skips shards already complete (resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from regionvlp.errors import UserError
+
+VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
+CAPTION_COLS = ("caption", "text", "txt", "name", "title", "description")
+FOLDER_VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "flv", "wmv", "3gp", "ogv", "ts")
+_STORE_AS = {"mp4": "mp4", "m4v": "mp4", "mov": "mov", "webm": "webm", "mkv": "mkv", "avi": "avi"}
+_FORMAT_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv", "avi": "avi"}
+
+
+@dataclass
+class Item:
+    """One input: where its video is, its caption(s) and any other manifest columns."""
+
+    index: int
+    key: str
+    source: str  # local path or URL
+    captions: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WriteOptions:
+    max_side: Optional[int] = None
+    max_seconds: Optional[float] = None
+    fps: Optional[float] = None
+    crf: int = 23
+
+
+# -------------------------------------------------------------------------- inputs
+def _captions_of(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return []
+    out = []
+    for v in value:
+        if isinstance(v, str) and " ".join(v.split()) and " ".join(v.split()) not in out:
+            out.append(" ".join(v.split()))
+    return out
+
+
+def _pick_col(columns: list[str], wanted: Optional[str], candidates: tuple[str, ...], what: str, src: Path, flag: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise UserError(f"{src}: no column '{wanted}' (columns: {', '.join(columns)}); fix {flag}")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        if cand.lower() in lower:
+            return lower[cand.lower()]
+    raise UserError(f"{src}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); pass {flag}")
+
+
+def _resolve(source: str, base: Path) -> str:
+    if "://" in source:
+        return source
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else (base / path))
+
+
+def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Item]:
+    """Rows of a CSV (header line) or JSONL manifest as :class:`Item` s, in file order."""
+    rows: list[dict[str, Any]] = []
+    try:
+        if src.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+            with src.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise UserError(f"{src}:{n}: not a JSON line ({err.msg}); fix or remove that line") from None
+                        if not isinstance(row, dict):
+                            raise UserError(f"{src}:{n}: each line must be a JSON object")
+                        rows.append(row)
+        else:
+            with src.open(newline="", encoding="utf-8") as f:
+                sample = f.read(4096)
+                f.seek(0)
+                try:
+                    dialect = csv.Sniffer().sniff(sample, delimiters=",\t;|")
+                except csv.Error:
+                    dialect = csv.excel
+                rows = list(csv.DictReader(f, dialect=dialect))
+    except UnicodeDecodeError:
+        raise UserError(f"{src}: not a UTF-8 text manifest (CSV with a header line, or JSONL)") from None
+    if not rows:
+        raise UserError(f"{src}: the manifest has no rows")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    vcol = _pick_col(columns, video_col, VIDEO_COLS, "video path or URL", src, "--video-col")
+    ccol = _pick_col(columns, caption_col, CAPTION_COLS, "caption", src, "--caption-col")
+    width = max(8, len(str(len(rows) - 1)))
+    items = []
+    for i, row in enumerate(rows):
+        source = row.get(vcol)
+        source = _resolve(str(source), src.parent) if source not in (None, "") else ""
+        extra = {k: v for k, v in row.items() if k not in (vcol, ccol) and k is not None}
+        items.append(Item(i, f"{i:0{width}d}", source, _captions_of(row.get(ccol)), extra))
+    return items
+
+
+def scan_folder(src: Path) -> list[Item]:
+    """Videos under ``src`` (recursive, sorted) with the caption in the sidecar ``.txt``."""
+    videos = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in FOLDER_VIDEO_EXTS)
+    if not videos:
+        raise UserError(f"{src}: no videos found (looked for {', '.join(FOLDER_VIDEO_EXTS)})")
+    width = max(8, len(str(len(videos) - 1)))
+    items = []
+    for i, path in enumerate(videos):
+        txt = path.with_suffix(".txt")
+        captions: list[str] = []
+        if txt.is_file():
+            lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+            captions = _captions_of(lines)
+        items.append(Item(i, f"{i:0{width}d}", str(path), captions, {"file": str(path.relative_to(src))}))
+    return items
+
+
+def read_source(src: str | Path, video_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Item]:
+    src = Path(src)
+    if src.is_dir():
+        return scan_folder(src)
+    if src.is_file():
+        return read_manifest(src, video_col, caption_col)
+    raise UserError(f"shards write: SRC '{src}' is neither a manifest file nor a folder")
+
+
+# ---------------------------------------------------------------------- per input
+class SkipItem(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason, self.detail = reason, detail
+
+
+def _read_media(source: str) -> bytes:
+    if not source:
+        raise SkipItem("missing_video", "no video path in the row")
+    try:
+        if "://" in source:
+            from regionvlp.data.sources import read_bytes
+
+            return read_bytes(source, retries=2)
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise SkipItem("missing_video", f"not found: {source}") from None
+    except Exception as err:  # network, permission, ...
+        raise SkipItem("unreadable_video", f"{type(err).__name__}: {err}") from None
+
+
+def _probe(data: bytes) -> dict[str, Any]:
+    """Container format and stream facts; raises SkipItem when no frame decodes."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise SkipItem("no_video_stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            duration = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise SkipItem("undecodable_video", "no frame decodes")
+            return {"format": container.format.name, "codec": stream.codec_context.name,
+                    "width": first.width, "height": first.height,
+                    "fps": float(rate) if rate else None, "duration": duration,
+                    "frames": stream.frames or None}
+    except SkipItem:
+        raise
+    except Exception as err:  # av.error.InvalidDataError and friends
+        raise SkipItem("undecodable_video", f"{type(err).__name__}: {err}") from None
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def reencode(data: bytes, info: dict[str, Any], opts: WriteOptions) -> tuple[bytes, dict[str, Any]]:
+    """H.264 MP4 bounded by ``opts``: longest side, duration, frame rate."""
+    import av
+
+    w, h = info["width"], info["height"]
+    scale = min(1.0, opts.max_side / max(w, h)) if opts.max_side else 1.0
+    out_w, out_h = _even(w * scale), _even(h * scale)
+    src_fps = info["fps"] or 25.0
+    out_fps = min(src_fps, opts.fps) if opts.fps else src_fps
+    rate = Fraction(out_fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    n_out = 0
+    with av.open(io.BytesIO(data)) as src, av.open(buf, "w", format="mp4") as dst:
+        in_stream = src.streams.video[0]
+        out = dst.add_stream("libx264", rate=rate)
+        out.width, out.height, out.pix_fmt = out_w, out_h, "yuv420p"
+        out.options = {"preset": "veryfast", "crf": str(opts.crf), "threads": "1"}
+        next_t = 0.0
+        for i, frame in enumerate(src.decode(in_stream)):
+            t = frame.time if frame.time is not None else i / src_fps
+            if opts.max_seconds is not None and t >= opts.max_seconds:
+                break
+            if t + 1e-6 < next_t:  # drop frames to reach out_fps
+                continue
+            next_t = (n_out + 1) / float(rate)
+            new = frame.reformat(width=out_w, height=out_h, format="yuv420p")
+            new.pts, new.time_base = n_out, Fraction(1) / rate
+            for packet in out.encode(new):
+                dst.mux(packet)
+            n_out += 1
+        for packet in out.encode():
+            dst.mux(packet)
+    if n_out == 0:
+        raise SkipItem("undecodable_video", "no frame decodes")
+    return buf.getvalue(), {"width": out_w, "height": out_h, "fps": float(rate), "frames": n_out,
+                            "duration": n_out / float(rate)}
+
+
+def _ext_for(source: str, fmt: str) -> Optional[str]:
+    """The sample key the loader reads for this container, or None: re-encode."""
+    ext = source.rsplit("?", 1)[0].rsplit(".", 1)[-1].lower() if "." in source.rsplit("/", 1)[-1] else ""
+    if ext in _STORE_AS:
+        return _STORE_AS[ext]
+    return _FORMAT_EXT.get(fmt)
+
+
+def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
+    """The tar members of one input; raises :class:`SkipItem`."""
+    if not item.captions:
+        raise SkipItem("missing_caption", "no caption" + (" (.txt sidecar missing or empty)" if "file" in item.extra else ""))
+    data = _read_media(item.source)
+    if not data:
+        raise SkipItem("empty_video", "0 bytes")
+    info = _probe(data)
+    ext = _ext_for(item.source, info["format"])
+    too_big = opts.max_side is not None and max(info["width"], info["height"]) > opts.max_side
+    too_long = opts.max_seconds is not None and (info["duration"] or 0) > opts.max_seconds
+    too_fast = opts.fps is not None and (info["fps"] or 0) > opts.fps + 1e-3
+    reencoded = ext is None or too_big or too_long or too_fast
+    if reencoded:
+        try:
+            data, new = reencode(data, info, opts)
+        except SkipItem:
+            raise
+        except Exception as err:
+            raise SkipItem("reencode_failed", f"{type(err).__name__}: {err}") from None
+        info, ext = {**info, **new, "codec": "h264", "format": "mp4"}, "mp4"
+    meta = {**item.extra, "status": "success", "caption": item.captions[0], "captions": item.captions,
+            "source": item.source, "width": info["width"], "height": info["height"], "fps": info["fps"],
+            "duration": info["duration"], "codec": info["codec"], "reencoded": reencoded}
+    return {"__key__": item.key, ext: data, "txt": item.captions[0].encode("utf-8"),
+            "json": json.dumps(meta, default=str).encode("utf-8")}
+
+
+def _work(args: tuple[Item, WriteOptions]) -> tuple[Item, Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+    item, opts = args
+    try:
+        return item, make_sample(item, opts), None
+    except SkipItem as err:
+        return item, None, (err.reason, err.detail)
+    except Exception as err:  # never let one input end a long run
+        return item, None, ("error", f"{type(err).__name__}: {err}")
+
+
+# ------------------------------------------------------------------------- shards
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fingerprint(items: list[Item], shard_size: int, opts: WriteOptions) -> str:
+    h = hashlib.sha256(json.dumps([shard_size, asdict(opts)]).encode())
+    for it in items:
+        h.update(f"{it.key}\t{it.source}\t{it.captions}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, workers: int = 1,
+                 max_side: Optional[int] = None, max_seconds: Optional[float] = None,
+                 fps: Optional[float] = None, video_col: Optional[str] = None,
+                 caption_col: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped."""
+    from tqdm import tqdm
+
+    from regionvlp.data.synth import write_sizes
+
+    if shard_size < 1 or workers < 0:
+        raise UserError("shards write: --shard-size must be >= 1 and --workers >= 0")
+    if (max_side is not None and max_side < 2) or (max_seconds is not None and max_seconds <= 0) \
+            or (fps is not None and fps <= 0):
+        raise UserError("shards write: --max-side, --max-seconds and --fps must be positive")
+    start = time.perf_counter()
+    opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps)
+    items = read_source(src, video_col, caption_col)
+    out = Path(out)
+    state = out / "_write"
+    state.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(items, shard_size, opts)
+    fp_file = state / "source.json"
+    if fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") != fingerprint:
+        raise UserError(f"{out} holds shards written from another SRC or with other options; "
+                        "write to an empty OUT (or delete it) to start over")
+    fp_file.write_text(json.dumps({"fingerprint": fingerprint, "src": str(src), "items": len(items),
+                                   "shard_size": shard_size, **asdict(opts)}) + "\n")
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    for tmp in out.glob("*.tar.tmp"):  # leftovers of an interrupted run
+        tmp.unlink()
+    done = {k for k in range(n_shards)
+            if (out / f"{k:06d}.tar").is_file() and (state / f"{k:06d}.json").is_file()}
+    pending = [k for k in range(n_shards) if k not in done]
+    jobs: Iterator[tuple[Item, WriteOptions]] = (
+        (it, opts) for k in pending for it in items[k * shard_size:(k + 1) * shard_size])
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
+        results = pool.imap(_work, jobs, chunksize=1)
+    else:
+        results = map(_work, jobs)
+    bar = tqdm(total=len(items), initial=sum(len(items[k * shard_size:(k + 1) * shard_size]) for k in done),
+               desc="shards write", unit="video", file=sys.stderr, disable=not progress)
+    tar: Optional[tarfile.TarFile] = None
+    tmp_path: Optional[Path] = None
+    try:
+        for k in pending:
+            n_in = len(items[k * shard_size:(k + 1) * shard_size])
+            name = f"{k:06d}.tar"
+            tmp_path = out / f"{name}.tmp"
+            tar = tarfile.open(tmp_path, "w", format=tarfile.GNU_FORMAT)
+            stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
+            for _ in range(n_in):
+                item, sample, skip = next(results)
+                if sample is None:
+                    stats["skipped"].append({"key": item.key, "source": item.source, "reason": skip[0], "detail": skip[1]})
+                else:
+                    for ext, data in sample.items():
+                        if ext != "__key__":
+                            _tar_add(tar, f"{item.key}.{ext}", data)
+                            stats["bytes"] += len(data)
+                    stats["samples"] += 1
+                bar.update(1)
+            tar.close()
+            tar = None
+            (state / f"{k:06d}.json").write_text(json.dumps(stats) + "\n")
+            os.replace(tmp_path, out / name)  # only now does the shard exist under its final name
+            tmp_path = None
+    finally:
+        bar.close()
+        if tar is not None:
+            tar.close()
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        if pool is not None:
+            pool.terminate()
+
+    sizes: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    skipped_items: list[dict[str, Any]] = []
+    total_bytes = 0
+    for k in range(n_shards):
+        stats = json.loads((state / f"{k:06d}.json").read_text())
+        sizes[f"{k:06d}.tar"] = stats["samples"]
+        total_bytes += stats["bytes"]
+        for s in stats["skipped"]:
+            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
+            skipped_items.append(s)
+    write_sizes(out, sizes)
+    with (out / "skipped.jsonl").open("w") as f:
+        for s in skipped_items:
+            f.write(json.dumps(s) + "\n")
+    for s in skipped_items:
+        print(f"shards write: skipped {s['key']} ({s['source']}): {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    urls = str(out / "000000.tar") if n_shards == 1 else str(out / f"{{000000..{n_shards - 1:06d}}}.tar")
+    return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
+            "inputs": len(items), "resumed_shards": len(done), "urls": urls, "bytes": total_bytes,
+            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3)}
