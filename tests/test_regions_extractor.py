@@ -1,0 +1,161 @@
+"""The frozen region extractor: top-K/padding semantics, normalisation, equality with a
+straightforward per-image reference built from stock torchvision calls, and frozenness."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, boxes as box_ops, nms
+
+from regionvlp.regions.detector import build_detector
+from regionvlp.regions.extractor import RegionExtractor, pad_to_k, select_topk
+
+
+def _frames(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random uint8 frames [n,3,h,w] (blobs rather than white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, h // 8, w // 8, generator=g)
+    return (F.interpolate(low, size=(h, w), mode="bilinear") * 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_detector():
+    torch.manual_seed(0)
+    return build_detector("fasterrcnn_tiny", "none", min_size=64, max_size=96)
+
+
+# ------------------------------------------------------------ top-K semantics
+def test_select_topk_nms_topk_padding_and_empty_frames():
+    boxes, scores, img = [], [], []
+    # image 0: two heavily overlapping boxes + one apart -> NMS keeps 2
+    boxes += [[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
+    scores += [0.9, 0.8, 0.3]
+    img += [0, 0, 0]
+    # image 1: nothing at all; image 2: only a box under the score threshold and a zero-width one
+    boxes += [[0, 0, 5, 5], [3, 3, 3, 9]]
+    scores += [0.0, 0.7]
+    img += [2, 2]
+    # image 3: 40 disjoint boxes, shuffled scores -> the best 30
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    for i in range(40):
+        boxes.append([i * 20, 0, i * 20 + 10, 10])
+        scores.append(float(perm[i]) / 40 + 0.01)
+        img.append(3)
+    boxes, scores, img = torch.tensor(boxes, dtype=torch.float), torch.tensor(scores), torch.tensor(img)
+
+    keep, slot = select_topk(boxes, scores, img, num_images=4, k=30, nms_thresh=0.5, score_thresh=0.0)
+    out_scores = pad_to_k(scores[keep], img[keep], slot, 4, 30)
+    mask = pad_to_k(torch.ones_like(keep, dtype=torch.bool), img[keep], slot, 4, 30, False)
+
+    assert mask.sum(1).tolist() == [2, 0, 0, 30]
+    assert torch.equal(out_scores[0, :2], torch.tensor([0.9, 0.3]))
+    assert torch.equal(out_scores[3], torch.sort(scores[img == 3], descending=True).values[:30])
+    # real slots first, padding after, padding is zero
+    assert mask[0, :2].all() and not mask[0, 2:].any()
+    assert (out_scores[~mask] == 0).all()
+
+
+def test_nothing_survives_gives_all_false_mask_and_zeros(tiny_detector):
+    ex = RegionExtractor(tiny_detector, num_regions=5, score_thresh=1.0)
+    out = ex(_frames(4, 64, 64).view(2, 2, 3, 64, 64))
+    assert out["region_feats"].shape == (2, 2, 5, 1024)
+    assert out["region_boxes"].shape == (2, 2, 5, 4)
+    assert out["region_mask"].shape == (2, 2, 5) and out["region_mask"].dtype == torch.bool
+    assert not out["region_mask"].any()
+    assert (out["region_feats"] == 0).all() and (out["region_boxes"] == 0).all()
+    assert (out["region_labels"] == 0).all() and (out["region_scores"] == 0).all()
+
+
+# ----------------------------------------------- equality with a reference
+def reference_regions(det, frames: torch.Tensor, k: int, nms_thresh: float) -> list[dict]:
+    """Straightforward per-image version from stock torchvision pieces (transform, rpn)."""
+    det.eval()
+    roi = det.roi_heads
+    out = []
+    with torch.no_grad():
+        images = [f.float() / 255 for f in frames]
+        il, _ = det.transform(images)
+        feats = det.backbone(il.tensors)
+        props, _ = det.rpn(il, feats)  # stock per-image proposal filtering
+        for i, size in enumerate(il.image_sizes):
+            fi = OrderedDict((name, v[i : i + 1]) for name, v in feats.items())
+            logits, reg = roi.box_predictor(roi.box_head(roi.box_roi_pool(fi, [props[i]], [size])))
+            prob = F.softmax(logits, -1)
+            all_boxes = box_ops.clip_boxes_to_image(roi.box_coder.decode(reg, [props[i]]), size)  # [P, C, 4]
+            boxes, scores, labels = [], [], []
+            for j in range(prob.shape[0]):  # one proposal at a time
+                c = int(prob[j, 1:].argmax()) + 1
+                boxes.append(all_boxes[j, c])
+                scores.append(prob[j, c])
+                labels.append(c)
+            boxes, scores, labels = torch.stack(boxes), torch.stack(scores), torch.tensor(labels)
+            ok = box_ops.remove_small_boxes(boxes, 1e-2)
+            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+            keep = nms(boxes, scores, nms_thresh)[:k]
+            fb = boxes[keep]
+            ffeat = roi.box_head(roi.box_roi_pool(fi, [fb], [size]))
+            # back to original frame pixels as stock postprocess does, then normalise by the frame size
+            h0, w0 = frames.shape[-2:]
+            orig = det.transform.postprocess([{"boxes": fb}], [size], [(h0, w0)])[0]["boxes"]
+            norm = orig / torch.tensor([w0, h0, w0, h0])
+            out.append({"boxes": norm, "feats": ffeat, "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
+@pytest.mark.parametrize("arch,hw", [("fasterrcnn_tiny", (48, 80)), ("fasterrcnn_mobilenet_v3_large_320_fpn", (64, 64))])
+def test_extractor_matches_reference(arch, hw, tiny_detector):
+    torch.manual_seed(0)
+    det = tiny_detector if arch == "fasterrcnn_tiny" else build_detector(arch, "none", min_size=64, max_size=64)
+    k = 8
+    frames = _frames(6, *hw, seed=3)  # 2 clips x 3 frames
+    ex = RegionExtractor(det, num_regions=k, nms_thresh=0.5)
+    out = ex(frames.view(2, 3, 3, *hw))
+    ref = reference_regions(det, frames, k, 0.5)
+    flat = {name: v.reshape(6, k, *v.shape[3:]) for name, v in out.items()}
+    for i, r in enumerate(ref):
+        n = r["boxes"].shape[0]
+        assert int(flat["region_mask"][i].sum()) == n
+        torch.testing.assert_close(flat["region_boxes"][i, :n], r["boxes"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(flat["region_scores"][i, :n], r["scores"], rtol=1e-4, atol=1e-6)
+        assert torch.equal(flat["region_labels"][i, :n], r["labels"])
+        torch.testing.assert_close(flat["region_feats"][i, :n], r["feats"], rtol=1e-4, atol=1e-4)
+        b = flat["region_boxes"][i, :n]
+        assert ((b >= 0) & (b <= 1)).all() and (b[:, 2:] >= b[:, :2]).all()
+        # class-agnostic NMS really happened: kept boxes overlap less than the threshold
+        iou = box_iou(b, b) - torch.eye(n)
+        assert (iou <= 0.5 + 1e-6).all()
+
+
+def test_boxes_normalised_by_original_frame_size(tiny_detector):
+    """A 48x80 frame is resized to 57x96 (max_size 96) inside the detector; boxes come out in [0,1] of the frame."""
+    ex = RegionExtractor(tiny_detector, num_regions=30)
+    frames = _frames(2, 48, 80, seed=5)
+    out = ex(frames)
+    x, size = ex.preprocess(frames)
+    assert size == (57, 96) and x.shape[-2:] == (64, 96)  # padded to a multiple of 32
+    b = out["region_boxes"][out["region_mask"]]
+    assert b.numel() > 0
+    assert ((b >= 0) & (b <= 1)).all()
+    assert b[:, 2].max() > 0.5  # spans the width of the frame, not the padded canvas
+    assert b[:, 2].max() <= 1.0
+
+
+# ------------------------------------------------------------------ frozen
+def test_extractor_stays_frozen_and_outputs_are_trainable_inputs(tiny_detector):
+    ex = RegionExtractor(tiny_detector, num_regions=4)
+    frames = _frames(2, 64, 64, seed=7)
+    first = ex(frames)
+    ex.train()
+    tiny_detector.train()  # even on the detector itself
+    again = ex(frames)
+    assert not tiny_detector.training
+    assert all(not p.requires_grad for p in tiny_detector.parameters())
+    assert torch.equal(first["region_feats"], again["region_feats"])
+    # outputs are ordinary tensors: a trainable layer can use them in backward
+    lin = torch.nn.Linear(1024, 3)
+    lin(again["region_feats"]).sum().backward()
+    assert lin.weight.grad is not None
+    assert not isinstance(ex, torch.nn.Module)
