@@ -156,7 +156,8 @@ class TrainConfig:
     resume: str = "none"  # none | auto | PATH
     frame_curriculum: List[List[int]] = field(default_factory=list)  # [[step, T], ...]
     max_nonfinite: int = 10  # consecutive non-finite losses before aborting
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (deepspeed gradient_accumulation_steps)
+    init_from: str = "none"  # none | an export folder | a run dir / checkpoint: weights only (finetuning)
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""Export a training checkpoint to a self-contained folder, and load it back.
+
+``regionvlp export RUN_DIR OUT`` writes::
+
+    OUT/model.safetensors      consolidated fp32 weights of the dual encoder (all ZeRO stages)
+    OUT/config.yaml            the run's resolved config, model.text.name -> OUT/text
+    OUT/text/                  the trained text encoder + tokenizer (transformers format)
+    OUT/extractor.safetensors  the frozen detector's weights, only when they were random
+                               (detector weights: none) and so cannot be named
+    OUT/export.json            step, source checkpoint, parameter count
+
+``regionvlp.load_model(OUT)`` rebuilds the :class:`~regionvlp.model.DualEncoder` from
+the config, loads the weights strictly and attaches the frozen extractor (detector
+pathway) as ``model.batch_transform`` (``None`` for the learned pathway).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regionvlp.errors import UserError
+
+
+def _find_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str]:
+    from regionvlp.engine import list_tags, resolve_resume
+
+    if (run_dir / "checkpoints").is_dir():
+        ckpt_dir = run_dir / "checkpoints"
+        if tag is None:
+            tags = list_tags(ckpt_dir)
+            if not tags:
+                raise UserError(f"{ckpt_dir}: no complete checkpoint; train longer or check train.ckpt_every")
+            tag = tags[-1]
+        if not (ckpt_dir / tag).is_dir():
+            raise UserError(f"{ckpt_dir}: no checkpoint '{tag}' (have: {', '.join(list_tags(ckpt_dir))})")
+        return ckpt_dir, tag
+    found = resolve_resume(str(run_dir), run_dir)  # a tag folder or a checkpoints folder
+    assert found is not None
+    return found
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint: ZeRO 1-3 through DeepSpeed's own
+    ``zero_to_fp32`` (the fp32 master copy), ZeRO 0 from the module state."""
+    tag_dir = ckpt_dir / tag
+    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from regionvlp.engine import setup_accelerator_env
+
+        setup_accelerator_env()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        file = tag_dir / "mp_rank_00_model_states.pt"
+        if not file.exists():
+            raise UserError(f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+        state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+    return {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+
+
+def _read_config(path: Path):
+    from regionvlp.config import load_config
+
+    if not path.is_file():
+        raise UserError(f"{path} not found; pass a run directory written by `regionvlp train`")
+    return load_config(path)
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
+    """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out``."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from regionvlp.model import build_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt_dir, tag = _find_checkpoint(run_dir, tag)
+    cfg_file = run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else ckpt_dir.parent / "config.yaml"
+    cfg = _read_config(cfg_file)
+    state = consolidated_state_dict(ckpt_dir, tag)
+
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt_dir / tag} does not match the run config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage; every tensor gets its own copy
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    text = getattr(model, "text_tower", None)
+    if text is not None and hasattr(text, "encoder"):
+        text.encoder.save_pretrained(str(out / "text"))
+        if getattr(text, "tokenizer", None) is not None:
+            text.tokenizer.save_pretrained(str(out / "text"))
+        cfg.model.text.name = "text"  # relative to OUT; load_model resolves it
+    if (run_dir / "extractor.safetensors").exists():
+        shutil.copyfile(run_dir / "extractor.safetensors", out / "extractor.safetensors")
+    cfg.train.resume = "none"
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = {"out": str(out), "source": str(ckpt_dir / tag), "step": _step_of(ckpt_dir, tag),
+            "parameters": sum(v.numel() for v in state.values()), "regions": str(cfg.model.regions),
+            "dtype": "float32"}
+    (out / "export.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _step_of(ckpt_dir: Path, tag: str) -> int | None:
+    done = ckpt_dir / tag / "client_state.done"
+    return int(done.read_text()) if done.exists() else None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """An exported folder → a ready :class:`~regionvlp.model.DualEncoder` in eval mode,
+    with ``.config`` and ``.batch_transform`` (the frozen extractor or ``None``)."""
+    from safetensors.torch import load_file
+
+    from regionvlp.model import build_batch_transform, build_model
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise UserError(f"{path}: no model.safetensors; create it with `regionvlp export RUN_DIR {path}`")
+    cfg = _read_config(path / "config.yaml")
+    if not Path(str(cfg.model.text.name)).is_absolute() and (path / str(cfg.model.text.name)).is_dir():
+        cfg.model.text.name = str(path / str(cfg.model.text.name))
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    model.to(device).eval()
+    transform = build_batch_transform(cfg)
+    if transform is not None:
+        from regionvlp.train import load_extractor_weights
+
+        load_extractor_weights(transform, path)
+        transform.to(device)
+    model.__dict__["batch_transform"] = transform  # a plain attribute: never a child module
+    model.__dict__["config"] = cfg
+    return model
