@@ -180,8 +180,25 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------- bench
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
+def _cmd_bench_synth(args: argparse.Namespace) -> dict:
+    from regionvlp.bench import bench_synth
+
+    return bench_synth(clips=args.clips, size=args.size, frames=args.frames, fps=args.fps, workers=args.workers)
+
+
+def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("synth", help="clips/s written by `synth`: one process (baseline) vs --workers")
+    p.add_argument("--clips", type=int, default=200)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_bench_synth)
+
+
 _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_data,
+    _add_bench_synth,
 ]
 
 

@@ -468,9 +468,12 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
     try:
         for split, n in (("train", videos), ("val", val_videos)):
             _write_split(out / split, _samples(spec, split, n, pool), n, split, summary, failed, progress)
+        if pool is not None:
+            pool.close()  # finished: let the workers exit on their own
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
     world = {"classes": CLASSES, "colors": list(COLORS), "sizes": list(SIZES), "motions": MOTIONS,
              "backgrounds": BACKGROUNDS, "spec": asdict(spec),
              "held_out_pairs": sorted(map(list, held_out_pairs(seed))) if compositional else []}
