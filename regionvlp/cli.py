@@ -177,6 +177,50 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_data)
 
 
+# ----------------------------------------------------------------------- regions
+def _cmd_regions_extract(args: argparse.Namespace) -> dict:
+    from regionvlp.config import load_config
+    from regionvlp.regions.extract import extract_regions
+
+    cfg = load_config(args.config, args.overrides or [])
+    return extract_regions(cfg, args.urls, args.out, batch_size=args.batch, device=args.device)
+
+
+def _add_regions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("regions", help="detector regions (frozen Faster R-CNN)")
+    rsub = p.add_subparsers(dest="regions_command", required=True)
+    e = rsub.add_parser("extract", help="offline detector regions of raw video shards, written as region shards")
+    e.add_argument("config", help="run config (model.detector, data.num_frames/size/eval_sampling)")
+    e.add_argument("urls", nargs="+", help="raw video shard specs (brace patterns allowed)")
+    e.add_argument("out", help="output folder (one region shard per input shard, sizes.json, extract.json)")
+    e.add_argument("--batch", type=int, default=None, help="clips per extractor pass (default: data.batch_size)")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: run.device")
+    e.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="config override (repeatable), e.g. --set model.detector.weights=/path/det.pth")
+    e.set_defaults(func=_cmd_regions_extract)
+
+
+def _cmd_bench_regions(args: argparse.Namespace) -> dict:
+    from regionvlp.regions.bench import bench_regions
+
+    return bench_regions(args.arch, size=args.size, batch=args.batch, device=args.device, dtype=args.dtype,
+                         num_regions=args.num_regions, weights=args.weights, iters=args.iters, warmup=args.warmup)
+
+
+def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("regions", help="frames/s: backbone only vs region extractor vs stock model(images)+RoI pool")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn")
+    p.add_argument("--size", type=int, default=384, help="square frame side; the detector runs at this size")
+    p.add_argument("--batch", type=int, default=64, help="frames per call")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--num-regions", type=int, default=30, help="K boxes per frame")
+    p.add_argument("--weights", default="none", help="detector weights (none | DEFAULT | enum name | local path)")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per variant (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.set_defaults(func=_cmd_bench_regions)
+
+
 # ------------------------------------------------------------------------- bench
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
@@ -199,6 +243,7 @@ def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
 _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_data,
     _add_bench_synth,
+    _add_bench_regions,
 ]
 
 
@@ -210,6 +255,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_regions,
     _add_data,
     _add_config,
     _add_bench,

@@ -159,3 +159,20 @@ def test_extractor_stays_frozen_and_outputs_are_trainable_inputs(tiny_detector):
     lin(again["region_feats"]).sum().backward()
     assert lin.weight.grad is not None
     assert not isinstance(ex, torch.nn.Module)
+
+
+@pytest.mark.parametrize("n,groups", [(60, 3), (9000, 40)])
+def test_batched_nms_equals_torchvision(n, groups):
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    from regionvlp.regions.extractor import batched_nms
+
+    g = torch.Generator().manual_seed(n)
+    xy = torch.rand(n, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30 + 1], 1)
+    scores = torch.rand(n, generator=g)
+    idx = torch.randint(0, groups, (n,), generator=g)
+    ours = batched_nms(boxes, scores, idx, 0.5)  # n=9000 goes through the chunked path
+    ref = tv_batched_nms(boxes, scores, idx, 0.5)
+    assert torch.equal(torch.sort(ours).values, torch.sort(ref).values)
+    assert (scores[ours][:-1] >= scores[ours][1:]).all()

@@ -34,18 +34,46 @@ REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "
 
 # ------------------------------------------------------------ batched helpers
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """NMS within each group in one kernel call; indices sorted by decreasing score.
+    """NMS within each group; kept indices sorted by decreasing score.
 
-    Same coordinate-offset trick as torchvision's ``batched_nms``, done in float64 so
-    offsets of many groups (frames x levels) cannot round the box coordinates.
+    The coordinate-offset trick of torchvision's ``batched_nms`` (one kernel call for
+    many groups), done in float64 so the offsets of many groups (frames x levels) cannot
+    round the coordinates. One call costs O(N^2) in the boxes it sees, so whole groups are
+    packed into chunks of at most ``_NMS_CHUNK`` boxes (a handful of calls for a 64-frame
+    batch) instead of torchvision's fallback of one call per group.
     """
     from torchvision.ops import nms
 
-    if boxes.numel() == 0:
+    n = boxes.shape[0]
+    if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     b = boxes.double()  # [N, 4]
-    offsets = groups.to(b) * (b.max() - b.min() + 1.0)  # [N]
-    return nms(b + offsets[:, None], scores.double(), iou)
+    span = b.max() - b.min() + 1.0
+    limit = _NMS_CHUNK[boxes.device.type == "cuda"]
+    if n <= limit:
+        return nms(b + (groups.to(b) * span)[:, None], scores.double(), iou)
+    # pack whole groups into chunks: sort by group, cut where the running count passes the limit
+    order = torch.argsort(groups, stable=True)  # [N]
+    g_sorted = groups[order]
+    counts = torch.bincount(g_sorted - g_sorted[0])
+    counts = counts[counts > 0]  # boxes per present group, in group order
+    ends = torch.cumsum(counts, 0)
+    chunk_of_group = torch.div(ends - 1, limit, rounding_mode="floor")  # groups larger than limit get their own chunk
+    chunk_sizes = torch.bincount(chunk_of_group).tolist()  # groups per chunk
+    group_sizes = counts.tolist()
+    kept, pos, gi = [], 0, 0
+    for num_groups in chunk_sizes:
+        if num_groups == 0:
+            continue
+        size = sum(group_sizes[gi : gi + num_groups])
+        idx = order[pos : pos + size]
+        kept.append(idx[nms(b[idx] + (groups[idx].to(b) * span)[:, None], scores[idx].double(), iou)])
+        pos, gi = pos + size, gi + num_groups
+    keep = torch.cat(kept)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+
+
+_NMS_CHUNK = (4000, 20000)  # boxes per NMS call on (CPU, GPU), as torchvision's batched_nms thresholds
 
 
 def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""``regionvlp regions extract CONFIG URLS OUT``: offline detector regions as new shards.
+
+Every input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` holding, per good sample,
+``__key__``, ``txt`` (first caption), ``json`` (the sample's meta with all its captions
+and a ``region_extractor`` record) and ``regions.npz`` (``feats`` float16 [T,K,F],
+``boxes`` float32 [T,K,4], ``mask`` bool [T,K], ``labels`` int64 [T,K], ``scores``
+float32 [T,K]). Frames are decoded as evaluation does (``data.eval_sampling``,
+``data.num_frames``, ``data.size``). A shard is written to ``NAME.tar.tmp`` and renamed
+when complete, so a rerun skips finished shards (resume) and redoes a cut-off one.
+``sizes.json`` beside them counts the samples per shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from regionvlp.errors import UserError
+
+MANIFEST = "extract.json"
+
+
+def regions_npz(regions: dict[str, torch.Tensor]) -> bytes:
+    """One sample's region tensors ([T,K,...]) -> ``regions.npz`` bytes in the agreed dtypes."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        feats=regions["region_feats"].to(torch.float16).cpu().numpy(),
+        boxes=regions["region_boxes"].float().cpu().numpy(),
+        mask=regions["region_mask"].bool().cpu().numpy(),
+        labels=regions["region_labels"].long().cpu().numpy(),
+        scores=regions["region_scores"].float().cpu().numpy(),
+    )
+    return buf.getvalue()
+
+
+def _shard_name(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    return name if name.endswith(".tar") else name + ".tar"
+
+
+def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
+                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from regionvlp.bench import resolve_device
+    from regionvlp.data import iter_samples
+    from regionvlp.data.sources import parse_specs
+    from regionvlp.data.synth import write_sizes
+    from regionvlp.regions.extractor import build_extractor
+
+    out = Path(out)
+    shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe)).urls
+    if not shards:
+        raise UserError("regions extract: no shards match the given URLS")
+    names = [_shard_name(u) for u in shards]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"regions extract: input shards share file names ({', '.join(dupes[:3])}); "
+                        "extract each folder/split into its own OUT")
+    out.mkdir(parents=True, exist_ok=True)
+
+    d = cfg.model.detector
+    record = {"arch": str(d.arch), "weights": str(d.weights), "num_regions": int(d.num_regions),
+              "num_frames": int(cfg.data.num_frames), "size": int(cfg.data.size),
+              "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
+              "rpn_pre_nms_top_n": d.rpn_pre_nms_top_n, "rpn_post_nms_top_n": d.rpn_post_nms_top_n,
+              "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh)}
+    previous = _read_json(out / MANIFEST)
+    if previous and previous.get("extractor") != record:
+        raise UserError(f"{out} holds regions extracted with other settings ({out / MANIFEST}); "
+                        "use a new OUT folder or delete it to start over")
+    shard_skipped: dict[str, dict[str, int]] = dict(previous.get("skipped", {}))
+
+    def save_manifest() -> None:
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"extractor": record, "skipped": shard_skipped}, indent=1) + "\n")
+        os.replace(tmp, out / MANIFEST)
+
+    save_manifest()
+
+    dev = resolve_device(device or str(cfg.run.device))
+    extractor = build_extractor(cfg).to(dev)
+    bs = int(batch_size or cfg.data.batch_size)
+    sizes: dict[str, int] = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
+    skipped: dict[str, int] = {}
+    written = resumed = 0
+    start = time.perf_counter()
+    bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
+    for url, name in zip(shards, names):
+        final = out / name
+        if final.is_file() and name in sizes:
+            resumed += 1
+            continue
+        tmp = out / (name + ".tmp")
+        stream = iter_samples([url], cfg, training=False)
+        count = 0
+        with wds.TarWriter(str(tmp)) as sink:
+            for batch in _batches(iter(stream), bs):
+                frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
+                regions = extractor(frames)
+                for i, s in enumerate(batch):
+                    meta = dict(s.get("meta") or {})
+                    meta["caption"] = s["captions"][0]
+                    meta["captions"] = list(s["captions"])
+                    meta["region_extractor"] = record
+                    sink.write({
+                        "__key__": s["__key__"],
+                        "txt": s["captions"][0],
+                        "json": meta,
+                        "regions.npz": regions_npz({k: v[i] for k, v in regions.items()}),
+                    })
+                count += len(batch)
+                bar.update(len(batch))
+        os.replace(tmp, final)
+        shard_skipped[name] = {k: int(v) for k, v in stream.skipped.items()}
+        save_manifest()
+        sizes[name] = count
+        write_sizes(out, sizes)
+        written += 1
+    bar.close()
+    for name in names:  # resumed shards' skips were recorded by the run that wrote them
+        for reason, n in shard_skipped.get(name, {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {
+        "out": str(out),
+        "samples": sum(sizes[n] for n in names),
+        "skipped": skipped,
+        "shards": len(shards),
+        "shards_written": written,
+        "shards_resumed": resumed,
+        "device": str(dev),
+        "num_regions": int(d.num_regions),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
