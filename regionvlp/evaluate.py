@@ -413,17 +413,20 @@ def gather_padded(t: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
     return gather_variable(_pad_to(t, target, fill))
 
 
-def gather_embeddings(local: EvalEmbeddings) -> EvalEmbeddings:
-    """All ranks' embeddings on every rank, each sample once, videos sorted by key
-    (so the result does not depend on the world size or the worker split)."""
-    meta = gather_objects({"keys": local.keys, "captions": local.captions,
-                           "counts": torch.bincount(local.text_to_video, minlength=len(local.keys)).tolist(),
-                           "mc_scores": [s.tolist() for s in local.mc_scores], "mc_answers": local.mc_answers,
-                           "skipped": local.skipped})
-    v = VideoOutput(cls=gather_padded(local.video.cls), regions=gather_padded(local.video.regions),
-                    region_mask=gather_padded(local.video.region_mask, False))
-    t = TextOutput(cls=gather_padded(local.text.cls), words=gather_padded(local.text.words),
-                   word_mask=gather_padded(local.text.word_mask, False))
+def _meta(e: EvalEmbeddings) -> dict[str, Any]:
+    return {"keys": e.keys, "captions": e.captions,
+            "counts": torch.bincount(e.text_to_video, minlength=len(e.keys)).tolist(),
+            "mc_scores": [s.tolist() for s in e.mc_scores], "mc_answers": e.mc_answers, "skipped": e.skipped}
+
+
+def _cat_to_largest(parts: Sequence[torch.Tensor], fill: float | bool = 0) -> torch.Tensor:
+    """Concatenate along dim 0 after padding every trailing dim to the largest."""
+    target = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    return torch.cat([_pad_to(p, target, fill) for p in parts])
+
+
+def _combine(meta: Sequence[Mapping[str, Any]], v: VideoOutput, t: TextOutput) -> EvalEmbeddings:
+    """Rank-ordered parts (metadata + concatenated tensors) → one set sorted by key."""
     keys = [k for m in meta for k in m["keys"]]
     captions = [c for m in meta for c in m["captions"]]
     counts = [c for m in meta for c in m["counts"]]
@@ -437,19 +440,41 @@ def gather_embeddings(local: EvalEmbeddings) -> EvalEmbeddings:
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     text_order = [j for i in order for j in range(starts[i], starts[i + 1])]
-    order_t = torch.tensor(order, dtype=torch.long)
-    text_order_t = torch.tensor(text_order, dtype=torch.long)
     new_counts = torch.tensor([counts[i] for i in order], dtype=torch.long)
     return EvalEmbeddings(
         keys=[keys[i] for i in order],
-        video=_slice_video(v, order_t),
-        text=_slice_text(t, text_order_t),
+        video=_slice_video(v, torch.tensor(order, dtype=torch.long)),
+        text=_slice_text(t, torch.tensor(text_order, dtype=torch.long)),
         text_to_video=torch.repeat_interleave(torch.arange(len(order)), new_counts),
         captions=[captions[j] for j in text_order],
         mc_scores=[s for s, _ in mc_pairs],
         mc_answers=[a for _, a in mc_pairs],
         skipped=skipped,
     )
+
+
+def merge_embeddings(parts: Sequence[EvalEmbeddings]) -> EvalEmbeddings:
+    """What :func:`gather_embeddings` gives, from the parts in hand (e.g. each rank's
+    :func:`embed_local` result computed one after another)."""
+    v = VideoOutput(cls=_cat_to_largest([p.video.cls for p in parts]),
+                    regions=_cat_to_largest([p.video.regions for p in parts]),
+                    region_mask=_cat_to_largest([p.video.region_mask for p in parts], False))
+    t = TextOutput(cls=_cat_to_largest([p.text.cls for p in parts]),
+                   words=_cat_to_largest([p.text.words for p in parts]),
+                   word_mask=_cat_to_largest([p.text.word_mask for p in parts], False))
+    return _combine([_meta(p) for p in parts], v, t)
+
+
+def gather_embeddings(local: EvalEmbeddings) -> EvalEmbeddings:
+    """All ranks' embeddings on every rank, each sample once, videos sorted by key
+    (so the result does not depend on the world size or the worker split). Tensors
+    travel by padded ``all_gather`` (NCCL-friendly), the padding is cut off again."""
+    meta = gather_objects(_meta(local))
+    v = VideoOutput(cls=gather_padded(local.video.cls), regions=gather_padded(local.video.regions),
+                    region_mask=gather_padded(local.video.region_mask, False))
+    t = TextOutput(cls=gather_padded(local.text.cls), words=gather_padded(local.text.words),
+                   word_mask=gather_padded(local.text.word_mask, False))
+    return _combine(meta, v, t)
 
 
 # ------------------------------------------------------------------ similarity

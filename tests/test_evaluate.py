@@ -206,6 +206,31 @@ def run_eval(samples: list[dict], cache_dir=None) -> dict:
                           tokenize=fake_tokenize, cache_dir=cache_dir, progress=False)
 
 
+class FrameDual(TinyDual):
+    """TinyDual over real decoded frames: 4x4-pooled pixels per frame are the regions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.video = nn.Parameter(torch.randn(3, 8, generator=g))
+        self.words = nn.Parameter(torch.randn(30522, 8, generator=g))
+
+    def encode_video(self, batch: dict) -> VideoOutput:
+        frames = batch["frames"].float() / 255  # [B, T, 3, H, W]
+        b, t = frames.shape[:2]
+        cells = F.adaptive_avg_pool2d(frames.flatten(0, 1), 2).flatten(2).transpose(1, 2)  # [B*T, 4, 3]
+        regions = F.normalize(cells @ self.video, dim=-1).reshape(b, t * 4, 8)  # [B, T*4, 8]
+        mask = torch.ones(b, t * 4, dtype=torch.bool)
+        return VideoOutput(cls=F.normalize(regions.mean(1), dim=-1), regions=regions, region_mask=mask)
+
+
+def shard_cfg(shards: str, text_model: str, workers: int):
+    cfg = load_config(overrides=[f"model.text.name={text_model}", "data.size=32", "data.num_frames=2",
+                                 "data.batch_size=2", f"data.num_workers={workers}"])
+    cfg.data.val.urls = [shards]
+    return cfg
+
+
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as tdist
 
@@ -247,6 +272,42 @@ def test_single_rank_eval_counts_every_sample_and_mc(tmp_path):
     again = run_eval([], cache_dir=tmp_path)  # loader would be empty: must come from the cache
     assert again["cached"]
     assert {k: again[k] for k in m if k != "cached"} == {k: m[k] for k in m if k != "cached"}
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> str:
+    """7 synthetic val clips (5 captions each) in 3 shards: not divisible by 2 ranks."""
+    from regionvlp.data.synth import synth
+
+    out = tmp_path_factory.mktemp("synth")
+    summary = synth(out, videos=1, val_videos=N_SAMPLES, size=32, frames=4, shard_size=3, progress=False)
+    assert summary["val"]["shards"] == 3
+    return summary["val"]["urls"]
+
+
+def test_real_loader_split_over_ranks_counts_each_clip_once(val_shards, minilm_dir, monkeypatch):
+    """The data pipeline's rank split (3 shards over 2 ranks) merged as
+    gather_embeddings does == 1 rank."""
+    from regionvlp.data import build_loader
+    from regionvlp.evaluate import _Tokenize, embed_local, merge_embeddings, metrics_from_embeddings
+
+    model = FrameDual()
+    ref = evaluate_model(model, shard_cfg(val_shards, str(minilm_dir), workers=0), "val", device="cpu", progress=False)
+    assert ref["num_videos"] == N_SAMPLES and ref["num_texts"] >= 2 * N_SAMPLES  # several captions each
+    cfg = shard_cfg(val_shards, str(minilm_dir), workers=0)
+    tok = _Tokenize(cfg)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        parts.append(embed_local(model, build_loader(cfg, "val", training=False, tokenizer=tok.tokenizer), tok))
+    assert sorted(len(p.keys) for p in parts) == [3, 4]
+    merged = merge_embeddings(parts)
+    assert len(set(merged.keys)) == N_SAMPLES
+    got = metrics_from_embeddings(model, merged)
+    for key, value in ref.items():
+        if key != "cached":
+            assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_two_rank_eval_equals_one_rank(tmp_path):
