@@ -94,6 +94,7 @@ class LearnerConfig:
     backbone: str = "vit_base_patch16_224"
     pretrained: str = "none"  # none | timm | local checkpoint path
     img_size: int = 224
+    depth: int = 0  # ViT blocks; 0 = the backbone's own (fewer for tiny CPU configs)
     max_frames: int = 16
     divided_space_time: bool = False
     codebook_size: int = 2048

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from regionvlp.errors import UserError
 
 
-def create_vit(name: str, img_size: int, pretrained: str = "none") -> nn.Module:
+def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 0) -> nn.Module:
     """A timm ``VisionTransformer`` without classifier (``num_classes=0``).
 
     ``pretrained``: ``none`` (random init), ``timm`` (timm's own weights; needs them in
     the local cache or a reachable hub), or a path to a local checkpoint file
     (``.safetensors``/``.pth``/``.bin``/``.npz`` as timm reads them; position embeddings
-    are resampled to ``img_size`` by timm's filter).
+    are resampled to ``img_size`` by timm's filter). ``depth > 0`` overrides the number
+    of blocks (tiny test/CPU configs).
     """
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -27,7 +28,9 @@ def create_vit(name: str, img_size: int, pretrained: str = "none") -> nn.Module:
         near = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
         hint = f" (e.g. {', '.join(near)})" if near else ""
         raise UserError(f"model.learner.backbone: '{name}' is not a timm model name{hint}")
-    kwargs = dict(img_size=img_size, num_classes=0)
+    kwargs: dict = dict(img_size=img_size, num_classes=0)
+    if depth > 0:
+        kwargs["depth"] = depth
     if pretrained in ("none", "", None):
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif pretrained == "timm":
@@ -44,15 +47,42 @@ def create_vit(name: str, img_size: int, pretrained: str = "none") -> nn.Module:
         if not path.is_file():
             raise UserError(f"model.learner.pretrained: no checkpoint file at {path} "
                             "(use none, timm, or a path to a weights file)")
-        try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except Exception as err:
-            detail = " ".join(str(err).split())[:300]
-            raise UserError(f"model.learner.pretrained: {path} does not load into '{name}': {detail}") from None
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if isinstance(model, VisionTransformer):
+            _load_local(model, path, name)
     if not isinstance(model, VisionTransformer):
         raise UserError(f"model.learner.backbone: '{name}' is a {type(model).__name__}, "
                         "not a timm VisionTransformer (use e.g. vit_base_patch16_224)")
     return model
+
+
+def _load_local(model: nn.Module, path: Path, name: str) -> None:
+    """Strictly load an image-ViT checkpoint file (timm formats; position embeddings
+    resampled to this model's grid by timm's filter; classifier weights ignored)."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        if path.suffix == ".npz":  # big_vision / JAX format
+            model.load_pretrained(str(path))
+            return
+        state = checkpoint_filter_fn(load_state_dict(str(path)), model)
+    except Exception as err:
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"model.learner.pretrained: cannot read {path} as '{name}' weights: {detail}") from None
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("head.") or k in own}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatch", mismatched)) if keys]
+        raise UserError(f"model.learner.pretrained: {path} does not load into '{name}' "
+                        f"(check backbone and depth): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
 
 
 class TemporalAttention(nn.Module):

@@ -76,7 +76,7 @@ class RegionLearner(nn.Module):
 class RegionLearnerPathway(nn.Module):
     def __init__(self, lcfg, embed_dim: int) -> None:
         super().__init__()
-        vit = create_vit(lcfg.backbone, lcfg.img_size, lcfg.pretrained)
+        vit = create_vit(lcfg.backbone, int(lcfg.img_size), str(lcfg.pretrained), int(lcfg.depth))
         self.vit = vit
         self.img_size = int(lcfg.img_size)
         self.max_frames = int(lcfg.max_frames)

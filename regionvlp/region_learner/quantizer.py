@@ -5,7 +5,9 @@ code; the output is the code, passed through a straight-through estimator so the
 gradient reaches ``z`` unchanged. In training mode the codebook follows the features
 by exponential moving averages of per-code counts and sums, with the configured
 decay, Laplace smoothing of the counts, and restart of dead codes (EMA count under a
-threshold) from current features. Counts and sums are all-reduced across ranks when
+threshold) from current features. The first training batch initialises the codebook
+from its own features (random rows, as one k-means++-free seeding step), each code
+counting as one sample, so codes start where the features are. Counts and sums are all-reduced across ranks when
 ``torch.distributed`` is initialised, so N ranks update the codebook exactly as one
 process seeing the concatenated batch; restarts are drawn on rank 0 and broadcast.
 
@@ -65,8 +67,11 @@ class EMAQuantizer(nn.Module):
         embed = torch.randn(num_codes, code_dim) / math.sqrt(code_dim)  # [C, d]
         self.register_buffer("embed", embed)
         self.register_buffer("embed_sum", embed.clone())  # [C, d] EMA of per-code sums
-        self.register_buffer("cluster_size", torch.zeros(num_codes))  # [C] EMA of per-code counts
+        # [C] EMA of per-code counts; each code starts as one sample of itself, so an unused
+        # code stays put (embed_sum / cluster_size) while both decay, until it is restarted
+        self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # total restarted codes
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # codebook seeded from data
 
     # keep the EMA statistics in float32 whatever the module is cast to
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -97,6 +102,11 @@ class EMAQuantizer(nn.Module):
         codes = self.embed[idx]  # [M, d], the codebook before this step's update
         counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)  # [C]
         if self.training:  # eval never talks to other ranks: their batch counts may differ
+            if not bool(self.initialized):
+                self._init_from(flat.detach())
+                idx = self.assign(flat)
+                codes = self.embed[idx]
+                counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)
             counts = self._ema_update(flat.detach(), idx, counts)
         probs = counts / counts.sum().clamp_min(1.0)  # [C]
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
@@ -114,6 +124,22 @@ class EMAQuantizer(nn.Module):
             perplexity=perplexity.detach(),
             usage=usage.detach(),
         )
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        """Seed the codebook with random rows of the first training batch (rank 0's, broadcast)."""
+        if flat.shape[0] >= self.num_codes:
+            pick = torch.randperm(flat.shape[0], device=flat.device)[: self.num_codes]
+        else:
+            pick = torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
+        self.embed.copy_(flat[pick])
+        if _dist_ready():
+            import torch.distributed as dist
+
+            dist.broadcast(self.embed, src=0)
+        self.embed_sum.copy_(self.embed)
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
