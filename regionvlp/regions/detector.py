@@ -39,6 +39,7 @@ TINY_ARCH = "fasterrcnn_tiny"
 ARCHS = TORCHVISION_ARCHS + (TINY_ARCH,)
 COCO_NUM_CLASSES = 91  # torchvision's default (background + 90 COCO ids)
 REPRESENTATION_SIZE = 1024  # box-head RoI feature width, every arch
+RANDOM_INIT_SEED = 0  # weights "none": the same random detector in every process
 
 
 # ------------------------------------------------------------------ tiny arch
@@ -195,7 +196,11 @@ def build_detector(
         raise UserError(f"model.detector.arch '{arch}' is unknown; choose one of {', '.join(ARCHS)}")
     w = "none" if weights is None else str(weights).strip()
     if w.lower() in ("none", "", "null", "random"):
-        return _construct(arch, num_classes or COCO_NUM_CLASSES, kw)
+        # a fixed seed, independent of the global RNG: "none" names one reproducible detector,
+        # so regions extracted offline and in the training loop come from the same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return _construct(arch, num_classes or COCO_NUM_CLASSES, kw)
 
     path = Path(w).expanduser()
     looks_like_path = path.suffix in (".pt", ".pth", ".bin", ".ckpt") or os.sep in w or path.exists()
