@@ -221,6 +221,64 @@ def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_regions)
 
 
+# ------------------------------------------------------------------ train/export
+def _cmd_train(args: argparse.Namespace) -> dict | None:
+    import os
+
+    from regionvlp.train import run
+
+    summary = run(args.config, args.overrides)
+    return summary if int(os.environ.get("RANK", 0)) == 0 else None  # one JSON line per job
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a dual encoder (single process, or under deepspeed/torchrun)")
+    p.add_argument("config", help="YAML run config (e.g. configs/tiny/detector.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict:
+    from regionvlp.checkpoint import export
+
+    return export(args.run_dir, args.out, tag=args.tag)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="consolidated fp32 safetensors + config from a run's checkpoint")
+    p.add_argument("run_dir", help="run directory (run.out_dir) or a checkpoint folder")
+    p.add_argument("out", help="output folder (model.safetensors, config.yaml, text/)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00001000 (default: the newest)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> dict:
+    from regionvlp.train_bench import bench_train
+
+    return bench_train(args.config, regions=args.regions, device=args.device, batch=args.batch,
+                       frames=args.frames, size=args.size, steps=args.steps, warmup=args.warmup,
+                       dtype=args.dtype, urls=args.urls, overrides=args.overrides or [])
+
+
+def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("train", help="train-step clips/s: in-memory batches (baseline) vs the real data loader")
+    p.add_argument("--regions", choices=("detector", "learned"), default="detector")
+    p.add_argument("--config", default=None, help="run config (default: configs/tiny/<regions>.yaml on CPU, "
+                                                    "configs/pretrain_<regions>.yaml on GPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch", type=int, default=None, help="clips per step (default: the config's)")
+    p.add_argument("--frames", type=int, default=None, help="T frames per clip (default: the config's)")
+    p.add_argument("--size", type=int, default=None, help="frame side in pixels (default: the config's)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--urls", nargs="*", default=None, help="shards for the loader variant (default: synth clips "
+                                                          "written to a temp folder)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    p.set_defaults(func=_cmd_bench_train)
+
+
 # ------------------------------------------------------------------------- bench
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
@@ -240,10 +298,41 @@ def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_synth)
 
 
+def _cmd_bench_learner(args: argparse.Namespace) -> dict:
+    from regionvlp.region_learner.bench import bench_learner
+
+    return bench_learner(
+        args.backbone, batch=args.batch, frames=args.frames, device=args.device, img_size=args.img_size,
+        dtype=args.dtype, depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
+        num_regions=args.num_regions, interaction_layers=args.interaction_layers,
+        divided_space_time=args.divided_space_time, iters=args.iters, warmup=args.warmup)
+
+
+def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("learner", help="train-step clips/s: RegionLearner pathway vs the plain timm ViT (baseline)")
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name")
+    p.add_argument("--batch", type=int, default=8, help="clips per step")
+    p.add_argument("--frames", type=int, default=4, help="T frames per clip")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--depth", type=int, default=0, help="ViT blocks (0: the backbone's own)")
+    p.add_argument("--codebook-size", type=int, default=2048)
+    p.add_argument("--code-dim", type=int, default=256)
+    p.add_argument("--num-regions", type=int, default=8)
+    p.add_argument("--interaction-layers", type=int, default=1)
+    p.add_argument("--divided-space-time", action="store_true")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per variant (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.set_defaults(func=_cmd_bench_learner)
+
+
 _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_data,
-    _add_bench_synth,
     _add_bench_regions,
+    _add_bench_synth,
+    _add_bench_train,
+    _add_bench_learner,
 ]
 
 
@@ -254,10 +343,59 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         add(bsub)
 
 
-_PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+# -------------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> dict | None:
+    from regionvlp.evaluate import run_eval
+
+    return run_eval(args.config, args.checkpoint, args.overrides, split=args.split, cache_dir=args.cache,
+                    limit=args.limit)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="text<->video retrieval (R@1/5/10/50, MedR, MeanR) and multiple-choice accuracy",
+                       description="Retrieval metrics of a trained model on data.val (or data.train with "
+                                   "--split train). The model's architecture comes from the checkpoint; CONFIG "
+                                   "gives the data. Runs under torchrun/deepspeed too (each clip counted once).")
+    p.add_argument("config", help="YAML config naming the eval shards (data.val.urls), e.g. configs/downstream/*.yaml")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a `regionvlp train` run dir (newest checkpoint), a checkpoints/stepN folder, or an export dir")
+    p.add_argument("--split", default="val", choices=("val", "train"), help="which data.<split>.urls to evaluate")
+    p.add_argument("--cache", default=None, metavar="DIR", help="save/reuse the eval embeddings in DIR")
+    p.add_argument("--limit", type=int, default=None, help="stop after N clips per rank (smoke tests only)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(func=_cmd_eval)
+
+
+# ----------------------------------------------------------------------- compare
+def _cmd_compare(args: argparse.Namespace) -> dict:
+    from regionvlp.compare import compare_main
+
+    return compare_main(out=args.out, detector=args.detector, learned=args.learned, runs=args.runs,
+                        overrides=args.overrides)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="detector vs learned regions under one budget -> report.md + plots",
+                       description="Train both pathways on the same data, losses, steps and seed (--detector "
+                                   "CONFIG --learned CONFIG, shared key=value overrides apply to both), or report "
+                                   "on two finished run dirs (--runs A B). Writes OUT/report.md, PNG plots and "
+                                   "OUT/summary.json.")
+    p.add_argument("--out", required=True, help="output folder (runs go to OUT/detector and OUT/learned)")
+    p.add_argument("--detector", metavar="CONFIG", help="config of the detector pathway")
+    p.add_argument("--learned", metavar="CONFIG", help="config of the learned pathway")
+    p.add_argument("--runs", nargs=2, metavar="RUN_DIR", help="two finished run directories instead of training")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
+    p.set_defaults(func=_cmd_compare)
+
+
+_PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction    _add_eval,
+    _add_compare,
+], None]] = [
     _add_regions,
     _add_data,
     _add_config,
+    _add_train,
+    _add_export,
     _add_bench,
     _add_synth,
     _add_shards,

@@ -281,7 +281,9 @@ def train(cfg: Any) -> dict[str, Any]:
             transform_obj.to(device)
         if is_main and hasattr(transform_obj, "detector"):
             _save_extractor(transform_obj, run_dir)
-        transform = getattr(transform_obj, "apply", transform_obj)
+        from regionvlp.model import prepare_batch
+
+        transform = lambda b: prepare_batch(dict(b), transform_obj)  # noqa: E731
 
     where = E.resolve_resume(str(cfg.train.resume), E.Checkpointer(run_dir, 1).dir)
     if where is None and str(cfg.train.init_from) not in ("", "none"):
