@@ -388,9 +388,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
-_PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction    _add_eval,
-    _add_compare,
-], None]] = [
+_PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_regions,
     _add_data,
     _add_config,
@@ -399,6 +397,8 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction    _add_eval,
     _add_bench,
     _add_synth,
     _add_shards,
+    _add_eval,
+    _add_compare,
 ]
 
 

@@ -308,8 +308,20 @@ def _train_child(cfg_container: dict[str, Any], result_file: str) -> None:
     cfg = OmegaConf.merge(default_config(), cfg_container)
     start = time.perf_counter()
     summary = train(cfg)
-    result = {"summary": summary, "train_seconds": time.perf_counter() - start, "peak_bytes": _peak_bytes()}
+    seconds, peak = time.perf_counter() - start, _peak_bytes()
+    final = final_eval(cfg)
+    result = {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final}
     Path(result_file).write_text(json.dumps(result, default=str))
+
+
+def final_eval(cfg: Any) -> dict[str, Any]:
+    """Full eval metrics of the newest checkpoint in ``cfg.run.out_dir`` (the trainer's
+    periodic validation logs only R@1/R@5/MedR)."""
+    from regionvlp.evaluate import _eval_device, evaluate_model, load_eval_model
+
+    device = _eval_device(cfg)
+    model, transform, _, _ = load_eval_model(cfg.run.out_dir, device)
+    return evaluate_model(model, cfg, "val", batch_transform=transform, device=device)
 
 
 def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
@@ -356,6 +368,7 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
         run.steps = summary.get("steps", run.steps)
         run.final_loss = summary.get("final_loss", run.final_loss)
         run.clips_per_s = summary.get("clips_per_s") or _clips_per_s(cfg, run)
+        run.final = {k: v for k, v in result["final"].items() if k not in ("skipped", "cached")}
         if not run.val:
             raise UserError(f"compare: {name} logged no validation retrieval metrics in {cfg.run.out_dir}/metrics.jsonl")
         runs.append(run)
@@ -375,3 +388,22 @@ def _clips_per_s(cfg: Any, run: RunResult) -> float | None:
 
     clips = run.steps * int(cfg.data.batch_size) * int(cfg.train.grad_accum) * dist.world_size()
     return clips / run.train_seconds
+
+
+def compare_main(out: str | os.PathLike, detector: str | None = None, learned: str | None = None,
+                 runs: Sequence[str] | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``compare`` command: ``runs`` (two finished run dirs) or train ``detector`` and
+    ``learned`` configs with the shared ``overrides``."""
+    if runs:
+        if detector or learned or overrides:
+            raise UserError("compare: give either --runs A B or --detector/--learned configs (+ overrides), not both")
+        return compare_runs(runs, out)
+    if not (detector and learned):
+        raise UserError("compare: give --detector CONFIG and --learned CONFIG to train both, or --runs RUN_A RUN_B")
+    from regionvlp.config import load_config
+
+    cfgs = {"detector": load_config(detector, overrides), "learned": load_config(learned, overrides)}
+    for name, cfg in cfgs.items():
+        if str(cfg.model.regions) != name:
+            raise UserError(f"compare: --{name} config has model.regions={cfg.model.regions}; it must be {name}")
+    return compare(cfgs, out)

@@ -592,3 +592,86 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
         return out
     finally:
         model.train(was_training)
+
+
+# ------------------------------------------------------------------- checkpoints
+def load_eval_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Any, Any, Any, str]:
+    """``(model, batch_transform, checkpoint_cfg, tag)`` from an export folder
+    (``model.safetensors``, via :func:`regionvlp.checkpoint.load_model`), a training run
+    directory (its newest complete checkpoint), its ``checkpoints/`` folder or one
+    ``checkpoints/stepNNNNNNNN`` tag folder. ``tag`` names what was loaded (cache key)."""
+    from regionvlp import checkpoint as ck
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"--checkpoint {path}: no such folder; pass a `regionvlp train` run dir or a `regionvlp export` dir")
+    device = torch.device(device)
+    if (path / "model.safetensors").is_file():
+        model = ck.load_model(path, device)
+        stamp = (path / "model.safetensors").stat().st_mtime_ns
+        return model, model.batch_transform, model.config, f"export:{path.resolve()}:{stamp}"
+    from regionvlp.model import build_batch_transform, build_model
+    from regionvlp.train import load_extractor_weights
+
+    ckpt_dir, tag = ck._find_checkpoint(path, None)
+    run_dir = ckpt_dir.parent
+    cfg = ck._read_config(run_dir / "config.yaml")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(ck.consolidated_state_dict(ckpt_dir, tag), strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt_dir / tag} does not match {run_dir / 'config.yaml'}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.to(device).eval()
+    transform = build_batch_transform(cfg)
+    if transform is not None:
+        load_extractor_weights(transform, run_dir)
+        transform.to(device)
+    stamp = (ckpt_dir / tag).stat().st_mtime_ns
+    return model, transform, cfg, f"run:{(ckpt_dir / tag).resolve()}:{stamp}"
+
+
+def _eval_device(cfg: Any) -> torch.device:
+    want = str(cfg.run.device)
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("run.device=cuda but no GPU is visible; use run.device=cpu")
+        torch.cuda.set_device(dist.local_rank())
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def _init_distributed() -> bool:
+    """A process group when a launcher (torchrun / deepspeed) started several processes."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    return True
+
+
+def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (), *,
+             split: str = "val", cache_dir: str | os.PathLike | None = None, limit: int | None = None) -> dict[str, Any] | None:
+    """``regionvlp eval CONFIG --checkpoint DIR [k=v …]``: the architecture (``model.*``)
+    comes from the checkpoint's config, data and eval settings from CONFIG + overrides.
+    Returns the metrics on rank 0, ``None`` on other ranks."""
+    from regionvlp.config import load_config
+
+    cfg = load_config(config, overrides)
+    started = _init_distributed()
+    try:
+        device = _eval_device(cfg)
+        model, transform, ckpt_cfg, tag = load_eval_model(checkpoint, device)
+        if str(ckpt_cfg.model.regions) != str(cfg.model.regions) and config is not None:
+            log.warning("eval: the checkpoint is a %s model; CONFIG says model.regions=%s — using the checkpoint's model",
+                        ckpt_cfg.model.regions, cfg.model.regions)
+        cfg.model = ckpt_cfg.model
+        out = evaluate_model(model, cfg, split, batch_transform=transform, device=device,
+                             cache_dir=cache_dir, cache_tag=tag, limit=limit, progress=True)
+        out = {"checkpoint": str(checkpoint), "regions": str(cfg.model.regions), "split": split, **out}
+        return out if dist.is_main() else None
+    finally:
+        if started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
