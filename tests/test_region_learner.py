@@ -312,3 +312,21 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):
         load_pathway_state(target, {"vit.cls_token": torch.zeros(1)})
     with pytest.raises(UserError, match="no checkpoint"):
         load_checkpoint(target, tmp_path / "nope.pt")
+
+
+# -------------------------------------------------------------------------- bench
+def test_bench_learner_cli_prints_one_json_line(capsys):
+    import json
+
+    from regionvlp.cli import main
+
+    rc = main(["bench", "learner", "--backbone", "vit_tiny_patch16_224", "--depth", "2", "--img-size", "32",
+               "--batch", "2", "--frames", "2", "--codebook-size", "16", "--code-dim", "8", "--num-regions", "2",
+               "--iters", "1", "--warmup", "1", "--device", "cpu"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["baseline"] == "vit" and result["dtype"] == "fp32" and result["device"].startswith("cpu")
+    assert result["learner_per_s"] > 0 and result["vit_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["learner_per_s"] / result["vit_per_s"])
+    assert (result["batch"], result["frames"], result["img_size"], result["depth"]) == (2, 2, 32, 2)
