@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -162,15 +160,15 @@ def test_compositional_split_is_disjoint(tmp_path):
     assert len({c for _, c in train_pairs}) >= len(COLORS) - 1
 
 
-def test_cli_prints_one_json_summary_last(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "regionvlp", "synth", str(tmp_path / "s"), "--videos", "3",
-         "--val-videos", "2", "--size", "64", "--frames", "2", "--seed", "1"],
-        capture_output=True, text=True, check=True)
-    lines = proc.stdout.strip().splitlines()
+def test_cli_prints_one_json_summary_last(tmp_path, capsys):
+    from regionvlp.cli import main
+
+    assert main(["synth", str(tmp_path / "s"), "--videos", "3", "--val-videos", "2", "--size", "64",
+                 "--frames", "2", "--seed", "1", "--workers", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[-1])
     assert summary["samples"] == 5 and summary["skipped"] == {} and summary["shards"] == 2
-    bad = subprocess.run([sys.executable, "-m", "regionvlp", "synth", str(tmp_path / "x"),
-                          "--videos", "2", "--size", "63"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "even" in bad.stderr and "Traceback" not in bad.stderr
+    assert main(["synth", str(tmp_path / "x"), "--videos", "2", "--size", "63"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "even" in captured.err and "Traceback" not in captured.err
