@@ -113,6 +113,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     sizes: dict[str, int] = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
     skipped: dict[str, int] = {}
     written = resumed = 0
+    failed: list[str] = []
     start = time.perf_counter()
     bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
     for url, name in zip(shards, names):
@@ -120,6 +121,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         if final.is_file() and name in sizes:
             resumed += 1
             continue
+        sizes.pop(name, None)
         tmp = out / (name + ".tmp")
         stream = iter_samples([url], cfg, training=False)
         count = 0
@@ -140,8 +142,16 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
                     })
                 count += len(batch)
                 bar.update(len(batch))
+        shard_skips = {k: int(v) for k, v in stream.skipped.items()}
+        if count == 0 and shard_skips.get("unreadable_shard"):
+            # not finalised: a rerun retries it (a network blip must not become an empty shard)
+            tmp.unlink(missing_ok=True)
+            failed.append(url)
+            for reason, n in shard_skips.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            continue
         os.replace(tmp, final)
-        shard_skipped[name] = {k: int(v) for k, v in stream.skipped.items()}
+        shard_skipped[name] = shard_skips
         save_manifest()
         sizes[name] = count
         write_sizes(out, sizes)
@@ -150,13 +160,16 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     for name in names:  # resumed shards' skips were recorded by the run that wrote them
         for reason, n in shard_skipped.get(name, {}).items():
             skipped[reason] = skipped.get(reason, 0) + n
+    if failed and not written and not resumed:
+        raise UserError(f"regions extract: no input shard could be read (first: {failed[0]}); check the URLS")
     return {
         "out": str(out),
-        "samples": sum(sizes[n] for n in names),
+        "samples": sum(sizes.get(n, 0) for n in names),
         "skipped": skipped,
         "shards": len(shards),
         "shards_written": written,
         "shards_resumed": resumed,
+        "shards_failed": failed,  # unreadable inputs, not written; rerun to retry them
         "device": str(dev),
         "num_regions": int(d.num_regions),
         "seconds": round(time.perf_counter() - start, 3),

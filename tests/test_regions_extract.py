@@ -1,0 +1,112 @@
+"""``regions extract``: region shards equal the in-loop extractor, resume, skips counted,
+and the same model trains from raw frames or from region shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from regionvlp.config import load_config
+from regionvlp.data import build_loader, iter_samples
+from regionvlp.regions import build_extractor, build_pathway
+from regionvlp.regions.extract import extract_regions
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory):
+    import webdataset as wds
+
+    from regionvlp.data.synth import synth
+
+    root = tmp_path_factory.mktemp("regions_extract")
+    synth(root / "syn", videos=5, val_videos=1, seed=1, size=64, frames=4, shard_size=3, progress=False)
+    # one more shard with a broken video and a failed download record: skipped and counted
+    with wds.TarWriter(str(root / "syn" / "train" / "000002.tar")) as sink:
+        sink.write({"__key__": "broken", "mp4": b"\x00\x00\x00 not an mp4", "txt": "a broken clip"})
+        sink.write({"__key__": "failed", "json": {"status": "failed_to_download"}, "txt": "never fetched"})
+    return root
+
+
+def test_extract_equals_in_loop_and_resumes(raw_shards, tmp_path):
+    cfg = load_config(TINY)
+    urls = [str(raw_shards / "syn" / "train" / "{000000..000002}.tar")]
+    out = tmp_path / "regions"
+    summary = extract_regions(cfg, urls, out, batch_size=2, progress=False)
+    assert summary["samples"] == 5 and summary["shards_written"] == 3
+    assert sum(summary["skipped"].values()) == 2, summary["skipped"]
+    assert json.loads((out / "sizes.json").read_text()) == {"000000.tar": 3, "000001.tar": 2, "000002.tar": 0}
+
+    # in the loop: the same frames through a freshly built extractor (another "process")
+    extractor = build_extractor(cfg)
+    raw = {s["__key__"]: s for s in iter_samples(urls, cfg, training=False)}
+    stored = {s["__key__"]: s for s in iter_samples([str(out / "{000000..000002}.tar")], cfg, training=False)}
+    assert sorted(raw) == sorted(stored) and len(raw) == 5
+    for key, s in raw.items():
+        live = extractor(s["frames"][None])  # [1, T, K, ...]
+        r = stored[key]
+        assert "frames" not in r
+        assert torch.equal(r["region_feats"], live["region_feats"][0].half().float())
+        assert torch.equal(r["region_boxes"], live["region_boxes"][0])
+        assert torch.equal(r["region_mask"], live["region_mask"][0])
+        assert torch.equal(r["region_labels"], live["region_labels"][0])
+        assert r["region_mask"].shape == (cfg.data.num_frames, cfg.model.detector.num_regions)
+        assert r["captions"] == s["captions"]
+
+    # resume: finished shards are kept, a lost one and a cut-off temp file are redone
+    (out / "000001.tar").unlink()
+    (out / "000001.tar.tmp").write_bytes(b"half a tar")
+    again = extract_regions(cfg, urls, out, batch_size=2, progress=False)
+    assert again["shards_resumed"] == 2 and again["shards_written"] == 1
+    assert again["samples"] == 5 and sum(again["skipped"].values()) == 2
+    assert not (out / "000001.tar.tmp").exists()
+
+    # other settings into the same folder: refused, not mixed
+    other = load_config(TINY, ["model.detector.num_regions=3"])
+    with pytest.raises(Exception, match="other settings"):
+        extract_regions(other, urls, out, progress=False)
+
+
+def test_same_pathway_reads_region_shards_or_raw_frames(raw_shards, tmp_path):
+    cfg = load_config(TINY)
+    raw_url = str(raw_shards / "syn" / "val" / "000000.tar")
+    out = tmp_path / "val_regions"
+    extract_regions(cfg, [raw_url], out, progress=False)
+    pathway = build_pathway(cfg).eval()
+    extractor = build_extractor(cfg)
+
+    cfg.data.val.urls = [str(out / "000000.tar")]
+    region_batch = next(iter(build_loader(cfg, "val", training=False)))
+    assert "frames" not in region_batch and region_batch["region_feats"].shape[-1] == 1024
+    cfg.data.val.urls = [raw_url]
+    raw_batch = next(iter(build_loader(cfg, "val", training=False)))
+    live = extractor(raw_batch["frames"])
+    with torch.no_grad():
+        a = pathway(region_batch)
+        live["region_feats"] = live["region_feats"].half().float()  # what the shard stores
+        b = pathway({**raw_batch, **live})
+    torch.testing.assert_close(a.cls, b.cls)
+    torch.testing.assert_close(a.regions, b.regions)
+
+
+def test_cli_regions_extract(raw_shards, tmp_path, capsys):
+    from regionvlp.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["regions", "extract", str(TINY), str(raw_shards / "syn" / "val" / "000000.tar"), str(out),
+               "--set", "model.detector.num_regions=2"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 1 and summary["num_regions"] == 2
+    rc = main(["regions", "extract", str(TINY), str(tmp_path / "nothing-*.tar"), str(out / "x")])
+    assert rc == 2  # nothing readable at all: a clear error
+    missing = str(tmp_path / "gone.tar")
+    rc = main(["regions", "extract", str(TINY), str(raw_shards / "syn" / "val" / "000000.tar"), missing, str(out / "y")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["shards_failed"] == [missing] and summary["skipped"] == {"unreadable_shard": 1}
+    assert not (out / "y" / "gone.tar").exists()  # not finalised: a rerun retries it
