@@ -284,6 +284,18 @@ def _autocast(model: torch.nn.Module, device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _apply_transform(transform: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The frozen region extractor (``frames`` uint8 [B,T,3,H,W] → region tensors, what
+    ``build_batch_transform`` returns) or a batch → batch callable (the trainer's)."""
+    from regionvlp.regions.extractor import RegionExtractor
+
+    if isinstance(transform, RegionExtractor):
+        from regionvlp.model import prepare_batch
+
+        return prepare_batch(batch, transform)
+    return transform(batch)
+
+
 class _Tokenize:
     """Captions → (input_ids, attention_mask) with the data pipeline's tokenizer."""
 
@@ -335,7 +347,7 @@ def embed_local(model: Any, batches: Iterable[Mapping[str, Any]], tokenize: Any,
         bcaps = batch.get("captions") or [[c] for c in batch["caption"]]
         batch = _to_device(batch, device)
         if batch_transform is not None and "frames" in batch and "region_feats" not in batch:
-            batch = batch_transform(batch)
+            batch = _apply_transform(batch_transform, batch)
         with _autocast(model, device):
             v = _video_to_cpu(model.encode_video(batch))
         keep = [i for i, caps in enumerate(bcaps) if any(str(c).strip() for c in caps)]

@@ -74,3 +74,38 @@ def test_budget_check_names_the_differing_keys():
     with pytest.raises(UserError, match="seed, .*train.max_steps"):
         check_same_budget({"detector": a, "learned": b})
     check_same_budget({"detector": a, "learned": load_config(overrides=["model.regions=learned", "train.max_steps=10"])})
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> tuple[str, str]:
+    from regionvlp.data.synth import synth
+
+    out = tmp_path_factory.mktemp("synth")
+    s = synth(out, videos=8, val_videos=4, size=64, frames=4, shard_size=100, progress=False)
+    return s["train"]["urls"], s["val"]["urls"]
+
+
+def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards):
+    """Both tiny configs, same data/steps/seed, trained by regionvlp.train.train; the
+    report has both pathways' curves, final metrics, throughput and peak memory."""
+    from regionvlp.compare import compare
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    train_urls, val_urls = tiny_shards
+    shared = ["train.max_steps=2", "train.val_every=1", "data.batch_size=2", "train.ckpt_every=2"]
+    cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
+    for cfg in cfgs.values():
+        cfg.data.train.urls = [train_urls]
+        cfg.data.val.urls = [val_urls]
+    summary = compare(cfgs, tmp_path / "cmp", isolate=False)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| metric | detector | learned |" in report
+    for name in ("detector", "learned"):
+        res = summary[name]
+        assert res["num_videos"] == 4 and res["num_texts"] >= 4
+        assert 0.0 <= res["t2v_r1"] <= 100.0 and res["t2v_meanr"] >= 1.0
+        assert [v["step"] for v in res["curve"]] == [1, 2]
+        assert res["clips_per_s"] > 0 and res["peak_bytes"] > 0 and res["steps"] == 2
+        assert (tmp_path / "cmp" / name / "metrics.jsonl").is_file()
+    assert summary["chance_r1"] == 25.0
+    assert all(Path(p).stat().st_size > 1000 for p in summary["plots"])
