@@ -81,7 +81,7 @@ def tiny_shards(tmp_path_factory) -> tuple[str, str]:
     from regionvlp.data.synth import synth
 
     out = tmp_path_factory.mktemp("synth")
-    s = synth(out, videos=8, val_videos=4, size=64, frames=4, shard_size=100, progress=False)
+    s = synth(out, videos=8, val_videos=3, size=64, frames=4, shard_size=100, progress=False)
     return s["train"]["urls"], s["val"]["urls"]
 
 
@@ -92,7 +92,7 @@ def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards):
 
     root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
     train_urls, val_urls = tiny_shards
-    shared = ["train.max_steps=2", "train.val_every=1", "data.batch_size=2", "train.ckpt_every=2"]
+    shared = ["train.max_steps=2", "train.val_every=2", "data.batch_size=2", "train.ckpt_every=2"]
     cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
     for cfg in cfgs.values():
         cfg.data.train.urls = [train_urls]
@@ -102,10 +102,10 @@ def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards):
     assert "| metric | detector | learned |" in report
     for name in ("detector", "learned"):
         res = summary[name]
-        assert res["num_videos"] == 4 and res["num_texts"] >= 4
+        assert res["num_videos"] == 3 and res["num_texts"] >= 3
         assert 0.0 <= res["t2v_r1"] <= 100.0 and res["t2v_meanr"] >= 1.0
-        assert [v["step"] for v in res["curve"]] == [1, 2]
+        assert [v["step"] for v in res["curve"]] == [2]  # the trainer's validation, read back
         assert res["clips_per_s"] > 0 and res["peak_bytes"] > 0 and res["steps"] == 2
         assert (tmp_path / "cmp" / name / "metrics.jsonl").is_file()
-    assert summary["chance_r1"] == 25.0
+    assert summary["chance_r1"] == pytest.approx(100 / 3)
     assert all(Path(p).stat().st_size > 1000 for p in summary["plots"])
