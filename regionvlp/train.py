@@ -46,8 +46,8 @@ class TrainState:
     samples: int = 0  # clips trained on, all ranks
     nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     skipped: dict[str, int] = field(default_factory=dict)  # data skips by reason, this rank
-    recent_losses: list[float] = field(default_factory=list)  # last 10 step losses
-    first_losses: list[float] = field(default_factory=list)  # first 10 step losses
+    recent_losses: list[float] = field(default_factory=list)  # last 5 step losses
+    first_losses: list[float] = field(default_factory=list)  # first 5 step losses
     last_val: dict[str, float] = field(default_factory=dict)
     elapsed: float = 0.0  # training seconds, summed over resumed segments
 
@@ -247,13 +247,15 @@ def validate(engine: Any, cfg: Any, transform: Callable | None, device: torch.de
     return out
 
 
-def train(cfg: Any) -> dict[str, Any]:
+def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` to ``train.max_steps`` (or until SIGTERM/SIGINT); returns the summary.
 
-    Keys: ``steps``, ``final_loss`` (mean of the last ≤10 step losses), ``initial_loss``
-    (mean of the first ≤10), ``checkpoint_dir``, ``skipped`` (data skips by reason, all
+    Keys: ``steps``, ``final_loss`` (mean of the last ≤5 step losses), ``initial_loss``
+    (mean of the first ≤5), ``checkpoint_dir``, ``skipped`` (data skips by reason, all
     ranks), ``nonfinite_skipped``, ``clips_per_s``, ``data_wait_frac``, ``epochs``,
     ``stopped`` (max_steps | SIGTERM | SIGINT), ``resumed_from``, ``val`` and ``run_dir``.
+    ``on_end(engine, extractor)`` is called before returning (library use: inspect the
+    trained model in the same process).
     """
     from regionvlp.config import to_container, to_yaml
     from regionvlp.data import build_loader
@@ -402,8 +404,8 @@ def train(cfg: Any) -> dict[str, Any]:
             terms = {k: v / step_micro for k, v in step_terms.items()}
             step_terms, step_micro = {}, 0
             step_loss = terms.get("loss", float("nan"))
-            state.recent_losses = (state.recent_losses + [step_loss])[-10:]
-            if len(state.first_losses) < 10:
+            state.recent_losses = (state.recent_losses + [step_loss])[-5:]
+            if len(state.first_losses) < 5:
                 state.first_losses.append(step_loss)
             for k, v in terms.items():
                 win_terms[k] = win_terms.get(k, 0.0) + v
@@ -482,6 +484,8 @@ def train(cfg: Any) -> dict[str, Any]:
     }
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if on_end is not None:
+        on_end(eng, transform_obj)
     return summary
 
 
