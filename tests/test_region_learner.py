@@ -74,7 +74,7 @@ def test_gradients_reach_masks_interaction_and_backbone(extra):
              "learner.pre_quant.1.weight",  # through the straight-through estimator
              "learner.interaction.layers.0.qkv.weight", "learner.interaction.layers.1.mlp.0.weight",
              "learner.interaction.time_embed",
-             "vit.blocks.0.attn.qkv.weight", "vit.patch_embed.proj.weight", "time_embed",
+             "vit.blocks.0.attn.qkv.weight", "vit.patch_embed.proj.weight", "time_embed.weight",
              "region_head.weight", "cls_head.weight", "region_pool.weight"]
     if extra:
         names += ["temporal.0.proj.weight", "vit.blocks.2.mlp.fc1.weight"]
@@ -286,7 +286,7 @@ def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_pa
         got, want = fine.state_dict(), pre.state_dict()
         assert got.keys() == want.keys()
         for key in want:
-            if key.endswith("time_embed"):
+            if key in ("time_embed.weight", "learner.interaction.time_embed"):
                 assert got[key].shape[0] == frames
                 torch.testing.assert_close(got[key], want[key].expand(frames, -1))
             else:
@@ -295,7 +295,7 @@ def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_pa
         assert out.regions.shape == (1, frames * 3, 32)
     info = load_checkpoint(tiny_pathway("model.learner.max_frames=8", "model.learner.interaction_layers=2"), path,
                            temporal="zeros")
-    assert sorted(info["resized"]) == ["learner.interaction.time_embed", "time_embed"]
+    assert sorted(info["resized"]) == ["learner.interaction.time_embed", "time_embed.weight"]
 
 
 def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):

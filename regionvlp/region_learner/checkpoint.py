@@ -5,7 +5,7 @@ must come from the checkpoint, else a :class:`UserError` lists the missing and
 unexpected keys (the RegionLearner weights are never dropped silently). Two planned
 differences are adapted instead of refused:
 
-- the temporal tables (``time_embed`` of the backbone and of the region interaction,
+- the temporal tables (``time_embed.weight`` of the backbone and ``time_embed`` of the region interaction,
   ``[max_frames, C]``) are resized when ``max_frames`` changed (1 -> 4 -> 8):
   linear interpolation over the clip span (a single frame is repeated), or ``zeros``:
   copy the common frames and zero-fill the rest;
@@ -29,7 +29,7 @@ from regionvlp.errors import UserError
 
 TEMPORAL_RESIZE = ("interpolate", "zeros")
 _ANCHOR = "learner.quantizer.embed"  # a key only a RegionLearner pathway has
-_TIME_KEYS = ("time_embed", "learner.interaction.time_embed")
+_TIME_KEYS = ("time_embed.weight", "learner.interaction.time_embed")
 
 
 def resize_time_embed(table: torch.Tensor, frames: int, mode: str = "interpolate") -> torch.Tensor:

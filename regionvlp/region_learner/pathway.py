@@ -21,6 +21,7 @@ region tokens feed the region-word alignment loss.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,19 @@ from torch.utils.checkpoint import checkpoint
 
 from regionvlp.errors import UserError
 from regionvlp.pathway import VideoOutput
-from regionvlp.region_learner.backbone import TemporalAttention, create_vit
+from regionvlp.region_learner.backbone import TemporalAttention, TemporalEmbedding, create_vit
 from regionvlp.region_learner.interaction import RegionInteraction
 from regionvlp.region_learner.masks import RegionMasks, aggregate
 from regionvlp.region_learner.quantizer import EMAQuantizer
+
+
+def _embed_frames(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images [N, 3, S, S] -> tokens [N, P+h*w, C]: patch embedding, prefix tokens, position
+    embedding. Installed as the ViT's own ``forward`` so the ViT's direct parameters
+    (cls/reg tokens, position embedding) are used inside its own module call, which is
+    where DeepSpeed ZeRO-3 gathers partitioned parameters."""
+    x = vit.patch_embed(images)  # [N, h*w, C]
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
 
 
 @dataclass
@@ -77,6 +87,8 @@ class RegionLearnerPathway(nn.Module):
     def __init__(self, lcfg, embed_dim: int) -> None:
         super().__init__()
         vit = create_vit(lcfg.backbone, int(lcfg.img_size), str(lcfg.pretrained), int(lcfg.depth))
+        # inside the pathway, calling the ViT embeds frames; its blocks are run one by one below
+        vit.forward = types.MethodType(_embed_frames, vit)
         self.vit = vit
         self.img_size = int(lcfg.img_size)
         self.max_frames = int(lcfg.max_frames)
@@ -94,8 +106,7 @@ class RegionLearnerPathway(nn.Module):
         self.grid = tuple(vit.patch_embed.grid_size)  # (h, w)
         self.num_prefix = vit.num_prefix_tokens
         self.num_regions = int(lcfg.num_regions)
-        # zero: a pretrained image ViT computes what it did per frame until trained
-        self.time_embed = nn.Parameter(torch.zeros(self.max_frames, dim))  # [T_max, C]
+        self.time_embed = TemporalEmbedding(self.max_frames, dim)  # zero at init
         self.temporal = (nn.ModuleList(TemporalAttention(dim, heads) for _ in range(depth))
                          if lcfg.divided_space_time else None)
         self.learner = RegionLearner(
@@ -122,7 +133,7 @@ class RegionLearnerPathway(nn.Module):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear",
                               align_corners=False, antialias=True)
         x = (x - self.pixel_mean.float()) / self.pixel_std.float()
-        return x.to(self.time_embed.dtype)
+        return x.to(self.time_embed.weight.dtype)
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.vit.blocks[i]
@@ -140,13 +151,12 @@ class RegionLearnerPathway(nn.Module):
                             f"set model.learner.max_frames >= {T}")
         vit = self.vit
         P, R = self.num_prefix, self.num_regions
-        x = vit.patch_embed(self.preprocess(frames))  # [B*T, N, C]
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # [B*T, P+N, C]
+        x = vit(self.preprocess(frames))  # [B*T, P+N, C] (_embed_frames)
         S, C = x.shape[1], x.shape[2]
         N = S - P
         if N != self.grid[0] * self.grid[1]:
             raise ValueError(f"expected {self.grid[0]}x{self.grid[1]} patch tokens, got {N} (patch dropout?)")
-        x = (x.view(B, T, S, C) + self.time_embed[:T, None, :]).view(B * T, S, C)
+        x = self.time_embed(x.view(B, T, S, C)).view(B * T, S, C)
         out: LearnerOutput | None = None
         for i in range(len(vit.blocks)):
             if self.temporal is not None:
