@@ -1,0 +1,173 @@
+"""Engine pieces with toy modules: parameter groups, LR schedule, DeepSpeed config,
+checkpoint keep-last-K / resume resolution, non-finite guard, stop flag."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from regionvlp import engine as E
+from regionvlp.config import load_config
+from regionvlp.errors import UserError
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "learned.yaml"
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pathway = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+        self.pathway.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.text_tower = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4)})
+        self.loss = nn.Module()
+        self.loss.log_temperature = nn.Parameter(torch.tensor(0.0))
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.pathway["norm"](self.pathway["proj"](x)) + self.text_tower["lin"](x)).pow(2).mean()
+
+
+def test_param_groups_decay_and_tower_lr():
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.text_lr_mult=0.1", "optim.video_lr_mult=2.0",
+                             "optim.weight_decay=0.05"])
+    groups = {g["group"]: g for g in E.param_groups(Toy(), cfg.optim)}
+    names = {k: set(g["names"]) for k, g in groups.items()}
+    assert names["video_decay"] == {"pathway.proj.weight"}
+    assert names["video_no_decay"] == {"pathway.proj.bias", "pathway.norm.weight", "pathway.norm.bias",
+                                       "pathway.pos_embed"}
+    assert names["text_decay"] == {"text_tower.lin.weight"}
+    assert names["text_no_decay"] == {"text_tower.emb.weight", "text_tower.lin.bias"}
+    assert names["loss_no_decay"] == {"loss.log_temperature"}
+    assert all("frozen" not in n for g in names.values() for n in g)  # only trainable parameters
+    assert groups["video_decay"]["lr"] == pytest.approx(2e-3) and groups["text_decay"]["lr"] == pytest.approx(1e-4)
+    assert groups["loss_no_decay"]["lr"] == pytest.approx(1e-3)
+    assert groups["video_decay"]["weight_decay"] == 0.05 and groups["text_no_decay"]["weight_decay"] == 0.0
+
+
+def test_warmup_cosine_schedule():
+    lam = [E.lr_lambda(s, 4, 12, 0.1) for s in range(13)]
+    assert lam[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lam[4] == pytest.approx(1.0) and lam[8] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lam[12] == pytest.approx(0.1) and all(a >= b for a, b in zip(lam[3:], lam[4:]))
+    cfg = load_config(None, ["optim.warmup_steps=2", "train.max_steps=6", "optim.lr=1.0"])
+    opt, sched = E.build_optimizer(Toy(), cfg)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.25, 0.0], abs=1e-9)
+
+
+def test_deepspeed_config_is_completed_and_checked():
+    cfg = load_config(None, ["data.batch_size=3", "train.grad_accum=2", "optim.grad_clip=0.5",
+                             "deepspeed.zero_optimization.stage=2", "deepspeed.bf16.enabled=true"])
+    ds = E.deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"] is True
+    assert E.engine_dtype(ds) == torch.bfloat16
+    for bad, word in [("deepspeed.gradient_clipping=2.0", "optim.grad_clip"),
+                      ("deepspeed.train_batch_size=64", "derived"),
+                      ("deepspeed.zero_optimization.stage=4", "choose 0, 1, 2 or 3"),
+                      ("deepspeed.optimizer.type=Adam", "optim: section")]:
+        with pytest.raises(UserError, match=word):
+            E.deepspeed_config(load_config(None, [bad]))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a GPU"):
+            E.deepspeed_config(load_config(None, ["deepspeed.fp16.enabled=true"]))
+
+
+def test_toy_engine_checkpoint_keep_last_and_resume(tmp_path):
+    cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10", "optim.warmup_steps=1"])
+    torch.manual_seed(0)
+    eng, opt, sched, ds = E.initialize(Toy(), cfg)
+    ck = E.Checkpointer(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        loss = eng(torch.randn(2, 4))
+        eng.backward(loss)
+        eng.step()
+        ck.save(eng, step, {"train_state": {"step": step}})
+    assert E.list_tags(ck.dir) == ["step00000003", "step00000004"]
+    assert E.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
+    assert E.resolve_resume("none", ck.dir) is None
+    assert E.resolve_resume(str(ck.dir / "step00000003"), ck.dir) == (ck.dir, "step00000003")
+    with pytest.raises(UserError, match="not a checkpoint"):
+        E.resolve_resume(str(tmp_path / "nowhere"), ck.dir)
+    # a torn save (no done marker) is never resumed from
+    (ck.dir / "step00000009").mkdir()
+    assert E.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
+
+    want = {k: v.clone() for k, v in eng.module.state_dict().items()}
+    lr = opt.param_groups[0]["lr"]
+    torch.manual_seed(1)
+    eng2, opt2, _, _ = E.initialize(Toy(), cfg)
+    client = ck.load(eng2, (ck.dir, "step00000004"))
+    assert client["train_state"] == {"step": 4}
+    for k, v in eng2.module.state_dict().items():
+        assert torch.equal(v, want[k])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr) and eng2.global_steps == 4
+
+
+def test_nonfinite_guard_skips_then_aborts():
+    g = E.NonFiniteGuard(max_in_a_row=3)
+    assert g.check(True, 0) and not g.check(False, 1) and not g.check(False, 2) and g.check(True, 3)
+    assert g.total == 2 and g.in_a_row == 0
+    assert not g.check(False, 4) and not g.check(False, 5)
+    with pytest.raises(E.NonFiniteLossError, match="3 non-finite losses in a row"):
+        g.check(False, 6)
+
+
+def test_stop_flag_catches_sigterm():
+    before = signal.getsignal(signal.SIGTERM)
+    with E.StopFlag() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
+    """The real loop on the tiny learned config with a model whose loss is NaN on chosen calls."""
+    import regionvlp.model as model_mod
+    from regionvlp.data.synth import synth
+    from regionvlp.train import train
+
+    synth(str(tmp_path / "s"), videos=4, seed=1, val_videos=1, size=64, frames=2, fps=8, shard_size=4, workers=1,
+          compositional=False)
+    real_build = model_mod.build_model
+    bad_calls: set[int] = {2, 3}
+    calls = {"n": 0}
+
+    def build(cfg):
+        m = real_build(cfg)
+        fwd = m.forward
+
+        def forward(batch):
+            calls["n"] += 1
+            out = fwd(batch)
+            if calls["n"] in bad_calls:
+                out["loss"] = out["loss"] * math.nan
+            return out
+
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(model_mod, "build_model", build)
+    base = ["data.train.urls=[" + str(tmp_path / "s/train/000000.tar") + "]", "data.val.urls=[]",
+            "data.batch_size=2", "train.ckpt_every=100", "train.max_nonfinite=3"]
+    cfg = load_config(CONFIG, base + ["train.max_steps=3", f"run.out_dir={tmp_path}/a"])
+    s = train(cfg)
+    assert s["steps"] == 3 and s["nonfinite_skipped"] == 2 and math.isfinite(s["final_loss"])
+
+    calls["n"] = 0
+    bad_calls.update(range(2, 100))
+    cfg = load_config(CONFIG, base + ["train.max_steps=5", f"run.out_dir={tmp_path}/b"])
+    with pytest.raises(E.NonFiniteLossError, match="non-finite losses in a row"):
+        train(cfg)
