@@ -80,6 +80,17 @@ def test_check_reports_every_synth_sample_good(synth_dir):
     out = check_shards([str(synth_dir / "train" / "{000000..000002}.tar")], overrides=SMALL, progress=False)
     assert out["samples"] == 10 and out["skipped"] == {} and out["bad"] == 0 and out["ok"] is True
     assert out["shards"] == 3 and out["bad_keys"] == []
+    assert out["sizes_json"] == {"ok": True, "missing": [], "mismatches": []}
+
+
+def test_check_compares_sizes_json(synth_dir, tmp_path):
+    for name in ("000000.tar", "000001.tar"):
+        shutil.copy(synth_dir / "train" / name, tmp_path / name)
+    (tmp_path / "sizes.json").write_text(json.dumps({"000000.tar": 4, "000001.tar": 5}))
+    out = check_shards([str(tmp_path / "{000000..000001}.tar")], overrides=SMALL, progress=False)
+    assert out["samples"] == 8 and out["bad"] == 0 and out["ok"] is False
+    assert out["sizes_json"]["mismatches"] == [
+        {"shard": str(tmp_path / "000001.tar"), "sizes_json": 5, "found": 4}]
 
 
 def test_check_finds_planted_corruptions_and_nothing_else(synth_dir, tmp_path):
@@ -110,6 +121,7 @@ def test_check_finds_planted_corruptions_and_nothing_else(synth_dir, tmp_path):
     _rewrite(shard, edited)
     out = check_shards([str(shard)], overrides=SMALL, progress=False)
     assert out["samples"] == 8 - 3 and out["bad"] == 3 and out["ok"] is False
+    assert out["sizes_json"] == {"ok": True, "missing": [str(tmp_path / "sizes.json")], "mismatches": []}
     assert sorted(out["bad_keys"]) == sorted(planted)
     for record in out["bad_samples"]:
         assert record["reason"] in planted[record["key"]], record

@@ -29,11 +29,14 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
     start = time.perf_counter()
     stream = iter_samples(list(urls), cfg, training=training)
     good, decode_ms = 0, 0.0
+    per_shard: dict[str, int] = {}  # samples seen (good or bad) per shard URL
     bar = tqdm(desc="shards check", unit="sample", file=sys.stderr, disable=not progress)
     try:
         for sample in stream:
             good += 1
             decode_ms += float(sample.get("decode_ms", 0.0))
+            url = sample.get("__url__", "")
+            per_shard[url] = per_shard.get(url, 0) + 1
             bar.update(1)
             if stream.skipped:
                 bar.set_postfix(bad=sum(stream.skipped.values()), refresh=False)
@@ -44,6 +47,12 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
     records = stream.bad[:max_bad_keys]
     for r in records[:20]:
         print(f"shards check: bad {r['key'] or r['url']}: {r['reason']} {r['detail']}".rstrip(), file=sys.stderr)
+    for r in stream.bad:
+        if r["key"] and r["reason"] not in ("corrupt_shard", "unreadable_shard"):
+            per_shard[r["url"]] = per_shard.get(r["url"], 0) + 1
+    sizes = _compare_sizes(stream.shards.urls, per_shard, allow_pipe=bool(cfg.data.allow_pipe))
+    if not sizes["ok"]:
+        print(f"shards check: sizes.json disagrees with the shards: {sizes['mismatches'][:5]}", file=sys.stderr)
     seconds = time.perf_counter() - start
     return {
         "samples": good,
@@ -51,11 +60,42 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
         "shards": stream.num_shards,
         "shards_listed": len(stream.shards.urls),
         "bad": bad,
-        "ok": bad == 0,
+        "ok": bad == 0 and sizes["ok"],
         "bad_keys": [r["key"] for r in records if r["key"]],
         "bad_samples": records,
         "num_frames": int(cfg.data.num_frames),
         "size": int(cfg.data.size),
         "decode_ms_mean": round(decode_ms / good, 2) if good else None,
+        "sizes_json": sizes,
         "seconds": round(seconds, 3),
     }
+
+
+def _compare_sizes(urls: Sequence[str], per_shard: dict[str, int], *, allow_pipe: bool) -> dict[str, Any]:
+    """Do the ``sizes.json`` files beside the shards (what the loader uses for the epoch
+    length) agree with the samples found? ``missing`` lists folders without one."""
+    import json
+
+    from regionvlp.data.sources import read_bytes
+
+    by_dir: dict[str, list[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:"):
+            continue
+        head, _, name = url.rpartition("/")
+        by_dir.setdefault(head, []).append(name)
+    missing, mismatches = [], []
+    for head, names in by_dir.items():
+        sizes_url = f"{head}/sizes.json" if head else "sizes.json"
+        try:
+            sizes = json.loads(read_bytes(sizes_url, allow_pipe=allow_pipe))
+        except Exception:  # absent or unreadable: nothing to compare
+            missing.append(sizes_url)
+            continue
+        for name in names:
+            url = f"{head}/{name}" if head else name
+            found = per_shard.get(url, 0)
+            listed = sizes.get(name) if isinstance(sizes, dict) else None
+            if listed is None or int(listed) != found:
+                mismatches.append({"shard": url, "sizes_json": listed, "found": found})
+    return {"ok": not mismatches, "missing": missing, "mismatches": mismatches[:100]}
