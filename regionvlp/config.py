@@ -69,8 +69,8 @@ class DetectorConfig:
     num_regions: int = 30  # K boxes per frame
     min_size: Optional[int] = None  # detector input resize; None: the arch's own (800, 320 for *_320_fpn)
     max_size: Optional[int] = None  # None: the arch's own (1333, 640 for *_320_fpn)
-    rpn_pre_nms_top_n: Optional[int] = 300  # per FPN level before RPN NMS (stock 1000); None: arch default
-    rpn_post_nms_top_n: Optional[int] = 300  # per frame after RPN NMS (stock 1000); None: arch default
+    rpn_pre_nms_top_n: Optional[int] = None  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
+    rpn_post_nms_top_n: Optional[int] = None  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
     nms_thresh: float = 0.5  # class-agnostic NMS IoU over the final boxes
     score_thresh: float = 0.0  # min confidence (max non-background class probability)
     autocast: str = "bf16"  # bf16 | fp16 | none; only applied on GPU

@@ -50,13 +50,15 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
         raise UserError("--dtype fp16 needs a GPU; use fp32 or bf16 on CPU")
     torch.manual_seed(seed)
     k = int(num_regions)
-    tuned = DetectorConfig()
+    from regionvlp.regions.detector import detector_kwargs
+
     base_kw = {"min_size": size, "max_size": size}
+    dcfg = DetectorConfig(arch=arch)
+    tuned_kw = detector_kwargs(dcfg)  # the extractor's defaults: TUNED_RPN for this arch
     stock_det = build_detector(arch, weights, box_score_thresh=0.0, box_detections_per_img=k, **base_kw)
     stock_det.eval().requires_grad_(False).to(dev)
     state = stock_det.state_dict()
-    tuned_det = build_detector(arch, "none", rpn_pre_nms_top_n_test=tuned.rpn_pre_nms_top_n,
-                               rpn_post_nms_top_n_test=tuned.rpn_post_nms_top_n, **base_kw)
+    tuned_det = build_detector(arch, "none", **{**tuned_kw, **base_kw})
     tuned_det.load_state_dict(state)
     stock_rpn_det = build_detector(arch, "none", **base_kw)
     stock_rpn_det.load_state_dict(state)
@@ -107,7 +109,8 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
         "size": size,
         "batch": batch,
         "num_regions": k,
-        "rpn_tuned": {"pre_nms_top_n": tuned.rpn_pre_nms_top_n, "post_nms_top_n": tuned.rpn_post_nms_top_n},
+        "rpn_tuned": {"pre_nms_top_n": tuned_det.rpn._pre_nms_top_n["testing"],
+                      "post_nms_top_n": tuned_det.rpn._post_nms_top_n["testing"]},
         "rpn_stock": {"pre_nms_top_n": stock_rpn_det.rpn._pre_nms_top_n["testing"],
                       "post_nms_top_n": stock_rpn_det.rpn._post_nms_top_n["testing"]},
         "iters": iters,

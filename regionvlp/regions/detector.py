@@ -92,7 +92,7 @@ def _tiny_fasterrcnn(num_classes: int, **kw: Any) -> nn.Module:
         "min_size": 128,
         "max_size": 128,
         "rpn_pre_nms_top_n_test": 300,
-        "rpn_post_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 300,
         "rpn_pre_nms_top_n_train": 600,
         "rpn_post_nms_top_n_train": 300,
         "box_batch_size_per_image": 128,
@@ -256,15 +256,36 @@ def save_detector(model: nn.Module, arch: str, path: str | Path, **extra: Any) -
     return path
 
 
-def detector_kwargs(dcfg: Any) -> dict[str, Any]:
-    """FasterRCNN keyword arguments from ``model.detector`` (None = keep the arch's default)."""
+# Region extraction keeps K ~ 30 boxes per frame, so it needs far fewer RPN proposals than
+# detection at 100 boxes per image (stock: 1000 per level before NMS, 1000 per image after;
+# 150/150 for the 320 mobilenet). The box head runs on every proposal and costs about as
+# much as the whole ResNet-50 backbone at 1000 per frame, so these are the extractor's
+# defaults when model.detector.rpn_pre_nms_top_n / rpn_post_nms_top_n are left None:
+# (pre-NMS per FPN level, post-NMS per frame).
+TUNED_RPN: dict[str, tuple[int, int]] = {
+    "fasterrcnn_resnet50_fpn": (300, 200),
+    "fasterrcnn_resnet50_fpn_v2": (300, 200),
+    "fasterrcnn_mobilenet_v3_large_fpn": (300, 200),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (150, 100),
+    TINY_ARCH: (150, 100),
+}
+
+
+def detector_kwargs(dcfg: Any, tuned: bool = True) -> dict[str, Any]:
+    """FasterRCNN keyword arguments from ``model.detector``.
+
+    ``min_size``/``max_size`` None keep the arch's own; RPN top-n None take
+    :data:`TUNED_RPN` (``tuned=False``: the arch's stock settings)."""
     kw: dict[str, Any] = {}
     if dcfg.min_size is not None:
         kw["min_size"] = int(dcfg.min_size)
     if dcfg.max_size is not None:
         kw["max_size"] = int(dcfg.max_size)
-    if dcfg.rpn_pre_nms_top_n is not None:
-        kw["rpn_pre_nms_top_n_test"] = int(dcfg.rpn_pre_nms_top_n)
-    if dcfg.rpn_post_nms_top_n is not None:
-        kw["rpn_post_nms_top_n_test"] = int(dcfg.rpn_post_nms_top_n)
+    pre, post = TUNED_RPN.get(str(dcfg.arch), (None, None)) if tuned else (None, None)
+    pre = dcfg.rpn_pre_nms_top_n if dcfg.rpn_pre_nms_top_n is not None else pre
+    post = dcfg.rpn_post_nms_top_n if dcfg.rpn_post_nms_top_n is not None else post
+    if pre is not None:
+        kw["rpn_pre_nms_top_n_test"] = int(pre)
+    if post is not None:
+        kw["rpn_post_nms_top_n_test"] = int(post)
     return kw
