@@ -327,8 +327,29 @@ def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_learner)
 
 
+def _cmd_bench_loss(args: argparse.Namespace) -> dict:
+    from regionvlp.bench import bench_loss
+
+    return bench_loss(args.batch, args.regions, args.words, args.dim, chunk=args.chunk, device=args.device,
+                      repeats=args.repeats)
+
+
+def _add_bench_loss(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("loss", help="shared loss forward+backward: chunked region-word vs dense (baseline), "
+                                     "time and peak memory")
+    p.add_argument("--batch", type=int, default=256, help="global batch B")
+    p.add_argument("--regions", type=int, default=30, help="region tokens N per video")
+    p.add_argument("--words", type=int, default=32, help="word tokens L per sentence")
+    p.add_argument("--dim", type=int, default=256, help="embedding dim D")
+    p.add_argument("--chunk", type=int, default=32, help="sentences per chunk (loss.chunk_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median)")
+    p.set_defaults(func=_cmd_bench_loss)
+
+
 _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_data,
+    _add_bench_loss,
     _add_bench_regions,
     _add_bench_synth,
     _add_bench_train,

@@ -30,59 +30,83 @@ from regionvlp.pathway import TextOutput, VideoOutput
 
 
 # ----------------------------------------------------------- region-word scores
-def _masked_softmax_score(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float):
-    """``p = softmax(s / tau)`` over the real entries of ``dim`` and ``f = sum p * s``.
+# One chunk works on s = <r_n, t_l> of every video against C sentences, laid out
+# [Bv, N, C, L] so that s and both of its gradient products are plain 2-D matmuls
+# ([Bv*N, D] x [D, C*L]) with no permuted copies. The identity
+# <r_n, alpha_n> = sum_l a_{n,l} <r_n, t_l> means alpha [.., N, D] is never needed.
+# Everything below runs without autograd (inside the Function), in place where it
+# can, so a chunk holds a few [Bv, N, C, L] buffers at most.
+def _sims(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """r [Bv, N, D], t [C, L, D] -> s [Bv, N, C, L]."""
+    (bv, n, d), (c, l) = r.shape, t.shape[:2]
+    return (r.reshape(bv * n, d) @ t.reshape(c * l, d).T).view(bv, n, c, l)
 
-    ``mask`` broadcasts against ``s``; padded entries get p = 0. A row with no real
-    entry gets p = 0 everywhere and f = 0 (no NaN).
+
+def _softmax_weights(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
+    """``p = softmax(s / tau)`` over the real entries of ``dim`` (``mask`` broadcasts to
+    ``s``); padded entries get 0, and so does every entry of a row with none real."""
+    logits = s / tau
+    logits.masked_fill_(~mask, torch.finfo(s.dtype).min)
+    p = torch.softmax(logits, dim=dim)
+    del logits
+    return p.mul_(mask)
+
+
+def _chunk_forward(r, rm, t, tm, tau: float, v2t: bool, t2v: bool):
+    """S^{v->t}, S^{t->v} [Bv, C] of every video against one chunk of C sentences.
+
+    r [Bv, N, D], rm [Bv, N] bool, t [C, L, D], tm [C, L] bool (padded entries zeroed).
     """
-    logits = (s / tau).masked_fill(~mask, torch.finfo(s.dtype).min)
-    p = torch.softmax(logits, dim=dim) * mask  # zero the all-padded rows too
-    f = (p * s).sum(dim)
-    return p, f
+    s = _sims(r, t)  # [Bv, N, C, L]
+    s_vt = s_tv = None
+    if v2t:  # each region attends over the sentence's words, then the mean over real regions
+        f = (_softmax_weights(s, tm[None, None], 3, tau) * s).sum(3)  # [Bv, N, C]
+        s_vt = (f * rm[:, :, None]).sum(1) / rm.sum(1).clamp(min=1)[:, None]  # [Bv, C]
+    if t2v:  # each word attends over the video's regions, then the mean over real words
+        g = (_softmax_weights(s, rm[:, :, None, None], 1, tau) * s).sum(1)  # [Bv, C, L]
+        s_tv = (g * tm[None]).sum(2) / tm.sum(1).clamp(min=1)[None, :]  # [Bv, C]
+    return s_vt, s_tv
 
 
-def _chunk_scores(r, rm, t, tm, tau: float, v2t: bool, t2v: bool):
-    """Scores of every video against one chunk of sentences, plus what backward needs.
-
-    r [Bv, N, D], rm [Bv, N] bool, t [C, L, D], tm [C, L] bool.
-    """
-    s = torch.einsum("bnd,cld->bcnl", r, t)  # [Bv, C, N, L]
-    rm4 = rm[:, None, :, None]  # [Bv, 1, N, 1]
-    tm4 = tm[None, :, None, :]  # [1, C, 1, L]
-    n_regions = rm.sum(1).clamp(min=1).to(s.dtype)  # [Bv]
-    n_words = tm.sum(1).clamp(min=1).to(s.dtype)  # [C]
-    out = {}
-    if v2t:  # each region attends over the sentence's words
-        p, f = _masked_softmax_score(s, tm4, dim=3, tau=tau)  # p [Bv, C, N, L], f [Bv, C, N]
-        out["vt"] = (f * rm[:, None, :]).sum(2) / n_regions[:, None]  # [Bv, C]
-        out["vt_grad"] = (p, f, n_regions)
-    if t2v:  # each word attends over the video's regions
-        q, g = _masked_softmax_score(s, rm4, dim=2, tau=tau)  # q [Bv, C, N, L], g [Bv, C, L]
-        out["tv"] = (g * tm[None, :, :]).sum(2) / n_words[None, :]  # [Bv, C]
-        out["tv_grad"] = (q, g, n_words)
-    return s, out
+def _chunk_grad_s(s, rm, tm, tau: float, g_vt, g_tv) -> torch.Tensor:
+    """dLoss/ds [Bv, N, C, L] for one chunk from dLoss/dS^{v->t}, dLoss/dS^{t->v} [Bv, C]
+    (None for a direction not computed). With p = softmax(s / tau) over the words and
+    f = sum_l p_l s_l:  df/ds_k = p_k (1 + (s_k - f) / tau); likewise over the regions.
+    ``p (1 + (s - f) / tau) w`` is formed as ``p * (s * w/tau + w (1 - f/tau))``."""
+    grad = None
+    if g_vt is not None:
+        p = _softmax_weights(s, tm[None, None], 3, tau)  # [Bv, N, C, L]
+        f = (p * s).sum(3, keepdim=True)  # [Bv, N, C, 1]
+        w = (g_vt[:, None, :] * rm[:, :, None] / rm.sum(1).clamp(min=1)[:, None, None])[..., None]  # [Bv, N, C, 1]
+        grad = p.mul_(torch.addcmul(w * (1 - f / tau), s, w / tau))
+    if g_tv is not None:
+        q = _softmax_weights(s, rm[:, :, None, None], 1, tau)  # [Bv, N, C, L]
+        g = (q * s).sum(1, keepdim=True)  # [Bv, 1, C, L]
+        w = (g_tv[:, :, None] * tm[None] / tm.sum(1).clamp(min=1)[None, :, None])[:, None]  # [Bv, 1, C, L]
+        q.mul_(torch.addcmul(w * (1 - g / tau), s, w / tau))
+        grad = q if grad is None else grad.add_(q)
+    return grad
 
 
 class _RegionWordScores(torch.autograd.Function):
-    """S^{v->t} and S^{t->v} ``[Bv, Bt]``, chunked over sentences, memory-bounded backward."""
+    """S^{v->t} and S^{t->v} ``[Bv, Bt]``, chunked over sentences; backward recomputes
+    each chunk's similarities and applies the closed-form gradient (memory-bounded)."""
 
     @staticmethod
     def forward(ctx, r, rm, t, tm, tau: float, chunk: int, v2t: bool, t2v: bool):
         bv, bt = r.shape[0], t.shape[0]
-        s_vt = r.new_zeros(bv, bt) if v2t else None
-        s_tv = r.new_zeros(bv, bt) if t2v else None
+        s_vt = r.new_zeros(bv, bt if v2t else 0)
+        s_tv = r.new_zeros(bv, bt if t2v else 0)
         for c0 in range(0, bt, chunk):
             c1 = min(c0 + chunk, bt)
-            _, out = _chunk_scores(r, rm, t[c0:c1], tm[c0:c1], tau, v2t, t2v)
+            vt, tv = _chunk_forward(r, rm, t[c0:c1], tm[c0:c1], tau, v2t, t2v)
             if v2t:
-                s_vt[:, c0:c1] = out["vt"]
+                s_vt[:, c0:c1] = vt
             if t2v:
-                s_tv[:, c0:c1] = out["tv"]
+                s_tv[:, c0:c1] = tv
         ctx.save_for_backward(r, rm, t, tm)
         ctx.cfg = (tau, chunk, v2t, t2v)
-        empty = r.new_zeros(0)
-        return (s_vt if v2t else empty), (s_tv if t2v else empty)
+        return s_vt, s_tv
 
     @staticmethod
     def backward(ctx, g_vt, g_tv):
@@ -90,24 +114,22 @@ class _RegionWordScores(torch.autograd.Function):
         tau, chunk, v2t, t2v = ctx.cfg
         grad_r = torch.zeros_like(r) if ctx.needs_input_grad[0] else None
         grad_t = torch.zeros_like(t) if ctx.needs_input_grad[2] else None
+        bv, n, d = r.shape
+        r2 = r.reshape(bv * n, d)
         for c0 in range(0, t.shape[0], chunk):
             c1 = min(c0 + chunk, t.shape[0])
-            tc, tmc = t[c0:c1], tm[c0:c1]
-            s, out = _chunk_scores(r, rm, tc, tmc, tau, v2t, t2v)
-            grad_s = torch.zeros_like(s)  # [Bv, C, N, L]
-            if v2t:
-                # d/ds_k sum_l p_l s_l = p_k (1 + (s_k - f) / tau), then the region mean
-                p, f, n_regions = out["vt_grad"]
-                w = g_vt[:, c0:c1][:, :, None] * rm[:, None, :] / n_regions[:, None, None]  # [Bv, C, N]
-                grad_s += w[..., None] * p * (1 + (s - f[..., None]) / tau)
-            if t2v:
-                q, g, n_words = out["tv_grad"]
-                w = g_tv[:, c0:c1][:, :, None] * tmc[None, :, :] / n_words[None, :, None]  # [Bv, C, L]
-                grad_s += w[:, :, None, :] * q * (1 + (s - g[:, :, None, :]) / tau)
+            tc = t[c0:c1]  # [C, L, D]
+            grad_s = _chunk_grad_s(_sims(r, tc), rm, tm[c0:c1], tau,
+                                   g_vt[:, c0:c1] if v2t and g_vt is not None else None,
+                                   g_tv[:, c0:c1] if t2v and g_tv is not None else None)  # [Bv, N, C, L]
+            if grad_s is None:
+                continue
+            grad_s = grad_s.view(bv * n, -1)  # [Bv*N, C*L]
             if grad_r is not None:
-                grad_r += torch.einsum("bcnl,cld->bnd", grad_s, tc)
+                grad_r += (grad_s @ tc.reshape(-1, d)).view(bv, n, d)
             if grad_t is not None:
-                grad_t[c0:c1] = torch.einsum("bcnl,bnd->cld", grad_s, r)
+                grad_t[c0:c1] = (grad_s.T @ r2).view(tc.shape)
+            del grad_s
         return grad_r, None, grad_t, None, None, None, None, None
 
 
@@ -136,7 +158,7 @@ def region_word_scores(
     words = words.masked_fill(~word_mask[..., None], 0.0)
     s_vt, s_tv = _RegionWordScores.apply(
         regions, region_mask, words, word_mask, float(tau), int(chunk_size), v2t, t2v
-    )
+    )  # an unrequested direction comes back as [Bv, 0]
     return (s_vt if v2t else None), (s_tv if t2v else None)
 
 
