@@ -110,11 +110,11 @@ def test_extractor_matches_reference(arch, hw, tiny_detector):
     torch.manual_seed(0)
     det = tiny_detector if arch == "fasterrcnn_tiny" else build_detector(arch, "none", min_size=64, max_size=64)
     k = 8
-    frames = _frames(6, *hw, seed=3)  # 2 clips x 3 frames
+    frames = _frames(4, *hw, seed=3)  # 2 clips x 2 frames
     ex = RegionExtractor(det, num_regions=k, nms_thresh=0.5)
-    out = ex(frames.view(2, 3, 3, *hw))
+    out = ex(frames.view(2, 2, 3, *hw))
     ref = reference_regions(det, frames, k, 0.5)
-    flat = {name: v.reshape(6, k, *v.shape[3:]) for name, v in out.items()}
+    flat = {name: v.reshape(4, k, *v.shape[3:]) for name, v in out.items()}
     for i, r in enumerate(ref):
         n = r["boxes"].shape[0]
         assert int(flat["region_mask"][i].sum()) == n
@@ -176,3 +176,19 @@ def test_batched_nms_equals_torchvision(n, groups):
     ref = tv_batched_nms(boxes, scores, idx, 0.5)
     assert torch.equal(torch.sort(ours).values, torch.sort(ref).values)
     assert (scores[ours][:-1] >= scores[ours][1:]).all()
+
+
+def test_bench_regions_reports_variants_and_baseline(capsys):
+    """Shape of the benchmark's JSON (the figures themselves live in docs/benchmarks.md)."""
+    import json
+
+    from regionvlp.cli import main
+
+    assert main(["bench", "regions", "--arch", "fasterrcnn_tiny", "--size", "64", "--batch", "2",
+                 "--iters", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["baseline"] == "stock" and res["dtype"] == "fp32" and res["device"].startswith("cpu")
+    for variant in ("backbone", "extractor", "extractor_stock_rpn", "stock"):
+        assert res[f"{variant}_per_s"] > 0
+    assert res["rpn_tuned"] == {"pre_nms_top_n": 150, "post_nms_top_n": 100}
+    assert res["size"] == 64 and res["batch"] == 2 and res["num_regions"] == 30
