@@ -129,11 +129,15 @@ def decode_pyav(
         stream.thread_type = "AUTO"
         n, fps = _pyav_frame_count(stream, container)
         if n <= 0:
-            # metadata says nothing: one pass to count (rare; broken containers)
+            # metadata says nothing (raw streams, broken containers): count in one pass,
+            # then reopen (such streams often cannot seek)
             n = sum(1 for _ in container.decode(stream))
             if n <= 0:
                 raise DecodeError("empty_video", "pyav: 0 frames")
-            container.seek(0)
+            container.close()
+            container = av.open(io.BytesIO(data), mode="r")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
         idx = sample_indices(n, num_frames, mode, rng)
         wanted = sorted(set(idx))
         got = _pyav_read(container, stream, wanted, fps, short_side, seek_gap)
@@ -165,12 +169,19 @@ def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side:
     pos = 0  # wanted[pos] is the next frame to find
     frame_iter = None
     current = -1  # index of the last decoded frame
+    can_seek = True
+    seeked_for = -1  # seek at most once per target (a keyframe may lie further back than seek_gap)
     while pos < len(wanted):
         target = wanted[pos]
-        if frame_iter is None or target - current > seek_gap:
-            if target > seek_gap or frame_iter is not None:
-                pts = int((start + target / fps) / tb)
+        if can_seek and target - current > seek_gap and seeked_for != target:
+            seeked_for = target
+            pts = int((start + target / fps) / tb)
+            try:
                 container.seek(pts, stream=stream, backward=True, any_frame=False)
+                frame_iter = container.decode(stream)
+            except Exception:  # not seekable: read on sequentially
+                can_seek = False
+        if frame_iter is None:
             frame_iter = container.decode(stream)
         frame = next(frame_iter, None)
         if frame is None:
@@ -269,15 +280,15 @@ def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[
     Short side resized to ``size`` (antialiased), then a random crop + horizontal flip
     in training, a centre crop otherwise. The same crop applies to every frame.
     """
-    from torchvision.transforms.v2 import functional as F
-
     rng = rng or random
     clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W]
     h, w = clip.shape[-2:]
     if min(h, w) != size:
         scale = size / min(h, w)
         nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-        clip = F.resize(clip, [nh, nw], antialias=True)
+        resized = torch.nn.functional.interpolate(clip.float(), size=(nh, nw), mode="bilinear", antialias=True,
+                                                  align_corners=False)  # [T, 3, nh, nw]
+        clip = resized.round_().clamp_(0, 255).to(torch.uint8)
         h, w = nh, nw
     if training:
         top, left = rng.randint(0, h - size), rng.randint(0, w - size)
