@@ -26,7 +26,7 @@ class Toy(nn.Module):
         self.pathway.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
         self.text_tower = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4)})
         self.loss = nn.Module()
-        self.loss.log_temperature = nn.Parameter(torch.tensor(0.0))
+        self.loss.log_temperature = nn.Parameter(torch.tensor([0.0]))
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
 
@@ -63,7 +63,8 @@ def test_warmup_cosine_schedule():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.25, 0.0], abs=1e-9)
+    cos = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, *cos], abs=1e-9)
 
 
 def test_deepspeed_config_is_completed_and_checked():
@@ -113,6 +114,11 @@ def test_toy_engine_checkpoint_keep_last_and_resume(tmp_path):
     for k, v in eng2.module.state_dict().items():
         assert torch.equal(v, want[k])
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr) and eng2.global_steps == 4
+
+    scalar = Toy()
+    scalar.loss.log_temperature = nn.Parameter(torch.tensor(0.0))
+    with pytest.raises(UserError, match="loss.log_temperature"):
+        E.initialize(scalar, cfg)
 
 
 def test_nonfinite_guard_skips_then_aborts():
