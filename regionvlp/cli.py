@@ -365,11 +365,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 # -------------------------------------------------------------------------- eval
+def _eval_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--checkpoint", required=required, metavar="DIR",
+                        help="a `regionvlp train` run dir (newest checkpoint), a checkpoints/stepN folder, or an export dir")
+    parser.add_argument("--split", default=None, choices=("val", "train"), help="which data.<split>.urls (default val)")
+    parser.add_argument("--cache", default=None, metavar="DIR", help="save/reuse the eval embeddings in DIR")
+    parser.add_argument("--limit", type=int, default=None, help="stop after N clips per rank (smoke tests only)")
+
+
 def _cmd_eval(args: argparse.Namespace) -> dict | None:
     from regionvlp.evaluate import run_eval
 
-    return run_eval(args.config, args.checkpoint, args.overrides, split=args.split, cache_dir=args.cache,
-                    limit=args.limit)
+    # options may follow the key=value overrides (`eval CONFIG --checkpoint DIR k=v`): the
+    # overrides positional takes the rest of the line, its options are parsed here
+    later = argparse.ArgumentParser(prog="regionvlp eval", add_help=False)
+    _eval_options(later, required=False)
+    more, overrides = later.parse_known_args(args.overrides)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        raise UserError(f"eval: unknown option {bad[0]} (see regionvlp eval --help)")
+    checkpoint = more.checkpoint or args.checkpoint
+    if checkpoint is None:
+        raise UserError("eval needs --checkpoint DIR (a training run dir, a checkpoint folder or an export dir)")
+    return run_eval(args.config, checkpoint, overrides, split=more.split or args.split or "val",
+                    cache_dir=more.cache or args.cache, limit=more.limit or args.limit)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -378,12 +397,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                    "--split train). The model's architecture comes from the checkpoint; CONFIG "
                                    "gives the data. Runs under torchrun/deepspeed too (each clip counted once).")
     p.add_argument("config", help="YAML config naming the eval shards (data.val.urls), e.g. configs/downstream/*.yaml")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a `regionvlp train` run dir (newest checkpoint), a checkpoints/stepN folder, or an export dir")
-    p.add_argument("--split", default="val", choices=("val", "train"), help="which data.<split>.urls to evaluate")
-    p.add_argument("--cache", default=None, metavar="DIR", help="save/reuse the eval embeddings in DIR")
-    p.add_argument("--limit", type=int, default=None, help="stop after N clips per rank (smoke tests only)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    _eval_options(p, required=False)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value config overrides")
     p.set_defaults(func=_cmd_eval)
 
 

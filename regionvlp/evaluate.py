@@ -674,10 +674,8 @@ def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, ov
     try:
         device = _eval_device(cfg)
         model, transform, ckpt_cfg, tag = load_eval_model(checkpoint, device)
-        if str(ckpt_cfg.model.regions) != str(cfg.model.regions) and config is not None:
-            log.warning("eval: the checkpoint is a %s model; CONFIG says model.regions=%s — using the checkpoint's model",
-                        ckpt_cfg.model.regions, cfg.model.regions)
-        cfg.model = ckpt_cfg.model
+        log.info("eval: a %s model from %s", ckpt_cfg.model.regions, checkpoint)
+        cfg.model = ckpt_cfg.model  # the architecture the weights were trained with
         out = evaluate_model(model, cfg, split, batch_transform=transform, device=device,
                              cache_dir=cache_dir, cache_tag=tag, limit=limit, progress=True)
         out = {"checkpoint": str(checkpoint), "regions": str(cfg.model.regions), "split": split, **out}

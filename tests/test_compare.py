@@ -85,7 +85,7 @@ def tiny_shards(tmp_path_factory) -> tuple[str, str]:
     return s["train"]["urls"], s["val"]["urls"]
 
 
-def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards):
+def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards, capsys):
     """Both tiny configs, same data/steps/seed, trained by regionvlp.train.train; the
     report has both pathways' curves, final metrics, throughput and peak memory."""
     from regionvlp.compare import compare
@@ -109,3 +109,26 @@ def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards):
         assert (tmp_path / "cmp" / name / "metrics.jsonl").is_file()
     assert summary["chance_r1"] == pytest.approx(100 / 3)
     assert all(Path(p).stat().st_size > 1000 for p in summary["plots"])
+
+    # `regionvlp eval` on the exported detector run gives the compare's final numbers
+    from regionvlp.checkpoint import export
+    from regionvlp.cli import main
+
+    export(tmp_path / "cmp" / "detector", tmp_path / "export")
+    capsys.readouterr()
+    assert main(["eval", str(root / "detector.yaml"), "--checkpoint", str(tmp_path / "export"),
+                 f"data.val.urls=[{val_urls}]", "data.batch_size=2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["regions"] == "detector" and out["num_videos"] == 3
+    for key in ("t2v_r1", "t2v_r5", "t2v_medr", "t2v_meanr", "v2t_r1", "v2t_meanr", "num_texts"):
+        assert out[key] == pytest.approx(summary["detector"][key], abs=1e-6), key
+
+
+def test_eval_cli_errors_are_one_line(tmp_path, capsys):
+    from regionvlp.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    assert main(["eval", str(root / "detector.yaml"), "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "c"), "--detector", str(root / "detector.yaml")]) == 2
+    assert "--learned" in capsys.readouterr().err

@@ -327,3 +327,12 @@ def test_two_rank_eval_equals_one_rank(tmp_path):
                 assert res[key] == pytest.approx(value, abs=1e-9), (case, key)
     # skip counts are summed over ranks (each rank's first batch reports one)
     assert got["strided"]["skipped"] == {"corrupt": 2}
+
+
+@pytest.mark.parametrize("name", [f"{d}_{m}" for d in ("msrvtt", "lsmdc", "msvd") for m in ("zeroshot", "finetune")])
+def test_downstream_configs_load(name):
+    root = Path(__file__).resolve().parents[1] / "configs" / "downstream"
+    cfg = load_config(root / f"{name}.yaml")
+    assert list(cfg.data.val.urls) and cfg.data.eval_sampling == "uniform" and cfg.data.num_frames == 8
+    if name.endswith("finetune"):
+        assert list(cfg.data.train.urls) and cfg.train.init_from != "none"
