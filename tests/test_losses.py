@@ -185,9 +185,13 @@ def _dist_case(rank: int, world: int, tmp: Path) -> None:
     lo, hi = data["bounds"][rank]
     # a shared "encoder" weight, so the DeepSpeed-style mean of parameter grads is checked
     weight = data["weight"].clone().requires_grad_()
+    rm, tm = data["rm"][lo:hi], data["tm"][lo:hi]
     leaves = {k: data[k][lo:hi].clone().requires_grad_() for k in ("v_cls", "t_cls", "r", "t")}
-    video = VideoOutput(F.normalize(leaves["v_cls"] @ weight, dim=-1), leaves["r"], data["rm"][lo:hi])
-    text = TextOutput(F.normalize(leaves["t_cls"] @ weight, dim=-1), leaves["t"], data["tm"][lo:hi])
+    r, t = leaves["r"], leaves["t"]
+    if rank == 1 and data["trim_rank1"]:  # this rank pads to fewer regions / words than rank 0
+        r, rm, t, tm = r[:, :-1], rm[:, :-1], t[:, :-1], tm[:, :-1]
+    video = VideoOutput(F.normalize(leaves["v_cls"] @ weight, dim=-1), r, rm)
+    text = TextOutput(F.normalize(leaves["t_cls"] @ weight, dim=-1), t, tm)
     cfg = OmegaConf.structured(LossConfig(chunk_size=2, local_weight=0.5, learnable_temperature=True))
     loss_fn = AlignmentLoss(cfg)
     out = loss_fn(video, text)
@@ -202,6 +206,7 @@ def _dist_case(rank: int, world: int, tmp: Path) -> None:
                Path(tmp) / f"rank{rank}.pt")
 
 
+# unequal: 6 + 4 rows, and rank 1 pads to one region and one word fewer than rank 0
 CASES = {"equal": [(0, 5), (5, 10)], "unequal": [(0, 6), (6, 10)]}
 
 
@@ -222,7 +227,12 @@ def _case_inputs(bounds):
     r, rm, t, tm = ragged_inputs(bv=10, bt=10, seed=11, dtype=torch.float32)
     v_cls, t_cls = _outputs(r, rm, t, tm, seed=2)
     weight = torch.eye(r.shape[-1]) + 0.1 * torch.randn(r.shape[-1], r.shape[-1], generator=torch.Generator().manual_seed(4))
-    return {"v_cls": v_cls, "t_cls": t_cls, "r": r, "rm": rm, "t": t, "tm": tm, "weight": weight, "bounds": bounds}
+    trim = bounds[1][1] - bounds[1][0] != bounds[0][1] - bounds[0][0]
+    if trim:  # rank 1's rows have no last region / word, so it may pad shorter
+        rm[bounds[1][0]:, -1] = False
+        tm[bounds[1][0]:, -1] = False
+    return {"v_cls": v_cls, "t_cls": t_cls, "r": r, "rm": rm, "t": t, "tm": tm, "weight": weight, "bounds": bounds,
+            "trim_rank1": trim}
 
 
 @pytest.mark.parametrize("case", list(CASES))
