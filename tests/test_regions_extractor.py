@@ -58,8 +58,11 @@ def test_select_topk_nms_topk_padding_and_empty_frames():
     assert (out_scores[~mask] == 0).all()
 
 
-def test_nothing_survives_gives_all_false_mask_and_zeros(tiny_detector):
-    ex = RegionExtractor(tiny_detector, num_regions=5, score_thresh=1.0)
+@pytest.mark.parametrize("stage", ["final_score", "no_proposal"])
+def test_nothing_survives_gives_all_false_mask_and_zeros(tiny_detector, stage, monkeypatch):
+    if stage == "no_proposal":  # the RPN keeps nothing: empty box head input
+        monkeypatch.setattr(tiny_detector.rpn, "score_thresh", 1.5)
+    ex = RegionExtractor(tiny_detector, num_regions=5, score_thresh=1.0 if stage == "final_score" else 0.0)
     out = ex(_frames(4, 64, 64).view(2, 2, 3, 64, 64))
     assert out["region_feats"].shape == (2, 2, 5, 1024)
     assert out["region_boxes"].shape == (2, 2, 5, 4)

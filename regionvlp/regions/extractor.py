@@ -291,7 +291,8 @@ class RegionExtractor:
         prob = F.softmax(logits.float(), -1)
         conf, cls = prob[:, 1:].max(-1)  # [P]: confidence = max non-background probability
         label = cls + 1
-        deltas = reg.float().view(reg.shape[0], -1, 4)[torch.arange(reg.shape[0], device=reg.device), label]
+        num_classes = logits.shape[-1]
+        deltas = reg.float().view(reg.shape[0], num_classes, 4)[torch.arange(reg.shape[0], device=reg.device), label]
         boxes = roi.box_coder.decode_single(deltas, props)  # [P, 4] the box regressed for that class
         h, w = size
         boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
