@@ -261,3 +261,23 @@ def test_two_gloo_ranks_equal_one_process(two_rank_results, case):
     for key, leaf in leaves.items():
         joined = torch.cat([res["grads"][key] for res in ranks])
         assert rel_err(joined / 2, leaf.grad) <= 1e-5, key
+
+
+# ------------------------------------------------------------------- bench
+def test_bench_baseline_is_the_same_loss_and_bad_sizes_are_user_errors(capsys):
+    """`bench loss` compares like with like: its dense baseline computes the chunked loss's value
+    and gradients; bad sizes end in a one-line error (exit 2) before any subprocess starts."""
+    from regionvlp.bench import _loss_inputs, dense_alignment_loss
+    from regionvlp.cli import main
+
+    (v_cls, t_cls, r, t), rm, tm = _loss_inputs(12, 5, 6, 8, torch.device("cpu"))
+    out = AlignmentLoss(OmegaConf.structured(LossConfig(chunk_size=5)))(
+        VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm))["loss"]
+    grads = torch.autograd.grad(out, (v_cls, t_cls, r, t))
+    ref = dense_alignment_loss(v_cls, t_cls, r, rm, t, tm, 0.05, 0.05, 1.0)
+    ref_grads = torch.autograd.grad(ref, (v_cls, t_cls, r, t))
+    assert rel_err(out, ref) <= 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) <= 1e-5
+    assert main(["bench", "loss", "--batch", "0"]) == 2
+    assert "--batch" in capsys.readouterr().err
