@@ -94,10 +94,14 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
             roi = stock_det.roi_heads
             roi.box_head(roi.box_roi_pool(captured["feats"], boxes, sizes))
 
+    def extract(ex: RegionExtractor) -> None:
+        with _autocast(dev, dtype):  # the extractor autocasts itself on GPU only; same dtype on CPU too
+            ex(frames)
+
     variants = {
         "backbone": backbone,
-        "extractor": lambda: ex_tuned(frames),
-        "extractor_stock_rpn": lambda: ex_stock_rpn(frames),
+        "extractor": lambda: extract(ex_tuned),
+        "extractor_stock_rpn": lambda: extract(ex_stock_rpn),
         "stock": stock,
     }
     result: dict[str, Any] = {
