@@ -57,7 +57,7 @@ class SkipCounter:
     total: Counter = field(default_factory=Counter)
     pending: Counter = field(default_factory=Counter)
     bad: list[dict[str, str]] = field(default_factory=list)
-    shards: int = 0  # shards opened and read to the end (or to a break)
+    shards: int = 0  # shards read to their end, or that gave samples before breaking off
     samples: int = 0  # good samples produced
 
     def add(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
@@ -136,25 +136,30 @@ def tar_samples(
             continue
         current: Optional[dict[str, Any]] = None
         produced = False
+        counted = _CountingStream(stream)
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tf:
+            with tarfile.open(fileobj=counted, mode="r|*") as tf:
                 for info in tf:
                     if not info.isreg():
                         continue
                     key, ext = _split_name(info.name)
                     if key is None or key.rpartition("/")[2].startswith("__"):
                         continue
-                    data = tf.extractfile(info).read()
                     if current is not None and current["__key__"] != key:
                         produced = True
                         yield current
                         current = None
+                    data = tf.extractfile(info).read()
                     if current is None:
                         current = {"__key__": key, "__url__": url}
                     current[ext] = data
-            if current is not None:
+                problem = _tar_end_problem(counted, tf.offset)
+            if current is not None:  # whole files only; a missing caption/media is caught downstream
                 produced = True
                 yield current
+                current = None
+            if problem is not None:
+                raise tarfile.ReadError(problem)
             counter.shards += 1
         except (UserError,) + PROGRAMMING_ERRORS:
             raise
@@ -162,7 +167,7 @@ def tar_samples(
             broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or produced
             what = "corrupt_shard" if broken_tar else "unreadable_shard"
             counter.add(what, key=(current or {}).get("__key__", ""), url=url, detail=_short(err))
-            if broken_tar:
+            if produced:  # shards counts those that gave samples
                 counter.shards += 1
         finally:
             stream.close()
@@ -172,6 +177,45 @@ def tar_samples(
             failures += 1
             if max_consecutive_failures and failures >= max_consecutive_failures:
                 raise UserError(f"{failures} shards in a row gave no samples (last: {url})")
+
+
+class _CountingStream:
+    """Pass-through reader that counts bytes and keeps the last ``keep`` of them, so the
+    end of a tar stream can be checked after :mod:`tarfile` stops reading."""
+
+    def __init__(self, f, keep: int = 1 << 16) -> None:
+        self.f, self.keep = f, keep
+        self.count = 0
+        self.tail = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.count += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            del self.tail[: len(self.tail) - self.keep]
+        return data
+
+
+def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 << 20) -> Optional[str]:
+    """Why a tar that :mod:`tarfile` read "to the end" is in fact cut off or broken: the
+    block at ``end`` (where tarfile stopped) must be a whole zero block. tarfile stops
+    silently on a truncated or garbled header after the first member."""
+    trailing = 0
+    while trailing <= max_trailing:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            break
+        trailing += len(chunk)
+    if trailing > max_trailing:
+        return f"data after the end of the tar archive at byte {end} (garbled header?)"
+    if end + 512 > stream.count:
+        return f"tar cut off inside a header at byte {end} of {stream.count}"
+    start = len(stream.tail) - (stream.count - end)
+    block = bytes(stream.tail[start : start + 512]) if start >= 0 else b""
+    if len(block) < 512 or block.strip(b"\0"):
+        return f"invalid tar header at byte {end}"
+    return None
 
 
 def _short(err: BaseException) -> str:
@@ -484,3 +528,39 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
         loader = loader.with_epoch(batches)
         loader.batches_per_epoch = batches
     return loader
+
+
+# ----------------------------------------------------------------------- inspect
+def inspect_samples(urls: Sequence[str], cfg=None, *, limit: int = 0, training: bool = False, emit=None) -> dict[str, Any]:
+    """Stream and decode samples as training would; ``emit(line)`` gets one dict per good
+    sample (key, caption, shape, decode ms). Returns the summary (``samples``,
+    ``skipped``, ``shards``, ...)."""
+    stream = iter_samples(urls, cfg, training=training)
+    n, ms = 0, 0.0
+    start = time.perf_counter()
+    for s in stream:
+        n += 1
+        ms += s["decode_ms"]
+        if emit is not None:
+            line: dict[str, Any] = {"key": s["__key__"], "url": s["__url__"], "caption": s["caption"],
+                                    "captions": len(s["captions"]), "media": s["media"]}
+            if "frames" in s:
+                line["frames"] = list(s["frames"].shape)
+            else:
+                line["regions"] = list(s["region_feats"].shape)
+                line["real_regions"] = int(s["region_mask"].sum())
+            line["decode_ms"] = round(s["decode_ms"], 2)
+            emit(line)
+        if limit and n >= limit:
+            break
+    return {
+        "samples": n,
+        "skipped": stream.skipped,
+        "shards": stream.num_shards,
+        "decode_ms_mean": round(ms / n, 2) if n else None,
+        "seconds": round(time.perf_counter() - start, 3),
+        "frames": stream.spec.num_frames,
+        "size": stream.spec.size,
+        "backend": stream.spec.backend,
+        "bad": stream.bad[:20],
+    }
