@@ -161,7 +161,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> dict:
     from regionvlp.bench import bench_data
 
     return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
-                      repeats=args.repeats, loops=args.loops, sampling=args.sampling)
+                      repeats=args.repeats, loops=args.loops, sampling=args.sampling, draws=args.draws)
 
 
 def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
@@ -170,7 +170,8 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=1, help="T frames sampled per clip")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto")
-    p.add_argument("--sampling", choices=("uniform", "random_segment", "first"), default="uniform")
+    p.add_argument("--sampling", choices=("uniform", "random_segment", "first"), default="random_segment")
+    p.add_argument("--draws", type=int, default=8, help="samplings of each clip per timed pass")
     p.add_argument("--clips", type=int, default=4, help="videos taken from URLS")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
     p.add_argument("--loops", type=int, default=2, help="default clip: times the 10 s source clip is looped")
