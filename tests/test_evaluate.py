@@ -296,11 +296,14 @@ def test_real_loader_split_over_ranks_counts_each_clip_once(val_shards, minilm_d
     assert ref["num_videos"] == N_SAMPLES and ref["num_texts"] >= 2 * N_SAMPLES  # several captions each
     cfg = shard_cfg(val_shards, str(minilm_dir), workers=0)
     tok = _Tokenize(cfg)
+    import regionvlp.dist
+
     parts = []
     for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        parts.append(embed_local(model, build_loader(cfg, "val", training=False, tokenizer=tok.tokenizer), tok))
+        with monkeypatch.context() as m:  # the loader sees rank `rank` of 2
+            m.setattr(regionvlp.dist, "rank", lambda: rank)
+            m.setattr(regionvlp.dist, "world_size", lambda: 2)
+            parts.append(embed_local(model, build_loader(cfg, "val", training=False, tokenizer=tok.tokenizer), tok))
     assert sorted(len(p.keys) for p in parts) == [3, 4]
     merged = merge_embeddings(parts)
     assert len(set(merged.keys)) == N_SAMPLES
