@@ -217,7 +217,7 @@ def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--num-regions", type=int, default=30, help="K boxes per frame")
     p.add_argument("--weights", default="none", help="detector weights (none | DEFAULT | enum name | local path)")
-    p.add_argument("--iters", type=int, default=3, help="timed calls per variant (median)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls per variant (best; variants interleaved)")
     p.add_argument("--warmup", type=int, default=1)
     p.set_defaults(func=_cmd_bench_regions)
 
