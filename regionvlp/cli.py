@@ -425,6 +425,72 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+# ---------------------------------------------------------------------- detector
+def _split_urls_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``URLS [key=value ...]``: a bare ``key=value`` (no ``/`` or ``:`` before the ``=``) is an override."""
+    urls, overrides = [], []
+    for item in items:
+        key = item.split("=", 1)[0]
+        is_override = "=" in item and key and not any(c in key for c in "/:{")
+        (overrides if is_override else urls).append(item)
+    return urls, overrides
+
+
+def _cmd_detector_fit(args: argparse.Namespace) -> dict:
+    from regionvlp.config import load_config
+    from regionvlp.regions.fit import fit_detector
+
+    urls, overrides = _split_urls_overrides(args.urls)
+    cfg = load_config(args.config, overrides)
+    return fit_detector(cfg, urls, out=args.out, val_urls=args.val_urls, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, num_frames=args.frames,
+                        max_clips=args.max_clips, val_clips=args.val_clips, num_classes=args.num_classes)
+
+
+def _add_detector(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detector", help="detectors for the detector pathway")
+    dsub = p.add_subparsers(dest="detector_command", required=True)
+    fit = dsub.add_parser(
+        "fit", help="fine-tune a Faster R-CNN on the box labels in shards -> checkpoint for model.detector.weights",
+        description="Fits model.detector.arch (from model.detector.weights: none, a torchvision weights name "
+                    "or a local checkpoint) on the per-frame pixel boxes + labels in the shards' json (the "
+                    "layout `regionvlp synth` writes), saves {arch, num_classes, state_dict} to --out, and "
+                    "measures box recall at IoU 0.5 of the frozen extractor's top-K boxes on the val shards.")
+    fit.add_argument("config", help="YAML run config (model.detector.*, data.size, data.num_frames)")
+    fit.add_argument("urls", nargs="+", metavar="URLS", help="training shards, then optional key=value overrides")
+    fit.add_argument("--val-urls", nargs="+", default=None, metavar="URL",
+                     help="shards for box recall (default: data.val.urls)")
+    fit.add_argument("--out", default=None, help="checkpoint path (default: RUN_OUT_DIR/detector.pt)")
+    fit.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    fit.add_argument("--batch-size", type=int, default=16, help="frames per step (default 16)")
+    fit.add_argument("--lr", type=float, default=2.0e-3, help="AdamW peak learning rate (default 2e-3)")
+    fit.add_argument("--frames", type=int, default=None, help="frames per clip (default data.num_frames)")
+    fit.add_argument("--max-clips", type=int, default=None, help="read at most N training clips")
+    fit.add_argument("--val-clips", type=int, default=None, help="measure recall on at most N val clips")
+    fit.add_argument("--num-classes", type=int, default=None,
+                     help="classes incl. background (default: largest label in the shards + 1)")
+    fit.set_defaults(func=_cmd_detector_fit)
+
+
+# -------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> dict:
+    from regionvlp.demo import run_demo
+
+    return run_demo(args.out, config_dir=args.config_dir, overrides=args.overrides)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the embedded default end to end: synth shards -> fitted detector -> both pathways -> report",
+        description="Writes synthetic shards, fits a tiny Faster R-CNN on their boxes, trains the detector and "
+                    "the learned pathway on CPU under one budget, evaluates both and writes OUT/report/report.md. "
+                    "Settings come from configs/demo/*.yaml (demo.yaml holds the demo's own sizes).")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--config-dir", default=None, help="folder with detector.yaml, learned.yaml (default configs/demo)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both pathways' configs")
+    p.set_defaults(func=_cmd_demo)
+
+
 _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_regions,
     _add_data,
@@ -436,6 +502,8 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_shards,
     _add_eval,
     _add_compare,
+    _add_detector,
+    _add_demo,
 ]
 
 
