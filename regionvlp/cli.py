@@ -88,8 +88,12 @@ def _cmd_shards_write(args: argparse.Namespace) -> dict:
 def _cmd_shards_check(args: argparse.Namespace) -> dict:
     from regionvlp.data.check import check_shards
 
-    return check_shards(args.urls, config=args.config, overrides=args.overrides or [],
-                        max_bad_keys=args.max_bad_keys, allow_pipe=args.allow_pipe)
+    result = check_shards(args.urls, config=args.config, overrides=args.overrides or [],
+                          max_bad_keys=args.max_bad_keys, allow_pipe=args.allow_pipe)
+    if args.strict and not result["ok"]:
+        print_json(result)
+        raise SystemExit(1)  # for scripts: vet shards before a long run
+    return result
 
 
 def _add_shards(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +117,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
                    help="config override, e.g. --set data.num_frames=8 (repeatable)")
     c.add_argument("--max-bad-keys", type=int, default=1000, help="list at most this many bad keys")
     c.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    c.add_argument("--strict", action="store_true", help="exit 1 (after the JSON) when anything is bad")
     c.set_defaults(func=_cmd_shards_check)
 
 

