@@ -255,7 +255,15 @@ class RetryingStream:
         self.url, self.retries, self.backoff, self.allow_pipe = url, retries, backoff, allow_pipe
         self.offset = 0
         self.attempts = 0  # retries spent so far on this shard
-        self._f = self._with_retries(lambda: open_raw(url, 0, allow_pipe=allow_pipe))
+        self.end: Optional[int] = None  # total size when the server says (HTTP Content-Length)
+        self._f = self._with_retries(lambda: self._open(0))
+
+    def _open(self, offset: int):
+        f = open_raw(self.url, offset, allow_pipe=self.allow_pipe)
+        remaining = getattr(f, "length", None)  # http.client.HTTPResponse: body bytes still to come
+        if isinstance(remaining, int):
+            self.end = offset + remaining
+        return f
 
     def _with_retries(self, fn):
         while True:
@@ -276,7 +284,7 @@ class RetryingStream:
             self._f.close()
         except Exception:
             pass
-        self._f = open_raw(self.url, self.offset, allow_pipe=self.allow_pipe)
+        self._f = self._open(self.offset)
 
     def read(self, n: int = -1) -> bytes:
         first = True
@@ -286,7 +294,10 @@ class RetryingStream:
             if not first:  # a previous attempt failed: resume at the offset read so far
                 self._reopen()
             first = False
-            return self._f.read(n)
+            data = self._f.read(n)
+            if not data and n != 0 and self.end is not None and self.offset < self.end:
+                raise OSError(f"connection closed at byte {self.offset} of {self.end}")
+            return data
 
         data = self._with_retries(attempt)
         self.offset += len(data)
