@@ -66,6 +66,10 @@ def test_extract_equals_in_loop_and_resumes(raw_shards, tmp_path):
     assert again["samples"] == 5 and sum(again["skipped"].values()) == 2
     assert not (out / "000001.tar.tmp").exists()
 
+    # region shards given as input: nothing to detect, every sample counted
+    twice = extract_regions(cfg, [str(out / "000000.tar")], tmp_path / "twice", progress=False)
+    assert twice["samples"] == 0 and twice["skipped"] == {"no_frames": 3}
+
     # other settings into the same folder: refused, not mixed
     other = load_config(TINY, ["model.detector.num_regions=3"])
     with pytest.raises(Exception, match="other settings"):

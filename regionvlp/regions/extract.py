@@ -58,6 +58,15 @@ def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict
         yield batch
 
 
+def _with_frames(samples: Iterator[dict[str, Any]], skips: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Samples that carry decoded frames; region-shard samples (no frames) are counted as ``no_frames``."""
+    for s in samples:
+        if "frames" in s:
+            yield s
+        else:
+            skips["no_frames"] = skips.get("no_frames", 0) + 1
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -124,11 +133,12 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         sizes.pop(name, None)
         tmp = out / (name + ".tmp")
         stream = iter_samples([url], cfg, training=False)
+        shard_skips: dict[str, int] = {}
         count = 0
         with wds.TarWriter(str(tmp)) as sink:
-            for batch in _batches(iter(stream), bs):
+            for batch in _batches(_with_frames(stream, shard_skips), bs):
                 frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
-                regions = extractor(frames)
+                regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
                 for i, s in enumerate(batch):
                     meta = dict(s.get("meta") or {})
                     meta["caption"] = s["captions"][0]
@@ -142,7 +152,8 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
                     })
                 count += len(batch)
                 bar.update(len(batch))
-        shard_skips = {k: int(v) for k, v in stream.skipped.items()}
+        for k, v in stream.skipped.items():
+            shard_skips[k] = shard_skips.get(k, 0) + int(v)
         if count == 0 and shard_skips.get("unreadable_shard"):
             # not finalised: a rerun retries it (a network blip must not become an empty shard)
             tmp.unlink(missing_ok=True)
