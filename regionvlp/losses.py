@@ -42,48 +42,50 @@ def _sims(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (r.reshape(bv * n, d) @ t.reshape(c * l, d).T).view(bv, n, c, l)
 
 
-def _softmax_weights(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
-    """``p = softmax(s / tau)`` over the real entries of ``dim`` (``mask`` broadcasts to
-    ``s``); padded entries get 0, and so does every entry of a row with none real."""
-    logits = s / tau
-    logits.masked_fill_(~mask, torch.finfo(s.dtype).min)
-    p = torch.softmax(logits, dim=dim)
-    del logits
-    return p.mul_(mask)
+def _softmax_weights(z: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``softmax(z)`` over the real entries of ``dim`` (``mask`` broadcasts to ``z``).
+
+    Padded entries of a row with any real entry get exactly 0. A row with none real
+    comes out uniform, and needs no masking: its s is all zero (padded tokens are zeroed
+    before the Function), so it adds nothing to any score, and the gradient it sends to
+    padded tokens is dropped by the ``masked_fill`` in front of the Function.
+    """
+    return torch.softmax(z.masked_fill(~mask, torch.finfo(z.dtype).min), dim=dim)
 
 
-def _chunk_forward(r, rm, t, tm, tau: float, v2t: bool, t2v: bool):
+def _chunk_forward(r_tau, rm, t, tm, tau: float, v2t: bool, t2v: bool):
     """S^{v->t}, S^{t->v} [Bv, C] of every video against one chunk of C sentences.
 
-    r [Bv, N, D], rm [Bv, N] bool, t [C, L, D], tm [C, L] bool (padded entries zeroed).
+    r_tau = r / tau [Bv, N, D], rm [Bv, N] bool, t [C, L, D], tm [C, L] bool (padded
+    entries zeroed). Works on z = s / tau: S = tau * mean(sum p z).
     """
-    s = _sims(r, t)  # [Bv, N, C, L]
+    z = _sims(r_tau, t)  # [Bv, N, C, L]
     s_vt = s_tv = None
     if v2t:  # each region attends over the sentence's words, then the mean over real regions
-        f = (_softmax_weights(s, tm[None, None], 3, tau) * s).sum(3)  # [Bv, N, C]
-        s_vt = (f * rm[:, :, None]).sum(1) / rm.sum(1).clamp(min=1)[:, None]  # [Bv, C]
+        f = (_softmax_weights(z, tm[None, None], 3) * z).sum(3)  # [Bv, N, C]
+        s_vt = (f * rm[:, :, None]).sum(1) * (tau / rm.sum(1).clamp(min=1)[:, None])  # [Bv, C]
     if t2v:  # each word attends over the video's regions, then the mean over real words
-        g = (_softmax_weights(s, rm[:, :, None, None], 1, tau) * s).sum(1)  # [Bv, C, L]
-        s_tv = (g * tm[None]).sum(2) / tm.sum(1).clamp(min=1)[None, :]  # [Bv, C]
+        g = (_softmax_weights(z, rm[:, :, None, None], 1) * z).sum(1)  # [Bv, C, L]
+        s_tv = (g * tm[None]).sum(2) * (tau / tm.sum(1).clamp(min=1)[None, :])  # [Bv, C]
     return s_vt, s_tv
 
 
-def _chunk_grad_s(s, rm, tm, tau: float, g_vt, g_tv) -> torch.Tensor:
-    """dLoss/ds [Bv, N, C, L] for one chunk from dLoss/dS^{v->t}, dLoss/dS^{t->v} [Bv, C]
-    (None for a direction not computed). With p = softmax(s / tau) over the words and
-    f = sum_l p_l s_l:  df/ds_k = p_k (1 + (s_k - f) / tau); likewise over the regions.
-    ``p (1 + (s - f) / tau) w`` is formed as ``p * (s * w/tau + w (1 - f/tau))``."""
+def _chunk_grad_s(z, rm, tm, g_vt, g_tv) -> torch.Tensor:
+    """dLoss/ds [Bv, N, C, L] for one chunk (z = s / tau) from dLoss/dS^{v->t},
+    dLoss/dS^{t->v} [Bv, C] (None for a direction not computed). With p = softmax(z)
+    over the words and f = sum_l p_l s_l:  df/ds_k = p_k (1 + z_k - sum_l p_l z_l);
+    likewise over the regions. Formed as ``p * (z * w + w (1 - sum_l p_l z_l))``."""
     grad = None
     if g_vt is not None:
-        p = _softmax_weights(s, tm[None, None], 3, tau)  # [Bv, N, C, L]
-        f = (p * s).sum(3, keepdim=True)  # [Bv, N, C, 1]
+        p = _softmax_weights(z, tm[None, None], 3)  # [Bv, N, C, L]
+        f = (p * z).sum(3, keepdim=True)  # [Bv, N, C, 1]
         w = (g_vt[:, None, :] * rm[:, :, None] / rm.sum(1).clamp(min=1)[:, None, None])[..., None]  # [Bv, N, C, 1]
-        grad = p.mul_(torch.addcmul(w * (1 - f / tau), s, w / tau))
+        grad = p.mul_(torch.addcmul(w * (1 - f), z, w))
     if g_tv is not None:
-        q = _softmax_weights(s, rm[:, :, None, None], 1, tau)  # [Bv, N, C, L]
-        g = (q * s).sum(1, keepdim=True)  # [Bv, 1, C, L]
+        q = _softmax_weights(z, rm[:, :, None, None], 1)  # [Bv, N, C, L]
+        g = (q * z).sum(1, keepdim=True)  # [Bv, 1, C, L]
         w = (g_tv[:, :, None] * tm[None] / tm.sum(1).clamp(min=1)[None, :, None])[:, None]  # [Bv, 1, C, L]
-        q.mul_(torch.addcmul(w * (1 - g / tau), s, w / tau))
+        q.mul_(torch.addcmul(w * (1 - g), z, w))
         grad = q if grad is None else grad.add_(q)
     return grad
 
@@ -97,9 +99,10 @@ class _RegionWordScores(torch.autograd.Function):
         bv, bt = r.shape[0], t.shape[0]
         s_vt = r.new_zeros(bv, bt if v2t else 0)
         s_tv = r.new_zeros(bv, bt if t2v else 0)
+        r_tau = r / tau  # scaling the small factor gives s / tau from the matmul itself
         for c0 in range(0, bt, chunk):
             c1 = min(c0 + chunk, bt)
-            vt, tv = _chunk_forward(r, rm, t[c0:c1], tm[c0:c1], tau, v2t, t2v)
+            vt, tv = _chunk_forward(r_tau, rm, t[c0:c1], tm[c0:c1], tau, v2t, t2v)
             if v2t:
                 s_vt[:, c0:c1] = vt
             if t2v:
@@ -116,10 +119,11 @@ class _RegionWordScores(torch.autograd.Function):
         grad_t = torch.zeros_like(t) if ctx.needs_input_grad[2] else None
         bv, n, d = r.shape
         r2 = r.reshape(bv * n, d)
+        r_tau = r / tau
         for c0 in range(0, t.shape[0], chunk):
             c1 = min(c0 + chunk, t.shape[0])
             tc = t[c0:c1]  # [C, L, D]
-            grad_s = _chunk_grad_s(_sims(r, tc), rm, tm[c0:c1], tau,
+            grad_s = _chunk_grad_s(_sims(r_tau, tc), rm, tm[c0:c1],
                                    g_vt[:, c0:c1] if v2t and g_vt is not None else None,
                                    g_tv[:, c0:c1] if t2v and g_tv is not None else None)  # [Bv, N, C, L]
             if grad_s is None:

@@ -45,9 +45,10 @@ def _resolve(name: str) -> tuple[str, bool]:
 
 def _load_error(name: str, err: Exception) -> UserError:
     detail = " ".join(str(err).split())[:300]
-    where = "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set) and" if hub_offline() else ""
+    where = "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set), no usable local copy" if hub_offline() else \
+        "not found locally nor downloadable"
     return UserError(
-        f"could not load text model '{name}' ({where} no usable local copy: {detail}). Set model.text.name "
+        f"could not load text model '{name}' ({where}: {detail}). Set model.text.name "
         "to a local folder holding config.json, the weights and the tokenizer files (e.g. "
         "model.text.name=/path/to/distilbert-base-uncased, saved with save_pretrained), or download the model "
         "into the Hugging Face cache first while online"
