@@ -330,3 +330,56 @@ def test_bench_learner_cli_prints_one_json_line(capsys):
     assert result["learner_per_s"] > 0 and result["vit_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["learner_per_s"] / result["vit_per_s"])
     assert (result["batch"], result["frames"], result["img_size"], result["depth"]) == (2, 2, 32, 2)
+
+
+# ---------------------------------------------------------------------- deepspeed
+_ZERO3_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import deepspeed
+from test_region_learner import clip, tiny_pathway
+deepspeed.init_distributed(dist_backend="gloo")
+
+class Wrap(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+    def forward(self, batch):
+        o = self.p(batch)
+        return o.cls.float().pow(2).mean() + o.regions.float().pow(2).mean() + o.aux_losses["commitment"]
+
+torch.manual_seed(0)
+model = Wrap(tiny_pathway("model.learner.commitment=0.1"))
+cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+losses = []
+for _ in range(2):
+    loss = engine(clip(2, 2))
+    engine.backward(loss)
+    engine.step()
+    losses.append(float(loss))
+q = model.p.learner.quantizer
+print(json.dumps({"losses": losses, "embed_dtype": str(q.embed.dtype), "initialized": bool(q.initialized)}))
+"""
+
+
+def test_trains_under_deepspeed_zero3_bf16(tmp_path):
+    """ZeRO-3 partitions parameters and gathers them per module call: the pathway must use
+    every parameter inside its owning module's forward (regression: the ViT's position
+    embedding and the frame embedding were used outside it)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    script = tmp_path / "zero3.py"
+    script.write_text(_ZERO3_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert result["embed_dtype"] == "torch.float32" and result["initialized"]

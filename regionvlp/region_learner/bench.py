@@ -101,6 +101,7 @@ def bench_learner(
     steps = {"vit": _step_fn(vit, vit_loss, dev, torch_dtype),
              "learner": _step_fn(pathway, learner_loss, dev, torch_dtype)}
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}  # process CPU seconds: robust to a shared, loaded box
     peaks: dict[str, int] = {}
     for name, step in steps.items():  # warm-up (and peak memory) per variant
         if dev.type == "cuda":
@@ -115,11 +116,13 @@ def bench_learner(
     for _ in range(iters):  # alternate so drift in clocks/load hits both alike
         for name, step in steps.items():
             synchronize(dev)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             synchronize(dev)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    median_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
     result: dict[str, Any] = {
         "bench": "learner",
         "device": device_name(dev),
@@ -141,6 +144,9 @@ def bench_learner(
         "baseline": "vit",
     }
     result["ratio"] = result["learner_per_s"] / result["vit_per_s"]
+    result["learner_cpu_ms_per_step"] = 1000.0 * median_cpu["learner"]
+    result["vit_cpu_ms_per_step"] = 1000.0 * median_cpu["vit"]
+    result["cpu_time_ratio"] = median_cpu["vit"] / max(median_cpu["learner"], 1e-9)  # as a throughput ratio
     if peaks:
         result["learner_peak_bytes"] = peaks["learner"]
         result["vit_peak_bytes"] = peaks["vit"]

@@ -90,9 +90,8 @@ class EMAQuantizer(nn.Module):
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
         """Nearest code index for each row of ``flat`` [M, d] (float32)."""
         embed = self.embed  # [C, d]
-        dist = (flat.pow(2).sum(1, keepdim=True)
-                - 2.0 * flat @ embed.t()
-                + embed.pow(2).sum(1)[None, :])  # [M, C]
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code
+        dist = torch.addmm(embed.pow(2).sum(1)[None, :], flat, embed.t(), alpha=-2.0)  # [M, C]
         return dist.argmin(dim=1)  # [M]
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
