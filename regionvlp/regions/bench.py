@@ -60,6 +60,8 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
     from regionvlp.regions.extractor import RegionExtractor
 
     dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:

@@ -117,6 +117,8 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     save_manifest()
 
     dev = resolve_device(device or str(cfg.run.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
     extractor = build_extractor(cfg).to(dev)
     bs = int(batch_size or cfg.data.batch_size)
     sizes: dict[str, int] = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
