@@ -57,7 +57,7 @@ class SkipCounter:
     total: Counter = field(default_factory=Counter)
     pending: Counter = field(default_factory=Counter)
     bad: list[dict[str, str]] = field(default_factory=list)
-    shards: int = 0  # shards read to their end, or that gave samples before breaking off
+    shards: int = 0  # shards that gave samples (or were read whole and empty)
     samples: int = 0  # good samples produced
 
     def add(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
@@ -146,7 +146,8 @@ def tar_samples(
                     if key is None or key.rpartition("/")[2].startswith("__"):
                         continue
                     if current is not None and current["__key__"] != key:
-                        produced = True
+                        if not produced:
+                            produced, counter.shards = True, counter.shards + 1
                         yield current
                         current = None
                     data = tf.extractfile(info).read()
@@ -155,20 +156,20 @@ def tar_samples(
                     current[ext] = data
                 problem = _tar_end_problem(counted, tf.offset)
             if current is not None:  # whole files only; a missing caption/media is caught downstream
-                produced = True
+                if not produced:
+                    produced, counter.shards = True, counter.shards + 1
                 yield current
                 current = None
             if problem is not None:
                 raise tarfile.ReadError(problem)
-            counter.shards += 1
+            if not produced:  # a well-formed empty tar still counts as read
+                counter.shards += 1
         except (UserError,) + PROGRAMMING_ERRORS:
             raise
         except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
             broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or produced
             what = "corrupt_shard" if broken_tar else "unreadable_shard"
             counter.add(what, key=(current or {}).get("__key__", ""), url=url, detail=_short(err))
-            if produced:  # shards counts those that gave samples
-                counter.shards += 1
         finally:
             stream.close()
         if produced:
