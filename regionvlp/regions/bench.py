@@ -18,6 +18,7 @@ The detector runs at ``min_size = max_size = size`` so no variant upsamples.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -35,21 +36,26 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
-def _interleaved_best(variants: dict[str, Any], device: torch.device, *, warmup: int, iters: int) -> dict[str, float]:
-    """Seconds per call of each variant: the best of ``iters`` calls, the variants taking
-    turns so that load from other processes (a shared CPU) hits all of them alike."""
+def _interleaved_best(variants: dict[str, Any], device: torch.device, *, warmup: int, iters: int
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    """(wall seconds, process CPU seconds) per call of each variant: the best of ``iters``
+    calls, the variants taking turns so that load from other processes (a shared CPU)
+    hits all of them alike. CPU time (all threads) is what a variant costs whatever the
+    load; on GPU only the wall time means anything."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     best = {name: float("inf") for name in variants}
+    best_cpu = {name: float("inf") for name in variants}
     for _ in range(iters):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             fn()
             synchronize(device)
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            best_cpu[name] = min(best_cpu[name], time.process_time() - cpu0)
+    return best, best_cpu
 
 
 def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch: int = 64, device: str = "auto",
@@ -139,12 +145,18 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
                       "post_nms_top_n": stock_rpn_det.rpn._post_nms_top_n["testing"]},
         "iters": iters,
     }
-    best = _interleaved_best(variants, dev, warmup=warmup, iters=iters)
+    best, best_cpu = _interleaved_best(variants, dev, warmup=warmup, iters=iters)
     for name, sec in best.items():
         result[f"{name}_per_s"] = round(batch / sec, 3)
+    if dev.type == "cpu":
+        for name, sec in best_cpu.items():
+            result[f"{name}_cpu_ms_per_frame"] = round(1000 * sec / batch, 2)
+        result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     result["timing"] = f"best of {iters} calls per variant, variants interleaved round-robin"
     result["baseline"] = "stock"
     result["extractor_vs_stock"] = round(result["extractor_per_s"] / result["stock_per_s"], 3)
     result["extractor_vs_backbone"] = round(result["extractor_per_s"] / result["backbone_per_s"], 3)
     result["extractor_stock_rpn_vs_stock"] = round(result["extractor_stock_rpn_per_s"] / result["stock_per_s"], 3)
+    if dev.type == "cpu":
+        result["extractor_vs_stock_cpu_time"] = round(best_cpu["stock"] / best_cpu["extractor"], 3)
     return result
