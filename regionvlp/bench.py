@@ -329,35 +329,12 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def loss_variant(variant: str, batch: int, regions: int, words: int, dim: int, chunk: int, device: str,
-                 repeats: int) -> dict[str, Any]:
-    """One variant, forward + backward, in this (fresh) process: with ``repeats == 0`` the
-    peak bytes of one call, else the median wall and CPU seconds of ``repeats`` calls
-    after one warm-up call."""
-    from omegaconf import OmegaConf
-
-    from regionvlp.config import LossConfig
-    from regionvlp.losses import AlignmentLoss
-
+def loss_peak(variant: str, batch: int, regions: int, words: int, dim: int, chunk: int, device: str) -> dict[str, Any]:
+    """Peak memory of one forward + backward of ``variant``; run it in a fresh process."""
     dev = resolve_device(device)
-    cfg = OmegaConf.structured(LossConfig(chunk_size=chunk))
-    loss_fn = AlignmentLoss(cfg).to(dev)
-
-    def make_step(v_cls, t_cls, r, t, rm, tm) -> Callable[[], float]:
-        return _loss_step(variant, loss_fn, cfg, v_cls, t_cls, r, t, rm, tm)
-
     # a tiny first call loads kernels and allocator pools, so the peak below is the loss's own
-    (v0, t0, r0, w0), rm0, tm0 = _loss_inputs(2, 2, 2, 4, dev)
-    make_step(v0, t0, r0, w0, rm0, tm0)()
-    (v_cls, t_cls, r, t), rm, tm = _loss_inputs(batch, regions, words, dim, dev)
-    step = make_step(v_cls, t_cls, r, t, rm, tm)
-    for x in (v_cls, t_cls, r, t):  # the grads exist before the peak is measured
-        x.grad = torch.zeros_like(x)
-    if repeats > 0:
-        value = step()  # warm-up
-        cpu0 = time.process_time()
-        seconds = time_per_call(step, dev, warmup=0, iters=repeats)
-        return {"seconds": seconds, "cpu_seconds": (time.process_time() - cpu0) / repeats, "loss": value}
+    _loss_step(variant, *_loss_inputs(2, 2, 2, 4, dev), chunk=chunk)()
+    step = _loss_step(variant, *_loss_inputs(batch, regions, words, dim, dev), chunk=chunk)
     if dev.type == "cuda":
         synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -375,21 +352,54 @@ def loss_variant(variant: str, batch: int, regions: int, words: int, dim: int, c
     return {"peak_bytes": int(peak), "loss": value, "memory_method": method}
 
 
-def _loss_step(variant, loss_fn, cfg, v_cls, t_cls, r, t, rm, tm) -> Callable[[], float]:
+def loss_times(variants: list[str], batch: int, regions: int, words: int, dim: int, chunk: int, device: str,
+               repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of forward + backward per variant, the variants
+    interleaved call by call (so load on a shared machine hits them alike), after one
+    warm-up call each."""
+    dev = resolve_device(device)
+    inputs = _loss_inputs(batch, regions, words, dim, dev)
+    steps = {v: _loss_step(v, *inputs, chunk=chunk) for v in variants}
+    for step in steps.values():
+        step()
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, step in steps.items():
+            synchronize(dev)
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            synchronize(dev)
+            wall[v].append(time.perf_counter() - w0)
+            cpu[v].append(time.process_time() - c0)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {v: {"seconds": med(wall[v]), "cpu_seconds": med(cpu[v])} for v in variants}
+
+
+def _loss_step(variant: str, leaves, rm, tm, *, chunk: int) -> Callable[[], float]:
+    """forward + backward of the whole loss on fixed inputs; returns the loss value."""
+    from omegaconf import OmegaConf
+
+    from regionvlp.config import LossConfig
+    from regionvlp.losses import AlignmentLoss
     from regionvlp.pathway import TextOutput, VideoOutput
 
-    if variant == "chunked":
-        def step() -> float:
+    v_cls, t_cls, r, t = leaves
+    cfg = OmegaConf.structured(LossConfig(chunk_size=chunk))
+    loss_fn = AlignmentLoss(cfg).to(v_cls.device)
+    for x in leaves:  # the grads exist before any peak is measured
+        x.grad = torch.zeros_like(x)
+
+    def step() -> float:
+        if variant == "chunked":
             out = loss_fn(VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm))["loss"]
-            out.backward()
-            return out.item()
-    elif variant == "dense":
-        def step() -> float:
+        else:
             out = dense_alignment_loss(v_cls, t_cls, r, rm, t, tm, cfg.temperature, cfg.align_temperature,
                                        cfg.local_weight)
-            out.backward()
-            return out.item()
-    else:
+        out.backward()
+        return out.item()
+
+    if variant not in ("chunked", "dense"):
         raise ValueError(f"unknown loss variant {variant!r}")
     return step
 
@@ -414,23 +424,24 @@ def bench_loss(batch: int = 256, regions: int = 30, words: int = 32, dim: int = 
     dev = resolve_device(device)
     result: dict[str, Any] = {"device": device_name(dev), "dtype": "fp32", "batch": batch, "regions": regions,
                               "words": words, "dim": dim, "chunk": chunk, "repeats": repeats}
-    # Memory: one call in a fresh process with a fixed glibc mmap threshold, so every
-    # tensor buffer is its own mapping, returned on free, and the resident high-water
-    # mark is the live tensors' (not allocator caching). Time: another fresh process
-    # with the default allocator.
-    runs: dict[str, dict[str, Any]] = {}
-    for variant in ("chunked", "dense"):
-        runs[variant] = {}
-        for reps, env in ((0, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}), (repeats, dict(os.environ))):
-            code = ("import json; from regionvlp.bench import loss_variant; "
-                    f"print(json.dumps(loss_variant({variant!r}, {batch}, {regions}, {words}, {dim}, {chunk}, "
-                    f"{str(dev)!r}, {reps})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-                raise RuntimeError(f"bench loss: variant {variant} failed: {tail[0]}")
-            runs[variant].update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        run = runs[variant]
+    # Memory: one call per variant in a fresh process with a fixed glibc mmap threshold,
+    # so every tensor buffer is its own mapping, returned on free, and the resident
+    # high-water mark is the live tensors' (not allocator caching). Time: one more fresh
+    # process (default allocator) with the variants interleaved.
+    def child(code: str, env: dict[str, str]) -> Any:
+        proc = subprocess.run([sys.executable, "-c", "import json; from regionvlp import bench; " + code],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise RuntimeError(f"bench loss: measuring process failed: {tail[0]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    sizes = f"{batch}, {regions}, {words}, {dim}, {chunk}, {str(dev)!r}"
+    peak_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs = {v: child(f"print(json.dumps(bench.loss_peak({v!r}, {sizes})))", peak_env) for v in ("chunked", "dense")}
+    times = child(f"print(json.dumps(bench.loss_times(['chunked', 'dense'], {sizes}, {repeats})))", dict(os.environ))
+    for variant, run in runs.items():
+        run.update(times[variant])
         result[f"{variant}_per_s"] = round(1.0 / run["seconds"], 4)
         result[f"{variant}_seconds"] = round(run["seconds"], 4)
         result[f"{variant}_cpu_seconds"] = round(run["cpu_seconds"], 4)
