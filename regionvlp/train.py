@@ -298,6 +298,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     guard = E.NonFiniteGuard(int(cfg.train.max_nonfinite))
 
     resumed_from = None
+    pending_rng: dict[str, Any] | None = None
     if where is not None:
         client = ckpt.load(eng, where)
         saved = client.get("train_state")
@@ -306,8 +307,8 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
                             "it was not written by regionvlp train")
         state = TrainState(**saved)
         rng_file = Path(where[0]) / where[1] / f"rng_rank{rank}.pt"
-        if rng_file.exists():
-            E.set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng_file.exists():  # restored after the data position is replayed (replay draws randoms)
+            pending_rng = torch.load(rng_file, weights_only=False)
         resumed_from = str(Path(where[0]) / where[1])
         if is_main:
             log.info("resumed from %s at step %d", resumed_from, state.step)
@@ -368,6 +369,9 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
             if frames != cur_frames:
                 cur_frames = frames
                 it = open_epoch(state.batch_in_epoch)
+                if pending_rng is not None:
+                    E.set_rng_state(pending_rng)
+                    pending_rng = None
             batch, waited = next_batch()
             _add_counts(state.skipped, batch.get("skipped"))
             win_wait += waited

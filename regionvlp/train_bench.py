@@ -110,25 +110,25 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
     for _ in range(warmup):
         step(first)
     _sync(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(first)
     _sync(dev)
-    mem_s = time.perf_counter() - t0
+    mem_s, mem_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     # the real loader
     for _ in range(warmup):
         step(next(loader_it))
     _sync(dev)
     wait = 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         tw = time.perf_counter()
         b = next(loader_it)
         wait += time.perf_counter() - tw
         step(b)
     _sync(dev)
-    load_s = time.perf_counter() - t0
+    load_s, load_cpu = time.perf_counter() - t0, time.process_time() - c0
     if dev.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(dev))
     else:
@@ -157,6 +157,9 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
         "loader_vs_memory": load_ps / mem_ps,
         "data_wait_frac": wait / load_s,
         "memory_peak_bytes": peak,
+        # this process's CPU seconds per step (on a shared CPU box, steadier than wall time)
+        "memory_cpu_s_per_step": mem_cpu / steps,
+        "loader_cpu_s_per_step": load_cpu / steps,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "config": str(config or _default_config(regions, dev)),
     }
