@@ -117,7 +117,7 @@ def test_bad_settings_are_user_errors():
         tiny_pathway("model.learner.mask_norm=hard")
 
 
-def test_pretrained_local_file_and_offline_timm(tmp_path):
+def test_pretrained_local_file_and_offline_timm(tmp_path, monkeypatch):
     import timm
 
     torch.manual_seed(1)
@@ -131,7 +131,7 @@ def test_pretrained_local_file_and_offline_timm(tmp_path):
         tiny_pathway(f"model.learner.pretrained={path}", "model.learner.depth=2")  # a block too many
     with pytest.raises(UserError, match="no checkpoint file"):
         tiny_pathway(f"model.learner.pretrained={tmp_path / 'missing.pth'}")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as conftest sets it: never reach the hub in tests
     with pytest.raises(UserError, match="could not load timm weights"):
         tiny_pathway("model.learner.pretrained=timm")
 
@@ -329,6 +329,7 @@ def test_bench_learner_cli_prints_one_json_line(capsys):
     assert result["baseline"] == "vit" and result["dtype"] == "fp32" and result["device"].startswith("cpu")
     assert result["learner_per_s"] > 0 and result["vit_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["learner_per_s"] / result["vit_per_s"])
+    assert result["learner_gflop_per_step"] > result["vit_gflop_per_step"] > 0  # same ViT plus the learner
     assert (result["batch"], result["frames"], result["img_size"], result["depth"]) == (2, 2, 32, 2)
 
 

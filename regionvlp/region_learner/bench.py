@@ -6,7 +6,9 @@ One step = forward, a scalar loss on the outputs, backward, AdamW step. The base
 runs the same ViT (same name, img_size, depth) over the B·T frames and averages its
 pooled features over time; the pathway runs the whole learned-regions video tower
 (temporal embeddings, quantizer with EMA update, masks, aggregation, interaction,
-heads). Throughput is clips per second.
+heads). Throughput is clips per second. Because wall clock on a shared CPU box is
+load-bound, the result also gives process CPU time per step and the matmul/conv/attention
+GFLOPs of one step (``torch.utils.flop_counter``), which do not depend on load.
 """
 
 from __future__ import annotations
@@ -113,6 +115,14 @@ def bench_learner(
         synchronize(dev)
         if dev.type == "cuda":  # above what was resident before: activations, grads, AdamW state
             peaks[name] = int(torch.cuda.max_memory_allocated(dev) - resident)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gflop: dict[str, float] = {}
+    for name, step in steps.items():  # matmul/conv/attention FLOPs of one step: independent of load
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        gflop[name] = counter.get_total_flops() / 1e9
     for _ in range(iters):  # alternate so drift in clocks/load hits both alike
         for name, step in steps.items():
             synchronize(dev)
@@ -144,6 +154,8 @@ def bench_learner(
         "baseline": "vit",
     }
     result["ratio"] = result["learner_per_s"] / result["vit_per_s"]
+    result["learner_gflop_per_step"] = gflop["learner"]
+    result["vit_gflop_per_step"] = gflop["vit"]
     result["learner_cpu_ms_per_step"] = 1000.0 * median_cpu["learner"]
     result["vit_cpu_ms_per_step"] = 1000.0 * median_cpu["vit"]
     result["cpu_time_ratio"] = median_cpu["vit"] / max(median_cpu["learner"], 1e-9)  # as a throughput ratio
