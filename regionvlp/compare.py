@@ -226,6 +226,10 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
     keys = [k for k in FINAL_KEYS if any(k in r.final for r in runs)] + ["num_videos", "num_texts"]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_fmt(r.final.get(k)) for r in runs) + " |")
+    if chance:
+        lines.append("| t2v_r1 / chance | " + " | ".join(
+            _fmt(r.final["t2v_r1"] / chance if "t2v_r1" in r.final else None) + ("×" if "t2v_r1" in r.final else "")
+            for r in runs) + " |")
     lines += ["", "## Cost", "", "| | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
     lines.append("| steps | " + " | ".join(_fmt(r.steps) for r in runs) + " |")
     lines.append("| final training loss | " + " | ".join(_fmt(r.final_loss) for r in runs) + " |")

@@ -48,6 +48,7 @@ def test_compare_runs_writes_report_with_both_pathways(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| metric | detector | learned |" in report
     assert "| t2v_r1 | 25.00 | 15.00 |" in report
+    assert "| t2v_r1 / chance | 5.00× | 3.00× |" in report
     assert "512 MiB" in report and "chance text→video R@1 = 5.00 %" in report
     for png in summary["plots"]:
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
