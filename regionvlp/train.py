@@ -174,16 +174,17 @@ def load_extractor_weights(extractor: Any, run_dir: Path) -> None:
 
 
 def _val_loss(engine: Any, cfg: Any, transform: Callable | None, device: torch.device, dtype: torch.dtype,
-              num_frames: int) -> dict[str, float]:
+              num_frames: int, fallback: dict[str, Any]) -> dict[str, float]:
     """Mean loss terms over data.val; every rank runs the same number of forwards (a rank
-    out of data repeats its last batch, uncounted) so ZeRO-3 gathers never hang."""
+    out of data repeats its last batch, or ``fallback`` if it had none, uncounted) so
+    ZeRO-3 gathers never hang."""
     from regionvlp.data import build_loader
 
     loader = build_loader(cfg, "val", training=False, num_frames=num_frames)
     it = iter(loader)
     sums: dict[str, float] = {}
     count = 0
-    last = None
+    last = fallback
     engine.eval()
     with torch.no_grad():
         while True:
@@ -192,8 +193,6 @@ def _val_loss(engine: Any, cfg: Any, transform: Callable | None, device: torch.d
                 break
             real = batch is not None
             batch = batch if real else last
-            if batch is None:  # this rank never had val data: nothing to repeat; others are still going
-                raise UserError("a rank got no validation batch; give data.val at least one shard per rank")
             last = batch
             b = to_device(batch, device, dtype)
             if transform is not None and "frames" in b and "region_feats" not in b:
@@ -228,12 +227,12 @@ def _agree_keys(keys: list[str]) -> list[str]:
 
 
 def validate(engine: Any, cfg: Any, transform: Callable | None, device: torch.device, dtype: torch.dtype,
-             num_frames: int, zero_stage: int) -> dict[str, float]:
+             num_frames: int, zero_stage: int, fallback: dict[str, Any]) -> dict[str, float]:
     """Val loss, plus retrieval R@1/R@5 from :mod:`regionvlp.evaluate` (not under ZeRO-3,
     where ranks' differing val batch counts would stall the parameter gathers)."""
     if not list(cfg.data.val.urls):
         return {}
-    out = _val_loss(engine, cfg, transform, device, dtype, num_frames)
+    out = _val_loss(engine, cfg, transform, device, dtype, num_frames, fallback)
     if zero_stage < 3:
         try:
             from regionvlp.evaluate import evaluate_model
@@ -441,7 +440,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
 
             val_every = int(cfg.train.val_every)
             if (val_every > 0 and state.step % val_every == 0) or state.step == max_steps:
-                v = validate(eng, cfg, transform, device, dtype, cur_frames, zero_stage)
+                v = validate(eng, cfg, transform, device, dtype, cur_frames, zero_stage, batch)
                 if v:
                     state.last_val = v
                     metrics.write({"step": state.step, "elapsed": state.elapsed + (time.perf_counter() - total_t0),
