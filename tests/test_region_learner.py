@@ -274,6 +274,8 @@ def test_resize_time_embed():
 def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_path):
     pre = tiny_pathway("model.learner.max_frames=1", "model.learner.interaction_layers=2", seed=1)
     pre.train()(clip(2, 1))  # move the codebook off its init
+    with torch.no_grad():
+        pre.time_embed.weight.normal_()  # as if trained (it starts at zero)
     path = tmp_path / "model.pt"
     # saved as part of a whole model, as the trainer does
     torch.save({"module": {f"pathway.{k}": v for k, v in pre.state_dict().items()} | {"text.w": torch.ones(1)}},
@@ -293,9 +295,18 @@ def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_pa
                 assert torch.equal(got[key], want[key]), key
         out = fine(clip(1, frames))
         assert out.regions.shape == (1, frames * 3, 32)
-    info = load_checkpoint(tiny_pathway("model.learner.max_frames=8", "model.learner.interaction_layers=2"), path,
-                           temporal="zeros")
+    # an export folder (model.safetensors of the whole model), zero-filled frames
+    from safetensors.torch import save_file
+
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({f"pathway.{k}": v.clone().contiguous() for k, v in pre.state_dict().items()},
+              str(export / "model.safetensors"))
+    fine = tiny_pathway("model.learner.max_frames=8", "model.learner.interaction_layers=2")
+    info = load_checkpoint(fine, export, temporal="zeros")
     assert sorted(info["resized"]) == ["learner.interaction.time_embed", "time_embed.weight"]
+    assert torch.equal(fine.learner.quantizer.embed, pre.learner.quantizer.embed)
+    assert torch.equal(fine.time_embed.weight[:1], pre.time_embed.weight) and not fine.time_embed.weight[1:].any()
 
 
 def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):

@@ -54,8 +54,11 @@ def resize_time_embed(table: torch.Tensor, frames: int, mode: str = "interpolate
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file, a torch checkpoint file (plain state dict or
     one nested under ``module``/``state_dict``/``model``, as DeepSpeed and others save),
-    or a folder holding one ``*.safetensors`` / ``*.pt`` / ``*.pth`` / ``*.bin`` file."""
+    or a folder: its ``model.safetensors`` (a ``regionvlp export`` folder) or its only
+    ``*.safetensors`` / ``*.pt`` / ``*.pth`` / ``*.bin`` file."""
     path = Path(path).expanduser()
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a `regionvlp export` folder
+        path = path / "model.safetensors"
     if path.is_dir():
         found = [p for ext in ("*.safetensors", "*.pt", "*.pth", "*.bin") for p in sorted(path.glob(ext))]
         if len(found) != 1:

@@ -143,8 +143,8 @@ class RegionLearnerPathway(nn.Module):
 
     def forward(self, batch: dict) -> VideoOutput:
         frames = batch["frames"]
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"frames must be uint8 [B, T, 3, H, W], got {tuple(frames.shape)}")
+        if frames.dim() != 5 or frames.shape[2] != 3 or frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 [B, T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
         B, T = frames.shape[:2]
         if T > self.max_frames:
             raise UserError(f"{T} frames per clip but model.learner.max_frames={self.max_frames}; "
