@@ -196,6 +196,17 @@ def test_dead_codes_restart_from_current_features():
     assert q.assign(TOY_Z[row:row + 1]).item() == 2
 
 
+def test_assignment_is_exact_nearest_code_under_bf16_autocast():
+    g = torch.Generator().manual_seed(5)
+    q = EMAQuantizer(64, 8)
+    q.embed.copy_(torch.randn(64, 8, generator=g))
+    z = torch.randn(500, 8, generator=g) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = q.assign(z)
+    brute = ((z[:, None, :] - q.embed[None]) ** 2).sum(-1).argmin(1)  # [500]
+    assert torch.equal(idx, brute)
+
+
 def test_ema_buffers_stay_float32_under_bf16_cast():
     model = tiny_pathway().to(torch.bfloat16)
     q = model.learner.quantizer

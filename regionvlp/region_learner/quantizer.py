@@ -90,8 +90,10 @@ class EMAQuantizer(nn.Module):
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
         """Nearest code index for each row of ``flat`` [M, d] (float32)."""
         embed = self.embed  # [C, d]
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code
-        dist = torch.addmm(embed.pow(2).sum(1)[None, :], flat, embed.t(), alpha=-2.0)  # [M, C]
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code.
+        # float32 even under autocast: bf16 distances would pick the wrong code.
+        with torch.autocast(flat.device.type, enabled=False):
+            dist = torch.addmm(embed.pow(2).sum(1)[None, :], flat.float(), embed.t(), alpha=-2.0)  # [M, C]
         return dist.argmin(dim=1)  # [M]
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
