@@ -110,8 +110,8 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
     timings["synth"] = time.perf_counter() - t0
     if world.get("failed_keys"):
         raise UserError(f"demo: synth failed on {len(world['failed_keys'])} clips: {world['failed_keys'][:3]}")
-    data_over = [f"data.train.urls=[{world['train']['urls']}]", f"data.val.urls=[{world['val']['urls']}]",
-                 f"seed={settings.seed}"]
+    data_over = [f"data.train.urls=['{world['train']['urls']}']", f"data.val.urls=['{world['val']['urls']}']",
+                 f"seed={settings.seed}"]  # quoted: brace patterns are not YAML flow sequences
 
     # 2. a detector for this world
     det_cfg = load_config(cdir / "detector.yaml", data_over + run_over)
