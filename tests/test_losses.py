@@ -15,6 +15,15 @@ from regionvlp.losses import AlignmentLoss, region_word_scores
 from regionvlp.pathway import TextOutput, VideoOutput
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------ dense reference
 def dense_region_word(r, rm, t, tm, tau):
     """The formula of the paper, literally, over the whole batch at once.

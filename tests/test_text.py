@@ -14,6 +14,15 @@ from regionvlp.errors import UserError
 from regionvlp.text import TextTower
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def no_network():
     """Any non-loopback connection during the module fails the test."""
