@@ -75,18 +75,27 @@ def decode_decord(data: bytes, num_frames: int, mode: str, rng: Optional[random.
     """``[T, H, W, 3]`` uint8 via decord ``get_batch`` (reads only the needed frames)."""
     import decord
 
+    error: Optional[DecodeError] = None
+    frames = None
     try:
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     except Exception as err:  # decord raises DECORDError (a RuntimeError) on bad input
-        raise DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}") from None
-    n = len(vr)
-    if n <= 0:
-        raise DecodeError("empty_video", "decord: 0 frames")
-    idx = sample_indices(n, num_frames, mode, rng)
-    try:
-        frames = vr.get_batch(idx).asnumpy()  # [T, H, W, 3]
-    except Exception as err:
-        raise DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}") from None
+        error = DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}")
+    else:
+        try:
+            n = len(vr)
+            if n <= 0:
+                error = DecodeError("empty_video", "decord: 0 frames")
+            else:
+                frames = vr.get_batch(sample_indices(n, num_frames, mode, rng)).asnumpy()  # [T, H, W, 3]
+        except Exception as err:
+            error = DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}")
+        finally:
+            # free the reader (and join its decoder thread) now: a reader kept alive by a
+            # traceback cycle would be collected in a forked DataLoader worker and abort it
+            del vr
+    if error is not None:
+        raise error  # raised outside the except blocks: no traceback chain to this frame's data
     return frames
 
 
@@ -245,18 +254,19 @@ def decode_video(
         return decode_pyav(data, num_frames, mode, rng, short_side)
     if backend != "auto":
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # keep errors as fresh (reason, detail) objects: a kept exception's traceback would tie
+    # this frame (and the video bytes) into a reference cycle
     first_err: Optional[DecodeError] = None
     if _have_decord():
         try:
             return decode_decord(data, num_frames, mode, rng)
         except DecodeError as err:
-            first_err = err
+            first_err = DecodeError(err.reason, err.detail)
     try:
         return decode_pyav(data, num_frames, mode, rng, short_side)
     except DecodeError as err:
-        first_err = first_err or err
-        if err.reason == "empty_video":
-            first_err = err
+        if first_err is None or err.reason == "empty_video":
+            first_err = DecodeError(err.reason, err.detail)
     if _looks_like_image(data):
         frames = decode_image(data)
         return frames[[0] * num_frames]

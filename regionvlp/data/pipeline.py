@@ -14,6 +14,7 @@ Each batch carries ``skipped``, the counts its worker gathered since its previou
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -442,6 +443,10 @@ class ClipDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         d = self.cfg.data
         worker, num_workers = self._worker()
+        if get_worker_info() is not None:
+            # objects inherited from the parent by fork (decoders, their threads) must never
+            # be finalised here: keep the child's gc away from them
+            gc.freeze()
         seed = int(self.cfg.seed)
         # distinct per (seed, epoch, rank, worker): sample shuffle, frame sampling, crops
         rng = random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/samples")
