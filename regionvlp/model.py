@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp.errors import UserError
-from regionvlp.losses import AlignmentLoss, region_word_scores
+from regionvlp.losses import AlignmentLoss, check_loss_config, region_word_scores
 from regionvlp.pathway import TextOutput, VideoOutput
 
 
@@ -95,19 +95,10 @@ def build_model(cfg) -> DualEncoder:
     """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32."""
     from regionvlp.text import TextTower
 
-    check_loss_config(cfg.loss)
+    check_loss_config(cfg.loss)  # before the (slow) towers are built
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))
     return DualEncoder(pathway, text, AlignmentLoss(cfg.loss))
-
-
-def check_loss_config(lcfg) -> None:
-    if int(lcfg.chunk_size) < 1:
-        raise UserError(f"config key 'loss.chunk_size' must be >= 1, got {lcfg.chunk_size}")
-    if float(lcfg.min_temperature) <= 0:
-        raise UserError(f"config key 'loss.min_temperature' must be > 0, got {lcfg.min_temperature}")
-    if float(lcfg.local_weight) < 0:
-        raise UserError(f"config key 'loss.local_weight' must be >= 0, got {lcfg.local_weight}")
 
 
 def build_batch_transform(cfg) -> Callable[[torch.Tensor], dict[str, torch.Tensor]] | None:

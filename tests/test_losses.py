@@ -160,6 +160,14 @@ def test_learnable_temperature_is_clamped_and_trained():
     assert list(frozen.parameters()) == [] and frozen.temperature().item() == pytest.approx(0.05)
 
 
+def test_bad_loss_values_are_user_errors():
+    from regionvlp.errors import UserError
+
+    for bad in ({"chunk_size": 0}, {"min_temperature": 0.0}, {"local_weight": -1.0}):
+        with pytest.raises(UserError, match=f"loss.{next(iter(bad))}"):
+            AlignmentLoss(OmegaConf.structured(LossConfig(**bad)))
+
+
 def test_local_weight_zero_skips_region_word():
     r, rm, t, tm = ragged_inputs(bv=4, bt=4, dtype=torch.float32)
     v_cls, t_cls = _outputs(r, rm, t, tm)
