@@ -12,7 +12,7 @@ DeepSpeed averages over ranks equal those of one process on the whole batch.
 The region-word similarity never materialises ``[B, B, N, L, D]`` nor the whole
 ``[B, B, N, L]``: :class:`_RegionWordScores` walks the sentence batch in chunks of
 ``chunk_size``, keeps only the ``[B, B]`` scores, and in backward recomputes each
-chunk's ``[B, C, N, L]`` similarities and applies the closed-form gradient of
+chunk's ``[B, N, C, L]`` similarities and applies the closed-form gradient of
 ``sum_l softmax(s / tau)_l * s_l``, so forward and backward memory are both bounded by
 the chunk.
 """
@@ -243,7 +243,6 @@ class AlignmentLoss(nn.Module):
             if gather:  # ranks may pad to different N / L: pad to the longest (masked out)
                 regions, rmask = _pad_dim1(regions, rmask, max(s[1] for s in shapes))
                 words, wmask = _pad_dim1(words, wmask, max(s[2] for s in shapes))
-            if gather:
                 all_regions = dist.gather_with_grad(regions, sizes)  # [B, N, D]
                 all_rmask = dist.gather_nograd(rmask, sizes)
                 all_words = dist.gather_with_grad(words, sizes)  # [B, L, D]
