@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Optional, Sequence
 
@@ -42,7 +43,13 @@ def pick_caption(captions: Sequence[str], *, training: bool, rng: Optional[rando
 
 def load_tokenizer(name: str):
     """A transformers tokenizer from a hub name or a local folder (no download when
-    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set)."""
+    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set). Cached per name, so a loader
+    rebuilt every epoch does not reload it."""
+    return _load_tokenizer(str(name))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
