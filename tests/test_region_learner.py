@@ -111,6 +111,8 @@ def test_bad_settings_are_user_errors():
         tiny_pathway("model.learner.insert_after=3")
     with pytest.raises(UserError, match="not a timm model"):
         tiny_pathway("model.learner.backbone=vit_nonexistent_patch99")
+    with pytest.raises(UserError, match="not a timm VisionTransformer"):
+        tiny_pathway("model.learner.backbone=resnet18")
     with pytest.raises(UserError, match="max_frames"):
         tiny_pathway()(clip(1, 5))
     with pytest.raises(UserError, match="mask_norm"):

@@ -31,8 +31,13 @@ def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 
     kwargs: dict = dict(img_size=img_size, num_classes=0)
     if depth > 0:
         kwargs["depth"] = depth
+    not_vit = UserError(f"model.learner.backbone: '{name}' is not a timm VisionTransformer "
+                        "(use e.g. vit_base_patch16_224)")
     if pretrained in ("none", "", None):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError:  # img_size/depth are ViT arguments
+            raise not_vit from None
     elif pretrained == "timm":
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
@@ -47,12 +52,14 @@ def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 
         if not path.is_file():
             raise UserError(f"model.learner.pretrained: no checkpoint file at {path} "
                             "(use none, timm, or a path to a weights file)")
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError:
+            raise not_vit from None
         if isinstance(model, VisionTransformer):
             _load_local(model, path, name)
     if not isinstance(model, VisionTransformer):
-        raise UserError(f"model.learner.backbone: '{name}' is a {type(model).__name__}, "
-                        "not a timm VisionTransformer (use e.g. vit_base_patch16_224)")
+        raise not_vit
     return model
 
 
