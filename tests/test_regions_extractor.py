@@ -24,7 +24,8 @@ def _frames(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_detector():
     torch.manual_seed(0)
-    return build_detector("fasterrcnn_tiny", "none", min_size=64, max_size=96)
+    return build_detector("fasterrcnn_tiny", "none", min_size=64, max_size=96,
+                          rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=100)
 
 
 # ------------------------------------------------------------ top-K semantics
