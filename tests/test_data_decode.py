@@ -77,15 +77,32 @@ def test_auto_falls_back_to_pyav_and_images():
         assert img.shape == (3, 30, 40, 3)
 
 
+def _zero_frame_mp4() -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        st = out.add_stream("libx264", rate=8)
+        st.width, st.height, st.pix_fmt = 16, 16, "yuv420p"
+        out.start_encoding()
+    return buf.getvalue()
+
+
 def test_bad_media_raise_decode_errors():
     clip = encode_clip(8, 32, 24)
-    cases = {"corrupt_media": [b"not a video at all" * 10, clip[: len(clip) // 2], clip[:-200]], "empty_video": [b""]}
+    cases = {"corrupt_media": [b"not a video at all" * 10, clip[: len(clip) // 2], clip[:-200]],
+             "empty_video": [b""]}
     for reason, blobs in cases.items():
         for blob in blobs:
             for backend in BACKENDS:
                 with pytest.raises(dec.DecodeError) as err:
                     dec.decode_video(blob, 2, "uniform", backend)
                 assert err.value.reason == reason, (backend, len(blob), err.value)
+    # a valid container whose video has zero frames
+    for backend in ("auto", "pyav"):
+        with pytest.raises(dec.DecodeError) as err:
+            dec.decode_video(_zero_frame_mp4(), 2, "uniform", backend)
+        assert err.value.reason == "empty_video"
     with pytest.raises(dec.DecodeError) as err:
         dec.decode_image(b"\x89PNG\r\n\x1a\nbroken")
     assert err.value.reason == "corrupt_media"

@@ -133,7 +133,7 @@ def decode_pyav(
         raise DecodeError("corrupt_media", f"pyav: {str(err).splitlines()[0][:200]}") from None
     try:
         if not container.streams.video:
-            raise DecodeError("no_media", "no video stream")
+            raise DecodeError("empty_video", "pyav: no video stream (zero frames)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         n, fps = _pyav_frame_count(stream, container)

@@ -43,7 +43,7 @@ SKIP_REASONS = {
     "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.npz in the sample",
     "no_caption": "no txt and no json caption",
     "corrupt_media": "the video/image bytes do not decode (corrupt, truncated, unknown codec)",
-    "empty_video": "the video has zero frames (or zero bytes)",
+    "empty_video": "the video has zero frames, zero bytes or no video stream",
     "corrupt_regions": "regions.npz is unreadable or its arrays do not match",
 }
 MAX_BAD_RECORDS = 1000
