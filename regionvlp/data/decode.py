@@ -287,24 +287,24 @@ def _looks_like_image(data: bytes) -> bool:
 def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[random.Random] = None) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 → ``[T, 3, size, size]`` uint8.
 
-    Short side resized to ``size`` (antialiased), then a random crop + horizontal flip
-    in training, a centre crop otherwise. The same crop applies to every frame.
+    The same as resizing the short side to ``size`` and cropping ``size × size``: a
+    random crop + horizontal flip in training, the centre otherwise, the same for every
+    frame. The square is cut first and only it is resized (antialiased), which saves the
+    resize work on the pixels a crop would throw away.
     """
     rng = rng or random
     clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W]
     h, w = clip.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-        resized = torch.nn.functional.interpolate(clip.float(), size=(nh, nw), mode="bilinear", antialias=True,
-                                                  align_corners=False)  # [T, 3, nh, nw]
-        clip = resized.round_().clamp_(0, 255).to(torch.uint8)
-        h, w = nh, nw
+    side = min(h, w)
     if training:
-        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+        top, left = rng.randint(0, h - side), rng.randint(0, w - side)
     else:
-        top, left = (h - size) // 2, (w - size) // 2
-    clip = clip[..., top : top + size, left : left + size]
+        top, left = (h - side) // 2, (w - side) // 2
+    clip = clip[..., top : top + side, left : left + side]  # [T, 3, side, side]
+    if side != size:
+        resized = torch.nn.functional.interpolate(clip.float(), size=(size, size), mode="bilinear", antialias=True,
+                                                  align_corners=False)  # [T, 3, size, size]
+        clip = resized.round_().clamp_(0, 255).to(torch.uint8)
     if training and rng.random() < 0.5:
         clip = clip.flip(-1)
     return clip.contiguous()  # [T, 3, size, size]
