@@ -47,15 +47,16 @@ class RegionInteraction(nn.Module):
             raise ValueError(f"the region interaction needs at least 1 layer, got {layers}")
         self.max_frames = max_frames
         self.time_embed = nn.Parameter(torch.zeros(max_frames, dim))  # [T_max, C]
-        self.slot_embed = nn.Parameter(torch.zeros(num_regions, dim))  # [R, C]
+        # "pos_embed" in the name keeps it out of weight decay (engine.NO_DECAY_NAMES)
+        self.slot_pos_embed = nn.Parameter(torch.zeros(num_regions, dim))  # [R, C]
         nn.init.trunc_normal_(self.time_embed, std=0.02)
-        nn.init.trunc_normal_(self.slot_embed, std=0.02)
+        nn.init.trunc_normal_(self.slot_pos_embed, std=0.02)
         self.layers = nn.ModuleList(InteractionLayer(dim, heads, mlp_ratio) for _ in range(layers))
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """regions [B, T, R, C] -> [B, T, R, C]."""
         B, T, R, C = regions.shape
-        x = regions + self.time_embed[:T, None, :] + self.slot_embed[None, :, :]  # [B, T, R, C]
+        x = regions + self.time_embed[:T, None, :] + self.slot_pos_embed[None, :, :]  # [B, T, R, C]
         x = x.reshape(B, T * R, C)
         for layer in self.layers:
             x = layer(x)
