@@ -39,7 +39,13 @@ def _find_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str]:
         if not (ckpt_dir / tag).is_dir():
             raise UserError(f"{ckpt_dir}: no checkpoint '{tag}' (have: {', '.join(list_tags(ckpt_dir))})")
         return ckpt_dir, tag
-    found = resolve_resume(str(run_dir), run_dir)  # a tag folder or a checkpoints folder
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder; pass a run directory (run.out_dir) written by `regionvlp train`")
+    try:
+        found = resolve_resume(str(run_dir), run_dir)  # a tag folder or a checkpoints folder
+    except UserError:
+        raise UserError(f"{run_dir}: no checkpoints/ folder and not a checkpoint itself; pass a run directory "
+                        "(run.out_dir) written by `regionvlp train`") from None
     assert found is not None
     return found
 
