@@ -359,7 +359,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     total_t0, total_wait, total_clips = time.perf_counter(), 0.0, 0
     step_terms: dict[str, float] = {}
     step_micro = 0
-    last_ckpt_step = -1
+    last_ckpt_step = state.step if resumed_from else -1  # a finished run resumed again saves nothing new
     eng.train()
 
     with E.StopFlag() as stop:
