@@ -96,3 +96,22 @@ def test_bad_freeze_and_missing_model_are_user_errors(minilm_dir, tmp_path, no_n
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="model.text.name to a local folder"):
         TextTower(OmegaConf.structured(TextConfig(name=str(tmp_path / "empty"))), 8)
+
+
+def test_distilbert_architecture_from_a_folder(minilm_dir, tmp_path, no_network):
+    """The default model family (DistilBERT: no token types, `transformer.layer`), random
+    init, tiny, saved like a hub folder: loads, freezes and projects the same way."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(dim=32, hidden_dim=64, n_layers=3, n_heads=2,
+                                     max_position_embeddings=32)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(tmp_path)
+    tower = TextTower(OmegaConf.structured(TextConfig(name=str(tmp_path), freeze_embeddings=True,
+                                                      freeze_layers=1)), 16)
+    layers = tower.encoder.transformer.layer
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in tower.encoder.embeddings.parameters())
+    enc = tower.tokenizer(["a small green cube"], padding="max_length", max_length=8, return_tensors="pt")
+    out = tower(enc["input_ids"], enc["attention_mask"])
+    assert out.words.shape == (1, 8, 16) and out.word_mask.sum().item() == 4
