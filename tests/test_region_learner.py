@@ -115,6 +115,8 @@ def test_bad_settings_are_user_errors():
         tiny_pathway("model.learner.backbone=resnet18")
     with pytest.raises(UserError, match="max_frames"):
         tiny_pathway()(clip(1, 5))
+    with pytest.raises(UserError, match=r"model.learner.max_frames >= 8"):
+        tiny_pathway("data.num_frames=2", "train.frame_curriculum=[[0,2],[100,8]]")
     with pytest.raises(UserError, match="mask_norm"):
         tiny_pathway("model.learner.mask_norm=hard")
 
@@ -285,7 +287,7 @@ def test_resize_time_embed():
 
 
 def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_path):
-    pre = tiny_pathway("model.learner.max_frames=1", "model.learner.interaction_layers=2", seed=1)
+    pre = tiny_pathway("model.learner.max_frames=1", "data.num_frames=1", "model.learner.interaction_layers=2", seed=1)
     pre.train()(clip(2, 1))  # move the codebook off its init
     with torch.no_grad():
         pre.time_embed.weight.normal_()  # as if trained (it starts at zero)

@@ -41,6 +41,10 @@ def build_pathway(cfg) -> "RegionLearnerPathway":
         raise UserError(f"model.learner.ema_decay must be in [0, 1), got {lcfg.ema_decay}")
     if float(lcfg.commitment) < 0:
         raise UserError(f"model.learner.commitment must be >= 0, got {lcfg.commitment}")
+    frames = [int(cfg.data.num_frames)] + [int(t) for _, t in (cfg.train.frame_curriculum or [])]
+    if max(frames) > int(lcfg.max_frames):
+        raise UserError(f"clips of up to {max(frames)} frames (data.num_frames / train.frame_curriculum) but "
+                        f"model.learner.max_frames={lcfg.max_frames}; set model.learner.max_frames >= {max(frames)}")
     pathway = RegionLearnerPathway(lcfg, int(cfg.model.embed_dim))
     if str(lcfg.checkpoint) not in ("none", ""):
         load_checkpoint(pathway, lcfg.checkpoint, temporal=str(lcfg.temporal_resize))

@@ -75,7 +75,7 @@ def bench_learner(
     cfg = load_config(None, [
         "model.regions=learned", f"model.embed_dim={embed_dim}",
         f"model.learner.backbone={backbone}", f"model.learner.img_size={img_size}",
-        f"model.learner.depth={depth}", f"model.learner.max_frames={max(frames, 1)}",
+        f"model.learner.depth={depth}", f"model.learner.max_frames={frames}", f"data.num_frames={frames}",
         f"model.learner.codebook_size={codebook_size}", f"model.learner.code_dim={code_dim}",
         f"model.learner.num_regions={num_regions}", f"model.learner.interaction_layers={interaction_layers}",
         f"model.learner.divided_space_time={str(bool(divided_space_time)).lower()}",
