@@ -296,6 +296,9 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     state = TrainState()
     guard = E.NonFiniteGuard(int(cfg.train.max_nonfinite))
 
+    if where is None and E.list_tags(ckpt.dir):
+        raise UserError(f"{ckpt.dir} already holds checkpoints of another run; continue it with "
+                        "train.resume=auto, or pick a new run.out_dir")
     resumed_from = None
     pending_rng: dict[str, Any] | None = None
     if where is not None:

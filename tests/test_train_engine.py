@@ -177,3 +177,8 @@ def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, base + ["train.max_steps=5", f"run.out_dir={tmp_path}/b"])
     with pytest.raises(E.NonFiniteLossError, match="non-finite losses in a row"):
         train(cfg)
+
+    # a fresh run never mixes with an old run's checkpoints
+    cfg = load_config(CONFIG, base + ["train.max_steps=3", f"run.out_dir={tmp_path}/a"])
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(cfg)
