@@ -279,3 +279,16 @@ def test_deepspeed_two_ranks_bf16(shards, tmp_path, stage, regions):
         changed = [n for n, p in init.named_parameters()
                    if p.requires_grad and not torch.equal(p, dict(model.named_parameters())[n])]
         assert changed, "exported weights equal the initial weights"
+
+
+def test_torchrun_two_ranks(shards, tmp_path):
+    """The same entry point under torchrun (env:// rendezvous, no --local_rank argument)."""
+    run = tmp_path / "torchrun"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 500),
+           "-m", "regionvlp.train", str(CONFIGS / "learned.yaml"), *data_overrides(shards, run, val=False),
+           "train.max_steps=2", "data.batch_size=2"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = _summary(p.stdout)
+    assert s["steps"] == 2 and s["world_size"] == 2 and s["samples"] == 8
+    assert len([ln for ln in p.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 prints the summary
