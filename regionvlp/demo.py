@@ -32,7 +32,7 @@ BOX_RECALL_TARGET = 0.8
 
 @dataclass
 class FitSettings:
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16
     lr: float = 2.0e-3
     max_clips: int | None = None  # training clips read for the fit (None: all)
