@@ -128,6 +128,7 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
     # 3. both pathways under one budget, evaluated, one report
     det_cfg.model.detector.weights = str(out / "detector.pt")
     learned_cfg = load_config(cdir / "learned.yaml", data_over + run_over)
+    _clear_previous_runs(out / "report")
     _stage(f"compare: both pathways, {det_cfg.train.max_steps} steps each on CPU")
     t0 = time.perf_counter()
     report = compare({"detector": det_cfg, "learned": learned_cfg}, out / "report", isolate=settings.isolate)
@@ -159,6 +160,18 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _stage(f"done in {timings['total']:.0f} s; report: {report['report']}")
     return summary
+
+
+def _clear_previous_runs(report_dir: Path) -> None:
+    """A demo re-run into the same ``--out`` starts its trainings afresh: the previous demo's
+    run dirs (recognised by their metrics.jsonl / config.yaml) are replaced, nothing else."""
+    import shutil
+
+    for name in ("detector", "learned"):
+        run = report_dir / name
+        if run.is_dir() and ((run / "metrics.jsonl").exists() or (run / "config.yaml").exists()):
+            print(f"demo: replacing the previous demo run in {run}", file=sys.stderr)
+            shutil.rmtree(run)
 
 
 def _meets(r1: float | None, chance: float | None) -> bool:

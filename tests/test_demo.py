@@ -60,3 +60,17 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     for png in Path(summary["report"]).parent.glob("*.png"):
         assert png.stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
+
+
+def test_rerun_replaces_only_previous_demo_runs(tmp_path):
+    from regionvlp.demo import _clear_previous_runs
+
+    report = tmp_path / "report"
+    (report / "detector" / "checkpoints").mkdir(parents=True)
+    (report / "detector" / "metrics.jsonl").write_text("{}\n")
+    (report / "learned").mkdir()
+    (report / "learned" / "notes.txt").write_text("not a run dir")  # kept: not a demo run
+    (report / "report.md").write_text("# old")
+    _clear_previous_runs(report)
+    assert not (report / "detector").exists()
+    assert (report / "learned" / "notes.txt").exists() and (report / "report.md").exists()
