@@ -522,11 +522,39 @@ def init_weights(model: torch.nn.Module, source: Path) -> None:
         state = consolidated_state_dict(*_find_checkpoint(source, None))
     else:
         raise UserError(f"train.init_from={source}: not an export folder or run directory")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        # a finetune may change frame counts etc.; shapes that match load, the rest is named
-        log.warning("init_from %s: %d missing, %d unexpected keys (e.g. %s)", source, len(missing),
-                    len(unexpected), (missing + unexpected)[:3])
+    load_init_state(model, state, str(source))
+
+
+def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict weights-only load for finetuning. A RegionLearner pathway goes through its own
+    loader (temporal embeddings resized to the new frame count, identity-initialised
+    temporal attention kept); every other key must match by name and shape, so no
+    pretrained weight is silently dropped. Mismatches are one UserError naming the keys."""
+    own = model.state_dict()
+    rest = dict(state)
+    if model_pathway_is_learned(model):
+        from regionvlp.region_learner import load_pathway_state
+
+        load_pathway_state(model.pathway, state)
+        rest = {k: v for k, v in state.items() if not k.startswith("pathway.")}
+        own = {k: v for k, v in own.items() if not k.startswith("pathway.")}
+    missing = [k for k in own if k not in rest]
+    unexpected = [k for k in rest if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+                  for k, v in rest.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{name}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
+        raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
+                        "use a checkpoint of the same pathway, text model and sizes")
+    model.load_state_dict(rest, strict=False)  # strict by the checks above; pathway keys loaded already
+
+
+def model_pathway_is_learned(model: torch.nn.Module) -> bool:
+    from regionvlp.region_learner.checkpoint import _ANCHOR
+
+    return any(k.startswith("pathway.") and k.endswith(_ANCHOR) for k in model.state_dict())
 
 
 def _save(ckpt: E.Checkpointer, eng: Any, state: TrainState, cfg: Any, rank: int, seg_elapsed: float) -> Path:
