@@ -291,6 +291,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except OmegaConfBaseException:
+            pass  # a key error: explained by the merge below
+        except Exception as err:  # yaml parse errors of the value
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"override '{override}': the value is not valid YAML ({detail}); quote strings "
+                              "with braces or commas, e.g. 'data.train.urls=[\"shards/{000000..000009}.tar\"]'"
+                              ) from None
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:

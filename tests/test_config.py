@@ -54,3 +54,10 @@ def test_pkgdir_resolver_points_at_shipped_model(minilm_dir: Path) -> None:
     assert Path(cfg.model.text.name) == minilm_dir
     with pytest.raises(ConfigError, match="no_such_pkg"):
         load_config(None, ["model.text.name=${pkgdir:no_such_pkg}/model"])
+
+
+def test_unquoted_brace_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"override 'data\.train\.urls=\[a/\{0\.\.3\}\.tar\]'.*quote"):
+        load_config(None, ["data.train.urls=[a/{0..3}.tar]"])
+    cfg = load_config(None, ['data.train.urls=["a/{0..3}.tar"]'])
+    assert list(cfg.data.train.urls) == ["a/{0..3}.tar"]
