@@ -47,6 +47,26 @@ def time_per_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
 
 
 # ------------------------------------------------------------------------- data
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds per call of each step. The variants alternate
+    call by call, so drift in clocks or in the load of a shared machine hits all alike;
+    CPU seconds are the steadier figure on a loaded box."""
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            synchronize(device)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {name: {"seconds": med(wall[name]), "cpu_seconds": med(cpu[name])} for name in steps}
+
+
 def _loop_clip(src: bytes, loops: int) -> bytes:
     """Remux ``src`` (no re-encode) ``loops`` times back to back into one MP4."""
     import io
@@ -344,12 +364,17 @@ def loss_peak(variant: str, batch: int, regions: int, words: int, dim: int, chun
         peak = torch.cuda.max_memory_allocated(dev) - before
         method = "torch.cuda.max_memory_allocated minus allocated before the first forward+backward"
     else:
-        before = _rss_bytes()
+        before, high_before = _rss_bytes(), _maxrss_bytes()
         value = step()
-        peak = _maxrss_bytes() - before
+        high_after = _maxrss_bytes()
+        # an earlier high-water mark (imports, warm-up) can hide a small step: then the step's
+        # peak is below what this method resolves, reported as 0 with resolved=False
+        peak = max(high_after - before, 0) if high_after > high_before else 0
+        resolved = high_after > high_before
         method = ("ru_maxrss high-water mark minus the resident set just before the first forward+backward, "
                   "each variant in a fresh process with MALLOC_MMAP_THRESHOLD_=65536 (freed buffers leave the RSS)")
-    return {"peak_bytes": int(peak), "loss": value, "memory_method": method}
+        return {"peak_bytes": int(peak), "loss": value, "memory_method": method, "peak_resolved": resolved}
+    return {"peak_bytes": int(peak), "loss": value, "memory_method": method, "peak_resolved": True}
 
 
 def loss_times(variants: list[str], batch: int, regions: int, words: int, dim: int, chunk: int, device: str,
@@ -362,18 +387,7 @@ def loss_times(variants: list[str], batch: int, regions: int, words: int, dim: i
     steps = {v: _loss_step(v, *inputs, chunk=chunk) for v in variants}
     for step in steps.values():
         step()
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for v, step in steps.items():
-            synchronize(dev)
-            w0, c0 = time.perf_counter(), time.process_time()
-            step()
-            synchronize(dev)
-            wall[v].append(time.perf_counter() - w0)
-            cpu[v].append(time.process_time() - c0)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {v: {"seconds": med(wall[v]), "cpu_seconds": med(cpu[v])} for v in variants}
+    return interleaved_times(steps, dev, repeats)
 
 
 def _loss_step(variant: str, leaves, rm, tm, *, chunk: int) -> Callable[[], float]:
@@ -446,6 +460,7 @@ def bench_loss(batch: int = 256, regions: int = 30, words: int = 32, dim: int = 
         result[f"{variant}_seconds"] = round(run["seconds"], 4)
         result[f"{variant}_cpu_seconds"] = round(run["cpu_seconds"], 4)
         result[f"{variant}_peak_bytes"] = run["peak_bytes"]
+        result[f"{variant}_peak_resolved"] = run["peak_resolved"]
     result.update(
         baseline="dense",
         memory_ratio=round(runs["chunked"]["peak_bytes"] / max(runs["dense"]["peak_bytes"], 1), 4),

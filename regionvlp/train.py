@@ -256,7 +256,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     ``on_end(engine, extractor)`` is called before returning (library use: inspect the
     trained model in the same process).
     """
-    from regionvlp.config import to_container, to_yaml
+    from regionvlp.config import to_yaml
     from regionvlp.data import build_loader
     from regionvlp.model import build_batch_transform, build_model
 

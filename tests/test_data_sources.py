@@ -4,7 +4,6 @@ resume), s3 from a moto_server on loopback, pipe: gating."""
 from __future__ import annotations
 
 import http.server
-import os
 import shutil
 import socket
 import subprocess

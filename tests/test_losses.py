@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -15,13 +16,7 @@ from regionvlp.losses import AlignmentLoss, region_word_scores
 from regionvlp.pathway import TextOutput, VideoOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------ dense reference
@@ -148,6 +143,8 @@ def test_learnable_temperature_is_clamped_and_trained():
     cfg = OmegaConf.structured(LossConfig(learnable_temperature=True, temperature=0.05, min_temperature=0.04))
     loss = AlignmentLoss(cfg)
     assert [n for n, _ in loss.named_parameters()] == ["log_temperature"]
+    # shape [1] (deepspeed.initialize cannot take 0-d parameters); tau itself is a scalar
+    assert loss.log_temperature.shape == (1,) and loss.temperature().shape == ()
     r, rm, t, tm = ragged_inputs(bv=4, bt=4, dtype=torch.float32)
     v_cls, t_cls = _outputs(r, rm, t, tm)
     out = loss(VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm))
@@ -158,6 +155,10 @@ def test_learnable_temperature_is_clamped_and_trained():
     assert loss.temperature().item() == pytest.approx(0.04)
     frozen = AlignmentLoss(OmegaConf.structured(LossConfig()))
     assert list(frozen.parameters()) == [] and frozen.temperature().item() == pytest.approx(0.05)
+    # a state with the older 0-d log_temperature still loads, learnable or not
+    for target in (loss, frozen):
+        target.load_state_dict({"log_temperature": torch.tensor(math.log(0.07))})
+        assert target.log_temperature.shape == (1,) and target.temperature().item() == pytest.approx(0.07)
 
 
 def test_bad_loss_values_are_user_errors():

@@ -4,7 +4,6 @@ and the same model trains from raw frames or from region shards."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

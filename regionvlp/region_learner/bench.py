@@ -13,12 +13,11 @@ GFLOPs of one step (``torch.utils.flop_counter``), which do not depend on load.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 
-from regionvlp.bench import device_name, resolve_device, synchronize
+from regionvlp.bench import device_name, interleaved_times, resolve_device, synchronize
 from regionvlp.errors import UserError
 
 
@@ -102,8 +101,6 @@ def bench_learner(
 
     steps = {"vit": _step_fn(vit, vit_loss, dev, torch_dtype),
              "learner": _step_fn(pathway, learner_loss, dev, torch_dtype)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}  # process CPU seconds: robust to a shared, loaded box
     peaks: dict[str, int] = {}
     for name, step in steps.items():  # warm-up (and peak memory) per variant
         if dev.type == "cuda":
@@ -123,16 +120,9 @@ def bench_learner(
         with counter:
             step()
         gflop[name] = counter.get_total_flops() / 1e9
-    for _ in range(iters):  # alternate so drift in clocks/load hits both alike
-        for name, step in steps.items():
-            synchronize(dev)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            synchronize(dev)
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    median_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+    timed = interleaved_times(steps, dev, iters)
+    median = {k: t["seconds"] for k, t in timed.items()}
+    median_cpu = {k: t["cpu_seconds"] for k, t in timed.items()}
     result: dict[str, Any] = {
         "bench": "learner",
         "device": device_name(dev),
