@@ -212,12 +212,6 @@ def initialize(model: nn.Module, cfg: Any) -> tuple[Any, torch.optim.Optimizer, 
     import deepspeed
 
     ds = deepspeed_config(cfg)
-    scalars = [n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 0]
-    if scalars:
-        # deepspeed broadcasts parameters as byte views, which 0-d tensors cannot give
-        raise UserError(f"0-d trainable parameters ({', '.join(scalars)}) cannot go through deepspeed.initialize; "
-                        "make them shape [1] in the module (or turn the option that creates them off, e.g. "
-                        "loss.learnable_temperature=false)")
     opt, sched = build_optimizer(model, cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                            config=ds, dist_init_required=False)

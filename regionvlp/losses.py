@@ -205,14 +205,24 @@ class AlignmentLoss(nn.Module):
         self.chunk_size = int(cfg.chunk_size)
         self.min_temperature = float(cfg.min_temperature)
         self.gather = bool(cfg.gather)
-        log_t = torch.tensor(math.log(float(cfg.temperature)))
+        # shape [1], not 0-d: deepspeed.initialize broadcasts parameters as byte views,
+        # which a 0-d tensor cannot give (the buffer has the same shape, so a checkpoint
+        # loads whether the temperature was learnable or not)
+        log_t = torch.tensor([math.log(float(cfg.temperature))])  # [1]
         if cfg.learnable_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_temperature"
+        if key in state_dict and state_dict[key].ndim == 0:  # written when it was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=self.min_temperature)
+        """tau, a 0-d tensor (differentiable in ``log_temperature`` when that is learnable)."""
+        return self.log_temperature.exp().clamp(min=self.min_temperature).reshape(())
 
     def forward(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:
         # the loss runs in fp32 whatever the towers ran in (bf16 logits lose the ranking)

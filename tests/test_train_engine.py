@@ -3,6 +3,7 @@ checkpoint keep-last-K / resume resolution, non-finite guard, stop flag."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -10,11 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from regionvlp import engine as E
-from regionvlp.config import load_config
+from regionvlp.config import LossConfig, load_config
 from regionvlp.errors import UserError
+from regionvlp.losses import AlignmentLoss
+from regionvlp.pathway import TextOutput, VideoOutput
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "learned.yaml"
 
@@ -115,10 +120,71 @@ def test_toy_engine_checkpoint_keep_last_and_resume(tmp_path):
         assert torch.equal(v, want[k])
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr) and eng2.global_steps == 4
 
-    scalar = Toy()
-    scalar.loss.log_temperature = nn.Parameter(torch.tensor(0.0))
-    with pytest.raises(UserError, match="loss.log_temperature"):
-        E.initialize(scalar, cfg)
+
+class TempToy(nn.Module):
+    """Linear toy towers in front of the real AlignmentLoss with loss.learnable_temperature=true."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pathway = nn.Linear(4, 8)
+        self.text_tower = nn.Linear(4, 8)
+        self.loss = AlignmentLoss(OmegaConf.structured(LossConfig(learnable_temperature=True, temperature=0.1,
+                                                                  local_weight=0.5, chunk_size=2)))
+
+    def forward(self, xv: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        v = F.normalize(self.pathway(xv), dim=-1)  # [B, 1+R, 8]: [CLS] then regions
+        t = F.normalize(self.text_tower(xt), dim=-1)  # [B, 1+L, 8]: [CLS] then words
+        rm = torch.ones(v.shape[0], v.shape[1] - 1, dtype=torch.bool)
+        wm = torch.ones(t.shape[0], t.shape[1] - 1, dtype=torch.bool)
+        return self.loss(VideoOutput(v[:, 0], v[:, 1:], rm), TextOutput(t[:, 0], t[:, 1:], wm))["loss"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_learnable_temperature_trains_under_the_engine(stage):
+    """The [1]-shaped log_temperature goes through deepspeed.initialize, gets the exact
+    gradient (autograd of the same model outside the engine, and finite differences),
+    sits in the loss no-decay group, and the optimizer moves it."""
+    from deepspeed.utils import safe_get_full_grad
+
+    cfg = load_config(None, ["data.batch_size=4", "train.max_steps=3", "optim.warmup_steps=1", "optim.lr=1e-2",
+                             f"deepspeed.zero_optimization.stage={stage}"])
+    torch.manual_seed(0)
+    model = TempToy()
+    ref = copy.deepcopy(model)
+    eng, opt, _, _ = E.initialize(model, cfg)
+    tau_param = eng.module.loss.log_temperature
+    assert tau_param.shape == (1,)
+    group = next(g for g in opt.param_groups if g.get("group") == "loss_no_decay")
+    assert group["weight_decay"] == 0.0
+
+    g = torch.Generator().manual_seed(1)
+    xv, xt = torch.randn(4, 4, 4, generator=g), torch.randn(4, 5, 4, generator=g)
+    loss = eng(xv, xt)
+    eng.backward(loss)
+    grad = safe_get_full_grad(tau_param)
+    ref_loss = ref(xv, xt)
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    want = ref.loss.log_temperature.grad
+    assert grad.shape == (1,) and float(want.abs()) > 1e-4
+    torch.testing.assert_close(grad.float(), want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # d loss / d log_temperature by central differences
+        eps, base = 1e-3, ref.loss.log_temperature.clone()
+        ref.loss.log_temperature.copy_(base + eps)
+        up = ref(xv, xt).item()
+        ref.loss.log_temperature.copy_(base - eps)
+        down = ref(xv, xt).item()
+    assert float(grad) == pytest.approx((up - down) / (2 * eps), rel=2e-3)
+
+    before = float(tau_param.detach())
+    eng.step()
+    for _ in range(2):
+        loss = eng(xv, xt)
+        eng.backward(loss)
+        eng.step()
+    after = float(eng.module.loss.log_temperature.detach())
+    assert after != before and math.isfinite(after)
+    assert eng.module.loss.temperature().shape == ()
 
 
 def test_nonfinite_guard_skips_then_aborts():

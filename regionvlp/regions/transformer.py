@@ -5,6 +5,13 @@ Each region token = Linear(F->H)(RoI feature) + Linear(7->H)([x1,y1,x2,y2,w,h,w*
 transformer layers follow. Padded regions (mask False) are never attended to and their
 outputs are zeroed, so their content cannot change anything. With ``frame_local`` a
 region attends only to the regions of its own frame while [CLS] attends to all.
+
+The temporal embedding and the [CLS] token live in small submodules
+(:class:`TemporalPosEmbed`, :class:`ClsToken`) whose own ``forward`` uses them and
+returns a plain tensor, so DeepSpeed ZeRO-3's per-module gather hooks see every use of
+them (a parameter used directly by a parent whose forward returns a dataclass is not
+re-gathered for backward). Checkpoints with the older top-level names (``temporal``,
+``cls_token``) still load.
 """
 
 from __future__ import annotations
@@ -81,6 +88,32 @@ def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor
     return allowed | eye
 
 
+class TemporalPosEmbed(nn.Module):
+    """Learned embedding of the frame index: ``forward(x [B, T, K, H]) -> x + pos_embed[:T]``."""
+
+    def __init__(self, max_frames: int, hidden: int) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(max_frames, hidden))  # [T_max, H]; init by the owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos_embed[: x.shape[1], None, :].to(x.dtype)
+
+
+class ClsToken(nn.Module):
+    """A learned [CLS] token: ``forward(x [B, N, H]) -> [B, 1+N, H]`` with [CLS] first."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))  # [1, 1, H]; init by the owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+
+
+# top-level parameter names of older checkpoints -> their submodule names now
+_RENAMED = {"temporal": "temporal.pos_embed", "cls_token": "cls.cls_token"}
+
+
 class RegionTransformer(nn.Module):
     """``forward(batch) -> VideoOutput`` from ``region_feats`` [B,T,K,F], ``region_boxes`` [B,T,K,4],
     ``region_mask`` [B,T,K]."""
@@ -94,15 +127,21 @@ class RegionTransformer(nn.Module):
         self.frame_local = frame_local
         self.feat_proj = nn.Linear(feature_dim, hidden)
         self.box_proj = nn.Linear(7, hidden)
-        self.temporal = nn.Parameter(torch.zeros(max_frames, hidden))  # [T_max, H]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))  # [1, 1, H]
+        self.temporal = TemporalPosEmbed(max_frames, hidden)  # temporal.pos_embed [T_max, H]
+        self.cls = ClsToken(hidden)  # cls.cls_token [1, 1, H]
         self.input_norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, embed_dim)
-        nn.init.trunc_normal_(self.temporal, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.temporal.pos_embed, std=0.02)  # last, as before: same init per seed
+        nn.init.trunc_normal_(self.cls.cls_token, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in _RENAMED.items():  # checkpoints written before the submodules existed
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: dict[str, Any]) -> VideoOutput:
         if "region_feats" not in batch:
@@ -123,8 +162,8 @@ class RegionTransformer(nn.Module):
         # zero the padded inputs so nothing about them can leak (even through NaN/inf values)
         feats = torch.where(m, feats.to(dtype), torch.zeros((), dtype=dtype, device=feats.device))
         boxes = torch.where(m, boxes.to(dtype), torch.zeros((), dtype=dtype, device=boxes.device))
-        x = self.feat_proj(feats) + self.box_proj(box_vector(boxes)) + self.temporal[:t, None, :]  # [B, T, K, H]
-        x = torch.cat([self.cls_token.expand(b, 1, -1), x.reshape(b, t * k, -1)], dim=1)  # [B, 1+T*K, H]
+        x = self.temporal(self.feat_proj(feats) + self.box_proj(box_vector(boxes)))  # [B, T, K, H]
+        x = self.cls(x.reshape(b, t * k, -1))  # [B, 1+T*K, H]
         x = self.drop(self.input_norm(x))
         allowed = attention_mask(mask, self.frame_local)  # [B, N, N]
         for blk in self.blocks:
