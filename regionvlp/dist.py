@@ -18,19 +18,25 @@ def _initialized() -> bool:
 
 
 def rank() -> int:
+    """RANK from the environment when set (launchers set it, and it agrees with their
+    group), else the process group's rank, else 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
     if _initialized():
         import torch.distributed as dist
 
         return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return 0
 
 
 def world_size() -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
     if _initialized():
         import torch.distributed as dist
 
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return 1
 
 
 def local_rank() -> int:

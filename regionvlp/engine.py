@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -61,7 +62,10 @@ def init_distributed() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized():  # a group from an earlier run in this process: DeepSpeed reads the env
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", "0")
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
@@ -70,6 +74,28 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def process_group():
+    """:func:`init_distributed` for one run. Without a launcher this starts a 1-process
+    group and sets RANK / WORLD_SIZE / MASTER_* for it; afterwards those env vars are
+    restored, so later code in the process (a data loader simulating ranks, a library
+    caller) sees the real environment. The group itself stays: DeepSpeed caches its
+    groups per process, so a later run in the same process reuses it."""
+    saved = {key: os.environ.get(key) for key in _GROUP_ENV}
+    init_distributed()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def train_device() -> torch.device:

@@ -256,11 +256,14 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     ``on_end(engine, extractor)`` is called before returning (library use: inspect the
     trained model in the same process).
     """
+    with E.process_group():
+        return _train(cfg, on_end=on_end)
+
+
+def _train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None) -> dict[str, Any]:
     from regionvlp.config import to_yaml
     from regionvlp.data import build_loader
     from regionvlp.model import build_batch_transform, build_model
-
-    E.init_distributed()
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()

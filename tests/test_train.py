@@ -137,10 +137,23 @@ def test_learned_trains_loss_falls(shards, tmp_path):
     run = tmp_path / "learned"
     cfg = load_config(CONFIGS / "learned.yaml",
                       data_overrides(shards, run, train_shards=1, val=False) + OVERFIT + ["train.ckpt_every=100"])
+    import torch.distributed as dist
+
+    assert "RANK" not in os.environ
     s = train(cfg)
     assert s["steps"] == 14 and s["nonfinite_skipped"] == 0
     assert s["final_loss"] < s["initial_loss"] - 0.2, (s["initial_loss"], s["final_loss"], _losses(run))
     assert s["val"] == {}
+    # the env vars train() set for its own 1-process group are restored, and the data side
+    # (regionvlp.dist) follows a later RANK / WORLD_SIZE over that leftover group
+    assert dist.is_initialized() and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    from regionvlp import dist as rdist
+
+    os.environ.update(RANK="1", WORLD_SIZE="2")
+    try:
+        assert (rdist.rank(), rdist.world_size()) == (1, 2)
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
 
 
 def test_frame_curriculum_and_epochs(shards, tmp_path):
