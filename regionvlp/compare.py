@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -132,68 +133,62 @@ def _fmt_bytes(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:.0f} MiB"
 
 
-def _plot_curves(runs: Sequence[RunResult], x: str, path: Path, xlabel: str, chance: float | None) -> None:
+@contextmanager
+def _figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (5.5, 3.6)):
+    """Axes for one PNG (Agg backend, no display); saved to ``path`` and closed on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in runs:
-        pts = [(v[x], v["t2v_r1"]) for v in r.val if not math.isnan(v.get(x, math.nan))]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=r.name)
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _finish_lines(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("text→video R@1 (%)")
-    ax.set_title(f"val R@1 over {xlabel.split(' ')[0]}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def _plot_curves(runs: Sequence[RunResult], x: str, path: Path, xlabel: str, chance: float | None) -> None:
+    with _figure(path) as ax:
+        for r in runs:
+            pts = [(v[x], v["t2v_r1"]) for v in r.val if not math.isnan(v.get(x, math.nan))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=r.name)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        _finish_lines(ax, xlabel, "text→video R@1 (%)", f"val R@1 over {xlabel.split(' ')[0]}")
 
 
 def _plot_loss(runs: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in runs:
-        if r.loss:
-            xs, ys = zip(*r.loss)
-            ax.plot(xs, ys, label=r.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path) as ax:
+        for r in runs:
+            if r.loss:
+                xs, ys = zip(*r.loss)
+                ax.plot(xs, ys, label=r.name)
+        _finish_lines(ax, "step", "training loss", "training loss")
 
 
 def _plot_cost(runs: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r.name for r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(7.5, 3.4))
-    a.bar(names, [r.clips_per_s or 0.0 for r in runs], color=["C0", "C1"][: len(runs)])
-    a.set_title("training throughput")
-    a.set_ylabel("clips / s")
-    b.bar(names, [(r.peak_bytes or 0) / 2**20 for r in runs], color=["C0", "C1"][: len(runs)])
-    b.set_title("peak memory")
-    b.set_ylabel("MiB")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    colors = ["C0", "C1"][: len(runs)]
+    with _figure(path, ncols=2, figsize=(7.5, 3.4)) as (a, b):
+        a.bar(names, [r.clips_per_s or 0.0 for r in runs], color=colors)
+        a.set_title("training throughput")
+        a.set_ylabel("clips / s")
+        b.bar(names, [(r.peak_bytes or 0) / 2**20 for r in runs], color=colors)
+        b.set_title("peak memory")
+        b.set_ylabel("MiB")
 
 
 def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title: str = "Detector vs learned regions",
