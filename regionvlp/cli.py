@@ -430,6 +430,30 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+# -------------------------------------------------------------------------- show
+def _cmd_show_regions(args: argparse.Namespace) -> dict:
+    from regionvlp.show import show_regions
+
+    return show_regions(args.checkpoint, args.urls, args.out, clips=args.clips, seed=args.seed, device=args.device)
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="pictures of a trained model's regions")
+    ssub = p.add_subparsers(dest="show_command", required=True)
+    r = ssub.add_parser(
+        "regions", help="DIR/regions.png: detector boxes or RegionLearner masks on a few clips of URLS",
+        description="For --clips clips of URLS (fixed by --seed), one sampled frame each with the checkpoint's "
+                    "regions drawn: the frozen detector's real boxes coloured by score (detector pathway) or the "
+                    "argmax of the RegionLearner's masks (learned pathway), and the caption.")
+    r.add_argument("checkpoint", help="a `regionvlp train` run dir or a `regionvlp export` dir (either pathway)")
+    r.add_argument("urls", nargs="+", help="shard specs to take the clips from (brace patterns allowed)")
+    r.add_argument("--out", required=True, help="output folder (gets regions.png)")
+    r.add_argument("--clips", type=int, default=4, help="clips to show (default 4)")
+    r.add_argument("--seed", type=int, default=None, help="which clips (default: the checkpoint's seed)")
+    r.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+    r.set_defaults(func=_cmd_show_regions)
+
+
 # ---------------------------------------------------------------------- detector
 def _split_urls_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """``URLS [key=value ...]``: a bare ``key=value`` (no ``/`` or ``:`` before the ``=``) is an override."""
@@ -507,6 +531,7 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_shards,
     _add_eval,
     _add_compare,
+    _add_show,
     _add_detector,
     _add_demo,
 ]

@@ -22,7 +22,9 @@ region tokens feed the region-word alignment loss.
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -134,6 +136,24 @@ class RegionLearnerPathway(nn.Module):
                               align_corners=False, antialias=True)
         x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         return x.to(self.time_embed.weight.dtype)
+
+    @contextmanager
+    def capture_masks(self) -> Iterator[list[torch.Tensor]]:
+        """Inside the block, every forward appends the RegionLearner's masks
+        [B, T, R, h, w] (normalised, on the patch grid) to the yielded list. A forward
+        hook on ``self.learner``: the forward itself is unchanged and costs the same."""
+        masks: list[torch.Tensor] = []
+        h, w = self.grid
+
+        def keep(module: nn.Module, args: tuple, out: LearnerOutput) -> None:
+            B, T, R, _ = out.masks.shape
+            masks.append(out.masks.detach().reshape(B, T, R, h, w))
+
+        handle = self.learner.register_forward_hook(keep)
+        try:
+            yield masks
+        finally:
+            handle.remove()
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.vit.blocks[i]

@@ -1,0 +1,329 @@
+"""Pictures of what each pathway calls a region: ``regionvlp show regions`` and the
+``regions.png`` / ``retrieval.png`` figures of the ``compare`` report.
+
+* :func:`pick_clips` — N clips of a shard set, fixed by a seed (the N keys with the
+  smallest ``sha256(seed:key)`` among the first ``pool`` samples), decoded as eval does;
+* :func:`region_views` — per clip, one sampled frame with the detector pathway's real
+  boxes (the frozen extractor's output where ``region_mask`` is True: pixel
+  coordinates, scores, class names when the weights name them) and/or the
+  RegionLearner's R masks for that frame (the model's own mask output, recorded by
+  :meth:`~regionvlp.region_learner.pathway.RegionLearnerPathway.capture_masks`);
+* :func:`plot_regions` — one row per clip: the frame, the boxes coloured by score, the
+  argmax of the R masks as a colour overlay, the caption;
+* :func:`retrieval_views` / :func:`plot_retrieval` — for a few captions, the top-5 clips
+  each pathway retrieves (a thumbnail per clip, the true clip outlined).
+
+Everything is drawn by matplotlib's Agg backend (no display); the same seed gives the
+same clips and the same picture, and every PNG is kept under :data:`MAX_PNG_BYTES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import textwrap
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from regionvlp.errors import UserError
+
+MAX_PNG_BYTES = 500_000
+PATHWAYS = ("detector", "learned")
+
+
+@dataclass
+class Loaded:
+    """A model ready to look at: the dual encoder, its batch transform, its config."""
+
+    model: Any
+    transform: Any  # the frozen region extractor (detector pathway) or None
+    cfg: Any
+    source: str
+
+    @property
+    def regions(self) -> str:
+        return str(self.cfg.model.regions)
+
+
+@dataclass
+class Clip:
+    key: str
+    caption: str
+    frames: torch.Tensor  # [T, 3, H, W] uint8, as eval decodes them
+
+
+@dataclass
+class DetectorView:
+    boxes: np.ndarray  # [k, 4] pixels (x1, y1, x2, y2) of the real boxes only
+    scores: np.ndarray  # [k]
+    labels: list[str]  # [k] class names ("" when the detector has none)
+
+
+@dataclass
+class LearnedView:
+    masks: np.ndarray  # [R, h, w] the RegionLearner's normalised masks on the patch grid
+
+
+@dataclass
+class ClipView:
+    key: str
+    caption: str
+    frame: np.ndarray  # [H, W, 3] uint8, the frame shown
+    frame_index: int  # which of the clip's sampled frames
+    num_frames: int
+    views: dict[str, DetectorView | LearnedView] = field(default_factory=dict)  # pathway name -> view
+
+
+# ------------------------------------------------------------------ loading
+def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """A run directory or export folder of either pathway; anything else is a UserError."""
+    from regionvlp.evaluate import load_eval_model
+
+    path = Path(checkpoint)
+    if path.is_file():
+        raise UserError(f"{path} is a file (a `regionvlp detector fit` or pathway weights file?), not a trained "
+                        "model; pass a `regionvlp train` run dir or a `regionvlp export` dir")
+    if path.is_dir() and not ((path / "model.safetensors").is_file() or (path / "checkpoints").is_dir()
+                              or (path / "latest").is_file() or path.name.startswith("step")):
+        raise UserError(f"{path} holds no trained model (no model.safetensors, no checkpoints/); pass a "
+                        "`regionvlp train` run dir or a `regionvlp export` dir")
+    model, transform, cfg, _ = load_eval_model(path, device)
+    if str(cfg.model.regions) not in PATHWAYS:
+        raise UserError(f"{path}: model.regions={cfg.model.regions}; expected one of {', '.join(PATHWAYS)}")
+    return Loaded(model=model, transform=transform, cfg=cfg, source=str(path))
+
+
+def expect_pathway(loaded: Loaded, name: str) -> None:
+    """A UserError when ``loaded`` is not a ``name`` (detector | learned) pathway model."""
+    if loaded.regions != name:
+        raise UserError(f"{loaded.source} is a {loaded.regions}-pathway checkpoint, not a {name} one "
+                        f"(its config has model.regions={loaded.regions})")
+
+
+# -------------------------------------------------------------------- clips
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def pick_clips(urls: Sequence[str], cfg: Any, n: int, seed: int, *, pool: int = 1000
+               ) -> tuple[list[Clip], dict[str, int]]:
+    """``n`` clips with frames, fixed by ``seed``, among the first ``pool`` samples of
+    ``urls`` (sorted by key); decoded with ``cfg.data`` eval settings. Returns the
+    clips and the skip counts (reason -> count) of the samples that could not be shown."""
+    from regionvlp.data import SkipCounter, parse_specs, register_webdataset_handlers
+    from regionvlp.data.pipeline import tar_samples
+
+    if n < 1:
+        raise UserError(f"--clips must be >= 1, got {n}")
+    d = cfg.data
+    shards = parse_specs(list(urls), allow_pipe=bool(d.allow_pipe))
+    register_webdataset_handlers()
+    counter = SkipCounter()
+    raw = tar_samples(shards.urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
+                      allow_pipe=bool(d.allow_pipe))
+    best: list[tuple[str, int, dict[str, Any]]] = []  # max-heap on rank via negated bytes
+    for i, sample in enumerate(raw):
+        if i >= pool:
+            break
+        item = (_neg(_rank(seed, sample["__key__"])), i, sample)
+        (heapq.heappush if len(best) < 2 * n else heapq.heappushpop)(best, item)
+    ordered = [s for _, _, s in sorted(best, key=lambda x: x[0], reverse=True)]  # smallest rank first
+    clips = _decode_clips(ordered, cfg, n, counter)
+    if not clips:
+        raise UserError(f"no clip with frames to show in {' '.join(urls)} (skipped: {counter.skipped or 'none'}); "
+                        "check the shards with `regionvlp shards check`")
+    return sorted(clips, key=lambda c: c.key), counter.skipped
+
+
+def _neg(hexdigest: str) -> str:
+    """A key that sorts in the opposite order of ``hexdigest`` (heapq keeps the smallest on top)."""
+    return hexdigest.translate(str.maketrans("0123456789abcdef", "fedcba9876543210"))
+
+
+def _decode_clips(raws: Sequence[dict[str, Any]], cfg: Any, n: int, counter: Any) -> list[Clip]:
+    import random
+
+    from regionvlp.data import decode_sample
+    from regionvlp.data.decode import DecodeError
+    from regionvlp.data.pipeline import decode_spec
+
+    spec = decode_spec(cfg, training=False)
+    clips: list[Clip] = []
+    for raw in raws:
+        if len(clips) == n:
+            break
+        try:
+            s = decode_sample(raw, spec, random.Random(0))
+        except DecodeError as err:
+            counter.add(err.reason, key=raw["__key__"], detail=err.detail)
+            continue
+        except Exception as err:  # noqa: BLE001 - a decoder bug on odd input skips the clip
+            counter.add("corrupt_media", key=raw["__key__"], detail=str(err)[:200])
+            continue
+        if "frames" not in s:
+            counter.add("no_frames", key=raw["__key__"], detail="region shard without frames")
+            continue
+        clips.append(Clip(key=str(s["__key__"]), caption=str(s["caption"]), frames=s["frames"]))
+    return clips
+
+
+# -------------------------------------------------------------------- views
+def class_names(dcfg: Any) -> list[str] | None:
+    """The detector's class names when ``model.detector.weights`` names torchvision weights."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(str(dcfg.arch))
+        return list(enum[str(dcfg.weights).split(".")[-1]].meta["categories"])
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+@torch.no_grad()
+def detector_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[DetectorView]:
+    """frames uint8 [B, T, 3, H, W] -> per clip the extractor's real boxes of frame ``t``."""
+    from regionvlp.model import prepare_batch
+
+    expect_pathway(loaded, "detector")
+    batch = prepare_batch({"frames": frames.to(loaded.transform.device)}, loaded.transform)
+    H, W = frames.shape[-2:]
+    scale = torch.tensor([W, H, W, H], dtype=torch.float32)
+    names = class_names(loaded.cfg.model.detector)
+    views = []
+    for b in range(frames.shape[0]):
+        real = batch["region_mask"][b, t].cpu()  # [K] bool
+        boxes = batch["region_boxes"][b, t].cpu().float()[real] * scale  # [k, 4] pixels
+        labels = batch["region_labels"][b, t].cpu()[real].tolist()
+        text = [names[i] if names and 0 <= i < len(names) else "" for i in labels]
+        views.append(DetectorView(boxes=boxes.numpy(), scores=batch["region_scores"][b, t].cpu().float()[real].numpy(),
+                                  labels=text))
+    return views
+
+
+@torch.no_grad()
+def learned_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[LearnedView]:
+    """frames uint8 [B, T, 3, H, W] -> per clip the R masks of frame ``t``, as the model's
+    own forward computes them."""
+    expect_pathway(loaded, "learned")
+    model = loaded.model
+    device = next(model.parameters()).device
+    with model.pathway.capture_masks() as masks:
+        model.encode_video({"frames": frames.to(device)})
+    m = masks[-1].float().cpu()  # [B, T, R, h, w]
+    return [LearnedView(masks=m[b, t].numpy()) for b in range(frames.shape[0])]
+
+
+def region_views(models: Mapping[str, Loaded], clips: Sequence[Clip], *, frame: int | None = None) -> list[ClipView]:
+    """One :class:`ClipView` per clip with each model's view of one sampled frame (the
+    middle one unless ``frame`` is given)."""
+    frames = torch.stack([c.frames for c in clips])  # [B, T, 3, H, W]
+    T = frames.shape[1]
+    t = T // 2 if frame is None else frame
+    if not 0 <= t < T:
+        raise UserError(f"frame {t} is outside the clips' {T} sampled frames")
+    out = [ClipView(key=c.key, caption=c.caption, frame=c.frames[t].permute(1, 2, 0).numpy(), frame_index=t,
+                    num_frames=T) for c in clips]
+    for name, loaded in models.items():
+        per_clip = detector_views(loaded, frames, t) if loaded.regions == "detector" else learned_views(loaded, frames, t)
+        for view, pv in zip(out, per_clip):
+            view.views[name] = pv
+    return out
+
+
+# ------------------------------------------------------------------ drawing
+@contextmanager
+def figure(path: Path, nrows: int, ncols: int, cell: tuple[float, float]) -> Iterator[np.ndarray]:
+    """A grid of axes (Agg) saved to ``path`` on exit, at a resolution that keeps the PNG
+    under :data:`MAX_PNG_BYTES`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell[0] * ncols, cell[1] * nrows), squeeze=False)
+    try:
+        yield axes
+        fig.tight_layout()
+        for dpi in (100, 80, 60, 45, 30):
+            fig.savefig(path, dpi=dpi, metadata={"Software": None})
+            if path.stat().st_size < MAX_PNG_BYTES:
+                break
+    finally:
+        plt.close(fig)
+
+
+def _blank(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_boxes(ax: Any, frame: np.ndarray, view: DetectorView) -> None:
+    """The frame with the real boxes [k, 4] (pixels) drawn, coloured by score (cyan = 0 … magenta = 1)."""
+    import matplotlib.patches as patches
+    from matplotlib import colormaps
+
+    cmap = colormaps["cool"]  # bright at both ends: visible on dark and light frames
+    ax.imshow(frame)
+    for (x1, y1, x2, y2), score, label in zip(view.boxes.tolist(), view.scores.tolist(), view.labels):
+        color = cmap(float(np.clip(score, 0.0, 1.0)))
+        ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.2))
+        if label:
+            ax.text(x1, y1, f"{label} {score:.2f}", color="white", fontsize=6, va="bottom",
+                    bbox={"facecolor": color, "alpha": 0.7, "pad": 0.5, "linewidth": 0})
+    _blank(ax)
+
+
+def draw_masks(ax: Any, frame: np.ndarray, view: LearnedView) -> None:
+    """The frame with the argmax of the R masks [R, h, w] over it, one colour per region."""
+    from matplotlib import colormaps
+
+    H, W = frame.shape[:2]
+    R = view.masks.shape[0]
+    ax.imshow(frame)
+    owner = view.masks.argmax(axis=0)  # [h, w] which region owns each patch
+    ax.imshow(owner, cmap=colormaps["tab20"].resampled(max(R, 2)), vmin=0, vmax=max(R - 1, 1), alpha=0.5,
+              interpolation="nearest", extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+    _blank(ax)
+
+
+def plot_regions(views: Sequence[ClipView], path: str | Path) -> Path:
+    """One row per clip: the frame, then each pathway's view; the caption under the frame."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(views[0].views) if views else []
+    with figure(path, len(views), 1 + len(names), (2.3, 2.5)) as axes:
+        for row, v in zip(axes, views):
+            row[0].imshow(v.frame)
+            _blank(row[0])
+            row[0].set_title(f"{v.key}  (frame {v.frame_index + 1}/{v.num_frames})", fontsize=7)
+            row[0].set_xlabel(textwrap.fill(v.caption, 34), fontsize=7)
+            for ax, name in zip(row[1:], names):
+                view = v.views[name]
+                if isinstance(view, DetectorView):
+                    draw_boxes(ax, v.frame, view)
+                    ax.set_title(f"{name}: {len(view.boxes)} boxes (colour = score)", fontsize=7)
+                else:
+                    draw_masks(ax, v.frame, view)
+                    ax.set_title(f"{name}: argmax of {view.masks.shape[0]} masks", fontsize=7)
+    return path
+
+
+# ------------------------------------------------------------------ command
+def show_regions(checkpoint: str | Path, urls: Sequence[str], out: str | Path, *, clips: int = 4,
+                 seed: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """``regionvlp show regions CHECKPOINT URLS --out DIR``: ``DIR/regions.png`` for the
+    checkpoint's pathway on ``clips`` clips of ``urls``; returns the JSON summary."""
+    if not urls:
+        raise UserError("show regions: give the shards to look at (URLS)")
+    loaded = load(checkpoint, device)
+    seed = int(loaded.cfg.seed if seed is None else seed)
+    picked, skipped = pick_clips(urls, loaded.cfg, clips, seed)
+    views = region_views({loaded.regions: loaded}, picked)
+    path = plot_regions(views, Path(out) / "regions.png")
+    return {"regions": loaded.regions, "image": str(path), "bytes": path.stat().st_size,
+            "clips": [v.key for v in views], "seed": seed, "skipped": skipped}
