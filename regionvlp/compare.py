@@ -191,9 +191,36 @@ def _plot_cost(runs: Sequence[RunResult], path: Path) -> None:
         b.set_ylabel("MiB")
 
 
+def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") -> dict[str, str]:
+    """``regions.png`` + ``retrieval.png`` of the runs' checkpoints (:mod:`regionvlp.show`);
+    when they cannot be drawn (e.g. a run without a checkpoint), ``{"note": why}``."""
+    from regionvlp.show import report_figures
+
+    try:
+        return report_figures({r.name: r.run_dir for r in runs}, out, device=device)
+    except UserError as err:
+        log.warning("compare: no region figures: %s", err)
+        return {"note": str(err)}
+
+
+def _figure_lines(figures: Mapping[str, str]) -> list[str]:
+    lines = ["## Regions", ""]
+    if "regions" in figures:
+        lines += ["What each pathway calls a region, on a few validation clips (one sampled frame each): "
+                  "the detector's real boxes coloured by score, the argmax of the RegionLearner's masks.", "",
+                  f"![regions per pathway]({Path(figures['regions']).name})", "",
+                  "Top-5 clips each pathway retrieves for a few validation captions (the true clip outlined):", "",
+                  f"![top-5 retrieved clips per pathway]({Path(figures['retrieval']).name})", ""]
+    else:
+        lines += [f"No region figures: {figures.get('note', 'not drawn')}", ""]
+    return lines
+
+
 def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title: str = "Detector vs learned regions",
-                 setup: Mapping[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
-    """``out_dir/report.md`` + PNG plots + ``summary.json``; returns the summary."""
+                 setup: Mapping[str, Any] | None = None, device: str | None = None,
+                 figures: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``out_dir/report.md`` + PNG plots + ``summary.json``; returns the summary.
+    ``figures``: what :func:`region_figures` returned (a "Regions" section)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
@@ -235,8 +262,10 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
               f"![R@1 over steps]({plots['r1_steps']})", "",
               f"![R@1 over wall-clock]({plots['r1_time']})", "",
               f"![training loss]({plots['loss']})", "",
-              f"![throughput and peak memory]({plots['cost']})", "",
-              "## Runs", ""]
+              f"![throughput and peak memory]({plots['cost']})", ""]
+    if figures is not None:
+        lines += _figure_lines(figures)
+    lines += ["## Runs", ""]
     lines += [f"- {r.name}: `{r.run_dir}`" for r in runs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -245,6 +274,8 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
         "plots": [str(out / p) for p in plots.values()],
         "chance_r1": chance,
     }
+    if figures is not None:
+        summary["figures"] = dict(figures)
     for r in runs:
         summary[r.name] = {**r.final, "clips_per_s": r.clips_per_s, "peak_bytes": r.peak_bytes,
                            "steps": r.steps, "final_loss": r.final_loss, "train_seconds": r.train_seconds,
@@ -266,7 +297,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     for r in runs:
         if not r.val:
             raise UserError(f"{r.run_dir}: no validation records in metrics.jsonl; train with data.val.urls set")
-    return write_report(runs, out_dir)
+    return write_report(runs, out_dir, figures=region_figures(runs, Path(out_dir)))
 
 
 # ------------------------------------------------------------------ training
@@ -389,7 +420,9 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
                                             "data.size", "data.train.urls", "data.val.urls", "loss")}
     from regionvlp.bench import device_name, resolve_device
 
-    return write_report(runs, out, setup=setup, device=device_name(resolve_device(str(first.run.device))))
+    device = resolve_device(str(first.run.device))
+    return write_report(runs, out, setup=setup, device=device_name(device),
+                        figures=region_figures(runs, out, str(device)))
 
 
 def _clips_per_s(cfg: Any, run: RunResult) -> float | None:

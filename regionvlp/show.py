@@ -313,6 +313,155 @@ def plot_regions(views: Sequence[ClipView], path: str | Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- retrieval
+@dataclass
+class Retrieved:
+    """One caption and the clips each pathway ranks first for it."""
+
+    caption: str
+    true_key: str
+    ranked: dict[str, list[str]] = field(default_factory=dict)  # pathway name -> top clip keys, best first
+
+
+def _thumb(frames: torch.Tensor, side: int) -> np.ndarray:
+    """frames uint8 [T, 3, H, W] -> the middle frame as [side, side, 3] uint8."""
+    import torch.nn.functional as F
+
+    x = frames[frames.shape[0] // 2].float()[None]  # [1, 3, H, W]
+    x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _batches(urls: Sequence[str], cfg: Any, thumbs: dict[str, np.ndarray], side: int,
+             skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Eval-decoded batches of ``urls``; the middle frame of every clip lands in ``thumbs``,
+    samples without frames are counted in ``skipped``."""
+    from regionvlp.data import collate, iter_samples
+
+    size = max(1, int(cfg.data.batch_size))
+    buf: list[dict[str, Any]] = []
+    stream = iter_samples(list(urls), cfg, training=False)
+    for sample in stream:
+        if "frames" not in sample:  # a region shard: no picture to show
+            skipped["no_frames"] = skipped.get("no_frames", 0) + 1
+            continue
+        thumbs[str(sample["__key__"])] = _thumb(sample["frames"], side)
+        buf.append(sample)
+        if len(buf) == size:
+            yield collate(buf, None, int(cfg.data.max_words))
+            buf = []
+    if buf:
+        yield collate(buf, None, int(cfg.data.max_words))
+
+
+def _tokenizer(cfg: Any):
+    from regionvlp import data
+    from regionvlp.data.pipeline import tokenizer_name
+
+    tok = data.load_tokenizer(tokenizer_name(cfg))
+    max_words = int(cfg.data.max_words)
+
+    def tokenize(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = data.tokenize(tok, captions, max_words)
+        return torch.as_tensor(ids).long(), torch.as_tensor(mask).long()
+
+    return tokenize
+
+
+def rank_clips(loaded: Loaded, urls: Sequence[str], *, max_clips: int = 1000, side: int = 64
+               ) -> tuple[Any, torch.Tensor, dict[str, np.ndarray]]:
+    """(embeddings, similarity [Nv, Nt], thumbnails by key) of the first ``max_clips``
+    clips of ``urls``, scored as ``regionvlp eval`` scores them."""
+    from regionvlp.evaluate import embed_local, similarity_matrix
+
+    thumbs: dict[str, np.ndarray] = {}
+    no_frames: dict[str, int] = {}
+    device = next(loaded.model.parameters()).device
+    emb = embed_local(loaded.model, _batches(urls, loaded.cfg, thumbs, side, no_frames), _tokenizer(loaded.cfg),
+                      batch_transform=loaded.transform, device=device, limit=max_clips)
+    emb.skipped.update(no_frames)
+    if not emb.keys:
+        raise UserError(f"no clip with frames to rank in {' '.join(urls)}; check them with `regionvlp shards check`")
+    return emb, similarity_matrix(loaded.model, emb, device=device), thumbs
+
+
+def retrieval_views(models: Mapping[str, Loaded], urls: Sequence[str], *, queries: int = 3, top: int = 5,
+                    seed: int = 0, max_clips: int = 1000) -> tuple[list[Retrieved], dict[str, np.ndarray]]:
+    """For ``queries`` captions (fixed by ``seed``: one per clip, the clips with the
+    smallest ``sha256(seed:key)``), each model's ``top`` clips of ``urls``."""
+    ranked = {name: rank_clips(m, urls, max_clips=max_clips) for name, m in models.items()}
+    emb0 = next(iter(ranked.values()))[0]
+    firsts = {}  # key -> its first caption
+    for j, v in enumerate(emb0.text_to_video.tolist()):
+        firsts.setdefault(emb0.keys[v], emb0.captions[j])
+    picked = sorted(firsts, key=lambda k: _rank(seed, k))[:queries]
+    items = [Retrieved(caption=firsts[k], true_key=k) for k in sorted(picked)]
+    thumbs: dict[str, np.ndarray] = {}
+    for name, (emb, sim, th) in ranked.items():
+        texts = {(emb.keys[v], emb.captions[j]): j for j, v in enumerate(emb.text_to_video.tolist())}
+        for item in items:
+            j = texts.get((item.true_key, item.caption))
+            if j is None:
+                raise UserError(f"{models[name].source} did not see clip {item.true_key} of {' '.join(urls)}; "
+                                "compare models on the same shards and data settings")
+            best = sim[:, j].topk(min(top, sim.shape[0])).indices.tolist()  # [top] video rows
+            item.ranked[name] = [emb.keys[i] for i in best]
+        thumbs.update(th)
+    return items, thumbs
+
+
+def plot_retrieval(items: Sequence[Retrieved], thumbs: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Per caption one row per pathway: its top clips (middle frame), the true clip outlined."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(items[0].ranked) if items else []
+    top = max((len(r) for it in items for r in it.ranked.values()), default=1)
+    with figure(path, len(items) * len(names), 1 + top, (1.25, 1.35)) as axes:
+        rows = iter(axes)
+        for item in items:
+            for i, name in enumerate(names):
+                row = next(rows)
+                label = f"“{textwrap.fill(item.caption, 22)}”\n\n{name}" if i == 0 else name
+                row[0].text(0.0, 0.5, label, fontsize=6.5, va="center", ha="left", transform=row[0].transAxes)
+                row[0].axis("off")
+                for rank, ax in enumerate(row[1:]):
+                    keys = item.ranked[name]
+                    if rank < len(keys):
+                        draw_thumb(ax, thumbs[keys[rank]], rank, keys[rank] == item.true_key)
+                    else:
+                        ax.axis("off")
+    return path
+
+
+def draw_thumb(ax: Any, thumb: np.ndarray, rank: int, true: bool) -> None:
+    """One retrieved clip: its thumbnail, its rank; the true clip gets a thick green frame."""
+    ax.imshow(thumb)
+    _blank(ax)
+    ax.set_title(f"#{rank + 1}" + (" (true)" if true else ""), fontsize=6.5, color="green" if true else "black")
+    for spine in ax.spines.values():
+        spine.set_edgecolor("limegreen" if true else "lightgrey")
+        spine.set_linewidth(3.0 if true else 0.8)
+
+
+# ------------------------------------------------------------------- report
+def report_figures(run_dirs: Mapping[str, str | Path], out: str | Path, *, clips: int = 4, queries: int = 3,
+                   seed: int | None = None, device: str = "cpu") -> dict[str, str]:
+    """``out/regions.png`` and ``out/retrieval.png`` for the ``compare`` report, on the
+    first run's validation shards (``data.val.urls``); returns name -> path."""
+    models = {name: load(d, device) for name, d in run_dirs.items()}
+    first = next(iter(models.values()))
+    urls = [str(u) for u in first.cfg.data.val.urls]
+    if not urls:
+        raise UserError(f"{first.source}: its config has no data.val.urls to take the clips from")
+    seed = int(first.cfg.seed if seed is None else seed)
+    out = Path(out)
+    picked, _ = pick_clips(urls, first.cfg, clips, seed)
+    regions = plot_regions(region_views(models, picked), out / "regions.png")
+    items, thumbs = retrieval_views(models, urls, queries=queries, seed=seed)
+    retrieval = plot_retrieval(items, thumbs, out / "retrieval.png")
+    return {"regions": str(regions), "retrieval": str(retrieval)}
+
+
 # ------------------------------------------------------------------ command
 def show_regions(checkpoint: str | Path, urls: Sequence[str], out: str | Path, *, clips: int = 4,
                  seed: int | None = None, device: str = "cpu") -> dict[str, Any]:

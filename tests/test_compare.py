@@ -54,6 +54,9 @@ def test_compare_runs_writes_report_with_both_pathways(tmp_path):
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
         assert f"({Path(png).name})" in report
     assert summary["detector"]["t2v_r1"] == 25.0 and summary["learned"]["t2v_r1"] == 15.0
+    # run dirs without checkpoints: the report says why it has no region pictures
+    assert "## Regions" in report and "No region figures:" in report and "no trained model" in report
+    assert "no trained model" in summary["figures"]["note"]
     assert summary["chance_r1"] == 5.0
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["learned"]["clips_per_s"] == 3.5
 
@@ -110,6 +113,10 @@ def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards, ca
         assert (tmp_path / "cmp" / name / "metrics.jsonl").is_file()
     assert summary["chance_r1"] == pytest.approx(100 / 3)
     assert all(Path(p).stat().st_size > 1000 for p in summary["plots"])
+    for name in ("regions", "retrieval"):  # pictures of both pathways' regions and top-5 clips
+        png = tmp_path / "cmp" / f"{name}.png"
+        assert summary["figures"][name] == str(png) and f"]({name}.png)" in report
+        assert png.read_bytes()[:4] == b"\x89PNG" and 1000 < png.stat().st_size < 500_000
 
     # `regionvlp eval` on the exported detector run gives the compare's final numbers
     from regionvlp.checkpoint import export

@@ -136,3 +136,36 @@ def test_show_regions_cli_and_wrong_kinds(exports, val_urls, tmp_path, capsys):
     learned = show.load(exports["learned"])
     with pytest.raises(UserError, match="learned-pathway checkpoint, not a detector one"):
         show.detector_views(learned, torch.zeros(1, 2, 3, 64, 64, dtype=torch.uint8), 0)
+
+
+def test_retrieval_ranks_as_the_model_scores(exports, val_urls, tmp_path, monkeypatch):
+    models = {name: show.load(path) for name, path in exports.items()}
+    items, thumbs = show.retrieval_views(models, [val_urls], queries=3, top=5, seed=0)
+    assert len(items) == 3 and len({it.true_key for it in items}) == 3
+    clips, _ = show.pick_clips([val_urls], models["learned"].cfg, 6, seed=0)  # all 6 val clips
+    frames = torch.stack([c.frames for c in clips])
+    from regionvlp import data
+
+    tok = data.load_tokenizer(str(models["learned"].cfg.model.text.name))
+    for name, loaded in models.items():
+        with torch.no_grad():
+            batch = {"frames": frames}
+            if loaded.transform is not None:
+                batch.update(loaded.transform(frames))
+            video = loaded.model.encode_video(batch)
+            for item in items:
+                ids, mask = data.tokenize(tok, [item.caption], int(loaded.cfg.data.max_words))
+                text = loaded.model.encode_text(torch.as_tensor(ids).long(), torch.as_tensor(mask).long())
+                scores = loaded.model.similarity(video, text)[:, 0]  # [6]
+                expect = [clips[i].key for i in scores.topk(5).indices.tolist()]
+                assert item.ranked[name] == expect, (name, item.caption)
+    assert set(thumbs) == {c.key for c in clips} and thumbs[clips[0].key].shape == (64, 64, 3)
+
+    calls: list[tuple[int, bool]] = []
+    real = show.draw_thumb
+    monkeypatch.setattr(show, "draw_thumb", lambda ax, th, rank, true: (calls.append((rank, true)), real(ax, th, rank, true)))
+    png = show.plot_retrieval(items, thumbs, tmp_path / "retrieval.png")
+    assert len(calls) == 3 * 2 * 5
+    outlined = [true for _, true in calls]
+    assert sum(outlined) == sum(it.true_key in r for it in items for r in it.ranked.values())
+    assert png.read_bytes()[:4] == b"\x89PNG" and 1000 < png.stat().st_size < show.MAX_PNG_BYTES
