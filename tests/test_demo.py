@@ -59,6 +59,8 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert f"{summary['detector']['t2v_r1']:.2f} %" in report
     for png in Path(summary["report"]).parent.glob("*.png"):
         assert png.stat().st_size > 1000
+    for name in ("regions", "retrieval"):  # both pathways' regions, top-5 clips per caption
+        assert f"]({name}.png)" in report and (Path(summary["report"]).parent / f"{name}.png").is_file()
     assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
 
 

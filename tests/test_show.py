@@ -126,6 +126,11 @@ def test_show_regions_cli_and_wrong_kinds(exports, val_urls, tmp_path, capsys):
                  "--clips", "2"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["regions"] == "learned" and len(out["clips"]) == 2 and Path(out["image"]).is_file()
+    first = Path(out["image"]).read_bytes()
+    assert main(["show", "regions", str(exports["learned"]), val_urls, "--out", str(tmp_path / "o"),
+                 "--clips", "2"]) == 0
+    assert Path(out["image"]).read_bytes() == first  # same seed, same clips, same picture
+    capsys.readouterr()
 
     fit_ckpt = tmp_path / "detector.pt"  # what `regionvlp detector fit` writes: a detector alone
     torch.save({"arch": "fasterrcnn_tiny", "state_dict": {}}, fit_ckpt)
@@ -169,3 +174,24 @@ def test_retrieval_ranks_as_the_model_scores(exports, val_urls, tmp_path, monkey
     outlined = [true for _, true in calls]
     assert sum(outlined) == sum(it.true_key in r for it in items for r in it.ranked.values())
     assert png.read_bytes()[:4] == b"\x89PNG" and 1000 < png.stat().st_size < show.MAX_PNG_BYTES
+
+
+def test_box_labels_are_class_names_when_the_weights_have_them():
+    from types import SimpleNamespace
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = show.class_names(SimpleNamespace(arch="fasterrcnn_resnet50_fpn", weights="COCO_V1"))
+    assert names[:2] == ["__background__", "person"]  # the torchvision enum's meta, no download
+    assert show.class_names(SimpleNamespace(arch="fasterrcnn_tiny", weights="none")) is None
+    view = show.DetectorView(boxes=np.array([[2.0, 3.0, 20.0, 30.0], [5.0, 5.0, 9.0, 9.0]]),
+                             scores=np.array([0.9, 0.2]), labels=["person", ""])
+    fig, ax = plt.subplots()
+    show.draw_boxes(ax, np.zeros((32, 32, 3), np.uint8), view)
+    assert [t.get_text() for t in ax.texts] == ["person 0.90"]  # unnamed boxes get no text
+    rects = [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches]
+    assert rects == [(2.0, 3.0, 18.0, 27.0), (5.0, 5.0, 4.0, 4.0)]
+    plt.close(fig)
