@@ -85,6 +85,8 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
     from regionvlp.evaluate import load_eval_model
 
     path = Path(checkpoint)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but no GPU is visible; use --device cpu")
     if path.is_file():
         raise UserError(f"{path} is a file (a `regionvlp detector fit` or pathway weights file?), not a trained "
                         "model; pass a `regionvlp train` run dir or a `regionvlp export` dir")

@@ -138,6 +138,9 @@ def test_show_regions_cli_and_wrong_kinds(exports, val_urls, tmp_path, capsys):
         assert main(["show", "regions", str(wrong), val_urls, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "run dir" in err[0] and "export" in err[0]
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no GPU"):
+            show.load(exports["learned"], "cuda")
     learned = show.load(exports["learned"])
     with pytest.raises(UserError, match="learned-pathway checkpoint, not a detector one"):
         show.detector_views(learned, torch.zeros(1, 2, 3, 64, 64, dtype=torch.uint8), 0)
