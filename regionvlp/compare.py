@@ -201,6 +201,9 @@ def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") ->
     except UserError as err:
         log.warning("compare: no region figures: %s", err)
         return {"note": str(err)}
+    except Exception as err:  # noqa: BLE001 - pictures must not cost a finished comparison its report
+        log.exception("compare: drawing the region figures failed")
+        return {"note": f"drawing them failed ({type(err).__name__}: {err}); see the log"}
 
 
 def _figure_lines(figures: Mapping[str, str]) -> list[str]:

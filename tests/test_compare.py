@@ -61,6 +61,22 @@ def test_compare_runs_writes_report_with_both_pathways(tmp_path):
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["learned"]["clips_per_s"] == 3.5
 
 
+def test_a_drawing_failure_costs_the_report_only_its_pictures(tmp_path, monkeypatch):
+    from regionvlp import show
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(show, "report_figures", broken)
+    a = fake_run(tmp_path / "runs" / "det", "detector", [10.0, 25.0], 2.0)
+    b = fake_run(tmp_path / "runs" / "learn", "learned", [5.0, 15.0], 1.0)
+    summary = compare_runs([a, b], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| t2v_r1 | 25.00 | 15.00 |" in report
+    assert "No region figures: drawing them failed (RuntimeError: out of memory)" in report
+    assert summary["figures"]["note"].startswith("drawing them failed")
+
+
 def test_compare_runs_needs_validation_records(tmp_path):
     a = fake_run(tmp_path / "a", "detector", [10.0, 25.0], 2.0)
     b = tmp_path / "b"
