@@ -40,7 +40,7 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     num_frames: int = 4  # T frames per clip
     size: int = 224  # output H = W
-    train_sampling: str = "random_segment"  # random_segment | uniform | first
+    train_sampling: str = "random_segment"  # random_segment | uniform | first | keyframe
     eval_sampling: str = "uniform"
     backend: str = "auto"  # auto | decord | pyav
     batch_size: int = 8  # per rank
@@ -183,7 +183,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.regions": ("detector", "learned"),
     "data.backend": ("auto", "decord", "pyav"),
-    "data.train_sampling": ("random_segment", "uniform", "first"),
+    "data.train_sampling": ("random_segment", "uniform", "first", "keyframe"),
     "data.eval_sampling": ("random_segment", "uniform", "first"),
     "model.learner.mask_norm": ("softmax", "sigmoid"),
     "model.detector.autocast": ("bf16", "fp16", "none"),

@@ -168,3 +168,120 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="cannot load tokenizer"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------- decoder-side resize, keyframes
+def _marker_clip(width: int = 160, height: int = 96, frames: int = 4) -> bytes:
+    """A clip with a white square on grey (its centre at x=100, y=40) and a soft ramp."""
+    import av
+
+    buf = io.BytesIO()
+    xx = np.linspace(40, 120, width)[None, :].repeat(height, 0)
+    with av.open(buf, "w", format="mp4") as out:
+        st = out.add_stream("libx264", rate=8)
+        st.width, st.height, st.pix_fmt = width, height, "yuv420p"
+        st.options = {"crf": "12"}
+        for _ in range(frames):
+            img = np.repeat(xx[..., None], 3, -1).astype(np.uint8)
+            img[30:50, 90:110] = 255
+            for pkt in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    return buf.getvalue()
+
+
+def _centroid(img: torch.Tensor) -> tuple[float, float]:
+    mask = (img.float().mean(0) > 200).float()  # [H, W] the white marker
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return ys.float().mean().item(), xs.float().mean().item()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("decord", marks=needs_decord), "pyav"])
+def test_decoder_side_resize_keeps_the_crop_geometry(backend):
+    """Scaling in the decoder's converter (short side straight to the target) gives the
+    crop that decoding at full size + crop + resize gave: marker centroid within 1 px,
+    mean pixel difference within 6 levels (different resampling filters)."""
+    clip = _marker_clip()
+    full = dec.decode_video(clip, 2, "uniform", backend)  # [2, 96, 160, 3]: the old path
+    small = dec.decode_video(clip, 2, "uniform", backend, short_side=48)
+    assert full.shape == (2, 96, 160, 3) and small.shape == (2, 48, 80, 3)
+    old = dec.resize_crop(full, 48, training=False)  # [2, 3, 48, 48]
+    new = dec.resize_crop(small, 48, training=False)
+    assert old.shape == new.shape == (2, 3, 48, 48)
+    for a, b in zip(old, new):
+        (ya, xa), (yb, xb) = _centroid(a), _centroid(b)
+        assert abs(ya - yb) <= 1.0 and abs(xa - xb) <= 1.0, ((ya, xa), (yb, xb))
+    assert (old.float() - new.float()).abs().mean() < 6.0
+    # training crops: the same range of offsets (the marker never leaves the 48-px window)
+    for seed in range(6):
+        crop = dec.resize_crop(small, 48, training=True, rng=random.Random(seed))
+        assert crop.shape == (2, 3, 48, 48) and (crop.float().mean(1) > 200).any()
+
+
+def test_scaled_dims():
+    assert dec.scaled_dims(640, 360, 224) == (398, 224)
+    assert dec.scaled_dims(272, 640, 224) == (224, 527)
+    assert dec.scaled_dims(640, 272, 224) == (527, 224)
+    assert dec.scaled_dims(200, 100, 224) is None  # never upscaled in the decoder
+    assert dec.scaled_dims(640, 360, None) is None
+
+
+def _keyframe_indices_of(clip: bytes) -> set[int]:
+    """Frame indices whose packets the container flags as keyframes."""
+    import av
+
+    with av.open(io.BytesIO(clip)) as c:
+        st = c.streams.video[0]
+        tb, fps = float(st.time_base), float(st.average_rate)
+        return {int(round(p.pts * tb * fps)) for p in c.demux(st) if p.is_keyframe and p.pts is not None}
+
+
+def test_keyframe_indices_pick_per_segment():
+    keys = [0, 10, 20, 30, 40, 50]
+    rng = random.Random(0)
+    for _ in range(50):
+        one = dec.keyframe_indices(keys, 60, 1, rng)
+        assert len(one) == 1 and one[0] in keys
+        four = dec.keyframe_indices(keys, 60, 4, rng)
+        assert all(k in keys for k in four) and four == sorted(set(four))  # distinct, in segment order
+    assert dec.keyframe_indices([0], 60, 3, rng) == [0, 0, 0]  # one keyframe: repeats
+    assert dec.keyframe_indices([], 8, 1, rng) == [0]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("decord", marks=needs_decord), "pyav"])
+def test_keyframe_sampling_returns_keyframes(backend):
+    clip = encode_clip(64, 32, 24, gop=8)
+    keys = _keyframe_indices_of(clip)
+    assert 6 <= len(keys) <= 10, keys
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(12):
+        one = [frame_index(f) for f in dec.decode_video(clip, 1, "keyframe", backend, rng)]
+        assert one[0] in keys, (one, keys)
+        seen.add(one[0])
+        four = [frame_index(f) for f in dec.decode_video(clip, 4, "keyframe", backend, rng)]
+        assert all(i in keys for i in four), (four, keys)
+        assert four == sorted(set(four)), four  # T distinct frames in segment order
+        edges = np.linspace(0, 64, 5)
+        # each pick lies before the end of its own segment
+        assert all(i < edges[s + 1] for s, i in enumerate(four)), four
+    assert len(seen) >= 3  # random over the clip, not always the first keyframe
+
+
+def test_keyframe_sampling_decodes_one_frame_per_pick(monkeypatch):
+    """PyAV keyframe sampling: the decoder hands out only the picked keyframes."""
+    import av
+
+    clip = encode_clip(200, 16, 16, gop=25)
+    decoded = []
+    real_decode = av.container.InputContainer.decode
+
+    def counting_decode(self, *args, **kw):
+        for frame in real_decode(self, *args, **kw):
+            decoded.append(frame.key_frame)
+            yield frame
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", counting_decode)
+    dec.decode_pyav(clip, 4, "keyframe", random.Random(1))
+    assert len(decoded) == 4 and all(decoded), decoded

@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import math
 import random
+from bisect import bisect_right
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REGION_EXT = "regions.npz"
-SAMPLINGS = ("random_segment", "uniform", "first")
+SAMPLINGS = ("random_segment", "uniform", "first", "keyframe")
 BACKENDS = ("auto", "decord", "pyav")
 
 
@@ -40,7 +42,8 @@ def sample_indices(num_total: int, num_frames: int, mode: str, rng: Optional[ran
 
     ``random_segment``: one random frame in each of T equal segments (training);
     ``uniform``: the segment midpoints (eval); ``first``: the first T frames.
-    Fewer frames than T repeat indices.
+    Fewer frames than T repeat indices. (``keyframe`` needs the keyframe positions:
+    see :func:`keyframe_indices`; here, with none known, it is ``random_segment``.)
     """
     if num_total <= 0:
         raise DecodeError("empty_video", "no frames")
@@ -52,7 +55,7 @@ def sample_indices(num_total: int, num_frames: int, mode: str, rng: Optional[ran
         lo, hi = edges[i], edges[i + 1]
         if mode == "uniform":
             idx = int((lo + hi) / 2)
-        elif mode == "random_segment":
+        elif mode in ("random_segment", "keyframe"):
             rng = rng or random
             lo_i, hi_i = int(math.floor(lo)), max(int(math.ceil(hi)) - 1, int(math.floor(lo)))
             idx = rng.randint(lo_i, hi_i)
@@ -60,6 +63,35 @@ def sample_indices(num_total: int, num_frames: int, mode: str, rng: Optional[ran
             raise ValueError(f"unknown frame sampling {mode!r}; choose one of {', '.join(SAMPLINGS)}")
         out.append(min(max(idx, 0), num_total - 1))
     return out
+
+
+def keyframe_indices(keys: Sequence[int], num_total: int, num_frames: int, rng: Optional[random.Random] = None) -> list[int]:
+    """T keyframe indices for ``keyframe`` sampling: a random frame in each of T equal
+    segments, then the keyframe at or before it (decoding that one frame needs no other).
+
+    A pick that would repeat or go back to an earlier one moves on to the next keyframe
+    when there is one, so the T frames are distinct and in segment order whenever the
+    clip has enough keyframes; otherwise the last one repeats.
+    """
+    keys = sorted({int(k) for k in keys if 0 <= int(k) < num_total}) or [0]
+    out: list[int] = []
+    for target in sample_indices(num_total, num_frames, "random_segment", rng):
+        i = max(bisect_right(keys, target) - 1, 0)
+        if out and keys[i] <= out[-1]:
+            nxt = bisect_right(keys, out[-1])
+            i = nxt if nxt < len(keys) else i
+        out.append(keys[i] if not out or keys[i] >= out[-1] else out[-1])
+    return out
+
+
+def scaled_dims(width: int, height: int, short_side: Optional[int]) -> Optional[tuple[int, int]]:
+    """(width, height) with the short side exactly ``short_side`` and the aspect kept,
+    for the decoder's converter to scale to; None when the frame is not larger."""
+    if short_side is None or min(width, height) <= short_side:
+        return None
+    if width <= height:
+        return short_side, max(short_side, int(round(height * short_side / width)))
+    return max(short_side, int(round(width * short_side / height))), short_side
 
 
 # ---------------------------------------------------------------------- backends
@@ -71,14 +103,34 @@ def _have_decord() -> bool:
     return True
 
 
-def decode_decord(data: bytes, num_frames: int, mode: str, rng: Optional[random.Random] = None) -> np.ndarray:
-    """``[T, H, W, 3]`` uint8 via decord ``get_batch`` (reads only the needed frames)."""
+def video_dims(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from the container's stream header (nothing decoded); None when
+    PyAV cannot tell."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
+    except Exception:  # unreadable here: the decoder reports it with its own reason
+        return None
+
+
+def decode_decord(data: bytes, num_frames: int, mode: str, rng: Optional[random.Random] = None,
+                  short_side: Optional[int] = None) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 via decord ``get_batch`` (reads only the needed frames).
+
+    ``short_side``: decord's converter scales each frame to that short side (the size is
+    read from the stream header first). ``keyframe``: indices from ``get_key_indices``."""
     import decord
 
+    src_dims = video_dims(data) if short_side is not None else None
+    dims = scaled_dims(*src_dims, short_side) if src_dims else None
+    size_kw = {"width": dims[0], "height": dims[1]} if dims else {}
     error: Optional[DecodeError] = None
     frames = None
     try:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, **size_kw)
     except Exception as err:  # decord raises DECORDError (a RuntimeError) on bad input
         error = DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}")
     else:
@@ -87,7 +139,11 @@ def decode_decord(data: bytes, num_frames: int, mode: str, rng: Optional[random.
             if n <= 0:
                 error = DecodeError("empty_video", "decord: 0 frames")
             else:
-                frames = vr.get_batch(sample_indices(n, num_frames, mode, rng)).asnumpy()  # [T, H, W, 3]
+                if mode == "keyframe":
+                    idx = keyframe_indices(vr.get_key_indices(), n, num_frames, rng)
+                else:
+                    idx = sample_indices(n, num_frames, mode, rng)
+                frames = vr.get_batch(idx).asnumpy()  # [T, H, W, 3]
         except Exception as err:
             error = DecodeError("corrupt_media", f"decord: {str(err).splitlines()[0][:200]}")
         finally:
@@ -124,6 +180,8 @@ def decode_pyav(
     Frames are visited in order; when the next wanted frame is more than ``seek_gap``
     frames ahead the demuxer seeks to the keyframe before it. Decoding stops at the
     last wanted frame. ``short_side`` lets swscale shrink while converting to RGB.
+    ``keyframe``: seek to the keyframe at or before each pick and decode only it
+    (``skip_frame = "NONKEY"``), see :func:`pyav_keyframes`.
     """
     import av
 
@@ -135,7 +193,10 @@ def decode_pyav(
         if not container.streams.video:
             raise DecodeError("empty_video", "pyav: no video stream (zero frames)")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if mode == "keyframe":
+            stream.codec_context.thread_count = 1  # one frame per seek: threads only add start-up work
+        else:
+            stream.thread_type = "AUTO"
         n, fps = _pyav_frame_count(stream, container)
         if n <= 0:
             # metadata says nothing (raw streams, broken containers): count in one pass,
@@ -146,7 +207,9 @@ def decode_pyav(
             container.close()
             container = av.open(io.BytesIO(data), mode="r")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+        if mode == "keyframe":
+            idx, got = pyav_keyframes(container, stream, n, fps, num_frames, rng, short_side)
+            return np.stack([got[i] for i in idx])
         idx = sample_indices(n, num_frames, mode, rng)
         wanted = sorted(set(idx))
         got = _pyav_read(container, stream, wanted, fps, short_side, seek_gap)
@@ -170,10 +233,45 @@ def decode_pyav(
         container.close()
 
 
+def _pyav_start(stream) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def pyav_keyframes(container, stream, n: int, fps: float, num_frames: int, rng: Optional[random.Random],
+                   short_side: Optional[int]) -> tuple[list[int], dict[int, np.ndarray]]:
+    """``keyframe`` sampling with PyAV: (the T frame indices, index → [H, W, 3]).
+
+    One frame: a random time, then a backward seek (the demuxer's index lands on the
+    keyframe at or before it). T frames: the keyframe packets are listed first (demux
+    only, nothing decoded) and :func:`keyframe_indices` picks them. The decoder skips
+    every non-key frame (``skip_frame = "NONKEY"``), so each pick costs one decode.
+    """
+    tb, start = float(stream.time_base), _pyav_start(stream)
+    to_index = lambda pts: int(round((float(pts) * tb - start) * fps))  # noqa: E731
+    if num_frames == 1:
+        seeks = [int((start + sample_indices(n, 1, "random_segment", rng)[0] / fps) / tb)]
+    else:
+        key_pts = sorted(p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
+        by_index = {to_index(p): p for p in key_pts}
+        seeks = [by_index[i] for i in keyframe_indices(list(by_index), n, num_frames, rng)]
+    stream.codec_context.skip_frame = "NONKEY"
+    idx: list[int] = []
+    out: dict[int, np.ndarray] = {}
+    for pts in seeks:
+        container.seek(pts, stream=stream, backward=True, any_frame=False)
+        frame = next(container.decode(stream), None)
+        if frame is None:
+            raise DecodeError("corrupt_media", "pyav: no keyframe decodes")
+        i = to_index(frame.pts) if frame.pts is not None else 0
+        if i not in out:
+            out[i] = _to_rgb(frame, short_side)
+        idx.append(i)
+    return idx, out
+
+
 def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side: Optional[int], seek_gap: int) -> dict[int, np.ndarray]:
     """Decode the frames at sorted indices ``wanted``; returns index → [H, W, 3]."""
-    tb = float(stream.time_base)
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    tb, start = float(stream.time_base), _pyav_start(stream)
     out: dict[int, np.ndarray] = {}
     pos = 0  # wanted[pos] is the next frame to find
     frame_iter = None
@@ -206,16 +304,23 @@ def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side:
     return out
 
 
+@lru_cache(maxsize=1)
+def _reformatter():
+    """One swscale reformatter per process: it keeps its scaler context between frames
+    of the same geometry (a fresh one per frame costs more than the scaling)."""
+    from av.video.reformatter import VideoReformatter
+
+    return VideoReformatter()
+
+
 def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
-    if short_side is None:
+    """``[H, W, 3]`` RGB; swscale scales to ``short_side`` (area filter, antialiased)
+    in the same pass as the colour conversion: no full-size RGB frame is made."""
+    dims = scaled_dims(frame.width, frame.height, short_side)
+    if dims is None:
         return frame.to_ndarray(format="rgb24")
-    w, h = frame.width, frame.height
-    scale = short_side / min(w, h)
-    if scale >= 1.0:
-        return frame.to_ndarray(format="rgb24")
-    # keep one spare pixel so the crop never falls short after rounding
-    nw, nh = max(short_side, int(math.ceil(w * scale))), max(short_side, int(math.ceil(h * scale)))
-    return frame.to_ndarray(format="rgb24", width=nw, height=nh)
+    rgb = _reformatter().reformat(frame, width=dims[0], height=dims[1], format="rgb24", interpolation="AREA", threads=1)
+    return rgb.to_ndarray()
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -249,7 +354,7 @@ def decode_video(
     if not data:
         raise DecodeError("empty_video", "0 bytes")
     if backend == "decord":
-        return decode_decord(data, num_frames, mode, rng)
+        return decode_decord(data, num_frames, mode, rng, short_side)
     if backend == "pyav":
         return decode_pyav(data, num_frames, mode, rng, short_side)
     if backend != "auto":
@@ -259,7 +364,7 @@ def decode_video(
     first_err: Optional[DecodeError] = None
     if _have_decord():
         try:
-            return decode_decord(data, num_frames, mode, rng)
+            return decode_decord(data, num_frames, mode, rng, short_side)
         except DecodeError as err:
             first_err = DecodeError(err.reason, err.detail)
     try:
