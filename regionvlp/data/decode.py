@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 from bisect import bisect_right
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ import torch
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REGION_EXT = "regions.npz"
+FRAME_EXT = re.compile(r"frame(\d{3,6})\.jpg")  # frame shards: {key}.frame000.jpg, {key}.frame001.jpg, ...
 SAMPLINGS = ("random_segment", "uniform", "first", "keyframe")
 BACKENDS = ("auto", "decord", "pyav")
 
@@ -243,8 +245,9 @@ def pyav_keyframes(container, stream, n: int, fps: float, num_frames: int, rng: 
 
     One frame: a random time, then a backward seek (the demuxer's index lands on the
     keyframe at or before it). T frames: the keyframe packets are listed first (demux
-    only, nothing decoded) and :func:`keyframe_indices` picks them. The decoder skips
-    every non-key frame (``skip_frame = "NONKEY"``), so each pick costs one decode.
+    only, nothing decoded) and :func:`keyframe_indices` picks them. Exactly the keyframe
+    packet is decoded (``skip_frame = "NONKEY"``, then drained): fed packet by packet, a
+    decoder with B-frame delay would read on to the next keyframe before giving a frame.
     """
     tb, start = float(stream.time_base), _pyav_start(stream)
     to_index = lambda pts: int(round((float(pts) * tb - start) * fps))  # noqa: E731
@@ -254,14 +257,18 @@ def pyav_keyframes(container, stream, n: int, fps: float, num_frames: int, rng: 
         key_pts = sorted(p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
         by_index = {to_index(p): p for p in key_pts}
         seeks = [by_index[i] for i in keyframe_indices(list(by_index), n, num_frames, rng)]
-    stream.codec_context.skip_frame = "NONKEY"
+    ctx = stream.codec_context
+    ctx.skip_frame = "NONKEY"
     idx: list[int] = []
     out: dict[int, np.ndarray] = {}
     for pts in seeks:
         container.seek(pts, stream=stream, backward=True, any_frame=False)
-        frame = next(container.decode(stream), None)
-        if frame is None:
+        packet = next((p for p in container.demux(stream) if p.is_keyframe and p.size), None)
+        frames = (ctx.decode(packet) + ctx.decode(None)) if packet is not None else []
+        ctx.flush_buffers()  # ready for the next seek after the drain
+        if not frames:
             raise DecodeError("corrupt_media", "pyav: no keyframe decodes")
+        frame = frames[0]
         i = to_index(frame.pts) if frame.pts is not None else 0
         if i not in out:
             out[i] = _to_rgb(frame, short_side)
@@ -347,9 +354,9 @@ def decode_video(
 ) -> np.ndarray:
     """``[T, H, W, 3]`` uint8 with the chosen backend.
 
-    ``auto``: decord where importable, PyAV for a file decord cannot open (broken
-    container metadata, exotic codec), and a still-image reader for an image stored
-    under a video extension.
+    ``auto``: PyAV (the faster sparse reader: `bench data` in docs/benchmarks.md), decord
+    where importable for a file PyAV cannot read, and a still-image reader for an image
+    stored under a video extension.
     """
     if not data:
         raise DecodeError("empty_video", "0 bytes")
@@ -362,20 +369,60 @@ def decode_video(
     # keep errors as fresh (reason, detail) objects: a kept exception's traceback would tie
     # this frame (and the video bytes) into a reference cycle
     first_err: Optional[DecodeError] = None
-    if _have_decord():
-        try:
-            return decode_decord(data, num_frames, mode, rng, short_side)
-        except DecodeError as err:
-            first_err = DecodeError(err.reason, err.detail)
     try:
         return decode_pyav(data, num_frames, mode, rng, short_side)
     except DecodeError as err:
-        if first_err is None or err.reason == "empty_video":
-            first_err = DecodeError(err.reason, err.detail)
+        first_err = DecodeError(err.reason, err.detail)
+    if _have_decord() and first_err.reason != "empty_video":
+        try:
+            return decode_decord(data, num_frames, mode, rng, short_side)
+        except DecodeError:
+            pass
     if _looks_like_image(data):
         frames = decode_image(data)
         return frames[[0] * num_frames]
     raise first_err
+
+
+# -------------------------------------------------------------- frame shards
+def frame_keys(sample: dict) -> list[str]:
+    """The stored-frame members of a frame-shard sample (``frame000.jpg`` …), in order."""
+    found = [(int(m.group(1)), k) for k in sample if isinstance(k, str) and (m := FRAME_EXT.fullmatch(k))]
+    return [k for _, k in sorted(found)]
+
+
+def decode_jpeg(data: bytes, short_side: Optional[int] = None) -> np.ndarray:
+    """``[H, W, 3]`` uint8 from JPEG bytes, decoded at reduced size: the JPEG decoder
+    skips DCT detail (PIL ``draft``, 1/2 … 1/8 scale) down to the smallest scale whose
+    short side is still ≥ ``short_side``; the rest is an area resize to that side."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if short_side is not None and min(im.size) > short_side:
+                dims = scaled_dims(im.size[0], im.size[1], short_side)
+                im.draft("RGB", dims)
+                im = im.convert("RGB")
+                dims = scaled_dims(im.size[0], im.size[1], short_side)
+                if dims is not None:
+                    im = im.resize(dims, Image.Resampling.BOX)
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DecodeError("corrupt_media", f"jpeg: {str(err).splitlines()[0][:200]}") from None
+    if arr.size == 0:
+        raise DecodeError("corrupt_media", "jpeg: empty")
+    return arr
+
+
+def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, *, training: bool,
+                         rng: Optional[random.Random] = None, short_side: Optional[int] = None) -> np.ndarray:
+    """``[T, H, W, 3]`` from a frame shard's N stored JPEGs: one at random in each of T
+    segments of them in training, evenly spaced in eval (repeats when N < T)."""
+    idx = sample_indices(len(blobs), num_frames, "random_segment" if training else "uniform", rng)
+    got = {i: decode_jpeg(blobs[i], short_side) for i in sorted(set(idx))}
+    if len({a.shape for a in got.values()}) > 1:
+        raise DecodeError("corrupt_media", f"stored frames differ in size: {sorted({a.shape for a in got.values()})}")
+    return np.stack([got[i] for i in idx])  # [T, H, W, 3]
 
 
 def _looks_like_image(data: bytes) -> bool:

@@ -40,9 +40,9 @@ SKIP_REASONS = {
     "corrupt_shard": "the tar stream broke off or is not a tar (samples after the break are lost)",
     "bad_json": "the sample's json is not valid JSON / not an object",
     "status_not_success": "json.status is present and not 'success' (failed download)",
-    "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.npz in the sample",
+    "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.npz/frameNNN.jpg in the sample",
     "no_caption": "no txt and no json caption",
-    "corrupt_media": "the video/image bytes do not decode (corrupt, truncated, unknown codec)",
+    "corrupt_media": "the video/image/stored-frame bytes do not decode (corrupt, truncated, unknown codec)",
     "empty_video": "the video has zero frames, zero bytes or no video stream",
     "corrupt_regions": "regions.npz is unreadable or its arrays do not match",
 }
@@ -265,7 +265,7 @@ def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> Dec
 
 def _media_key(sample: dict[str, Any], exts: Sequence[str]) -> Optional[str]:
     for k in sample:
-        if not k.startswith("__") and k.rpartition(".")[2] in exts:
+        if not k.startswith("__") and k.rpartition(".")[2] in exts and not dec.FRAME_EXT.fullmatch(k):
             return k
     return None
 
@@ -287,9 +287,12 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     if status is not None and status != "success":
         raise dec.DecodeError("status_not_success", f"status={status!r}")
     video_key = _media_key(raw, dec.VIDEO_EXTS)
-    image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None else None
+    stored = dec.frame_keys(raw)  # a frame shard's JPEGs; the video (if kept) serves T > N
+    if stored and video_key is not None and spec.num_frames > len(stored):
+        stored = []
+    image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None and not stored else None
     region_key = dec.REGION_EXT if dec.REGION_EXT in raw else None
-    if video_key is None and image_key is None and region_key is None:
+    if video_key is None and image_key is None and region_key is None and not stored:
         raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
     captions = sample_captions(raw.get("txt"), meta)
     if not captions:
@@ -306,14 +309,17 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         out.update(dec.select_region_frames(regions, spec.num_frames, spec.sampling, rng))
         out["media"] = region_key
     else:
-        if video_key is not None:
+        if stored:
+            frames = dec.decode_stored_frames([raw[k] for k in stored], spec.num_frames, training=spec.training,
+                                              rng=rng, short_side=spec.size)
+        elif video_key is not None:
             frames = dec.decode_video(
                 raw[video_key], spec.num_frames, spec.sampling, spec.backend, rng, short_side=spec.size
             )
         else:
             frames = dec.decode_image(raw[image_key])[[0] * spec.num_frames]
         out["frames"] = dec.resize_crop(frames, spec.size, training=spec.training, rng=rng)  # [T, 3, S, S]
-        out["media"] = video_key or image_key
+        out["media"] = f"{len(stored)} frames" if stored else (video_key or image_key)
     out["decode_ms"] = (time.perf_counter() - start) * 1000.0
     return out
 

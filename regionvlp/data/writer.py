@@ -55,10 +55,45 @@ class Item:
 
 @dataclass
 class WriteOptions:
-    max_side: Optional[int] = None
+    max_side: Optional[int] = None  # video: longer side; with keep_frames: the stored frames' short side
     max_seconds: Optional[float] = None
     fps: Optional[float] = None
     crf: int = 23
+    keep_frames: int = 0  # frame shards: N evenly spaced frames stored as JPEG (0: none)
+    drop_video: bool = False
+    jpeg_quality: int = 90
+
+
+def frame_members(data: bytes, num_frames: int, short_side: Optional[int], quality: int) -> dict[str, bytes]:
+    """``frame000.jpg`` … : ``num_frames`` evenly spaced frames of a video (segment
+    midpoints, as eval samples them), short side at most ``short_side``, as JPEG."""
+    from PIL import Image
+
+    from regionvlp.data.decode import decode_pyav
+
+    frames = decode_pyav(data, num_frames, "uniform", short_side=short_side)  # [N, H, W, 3]
+    out = {}
+    for i, frame in enumerate(frames):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+        out[f"frame{i:03d}.jpg"] = buf.getvalue()
+    return out
+
+
+def add_frames(sample: dict[str, Any], video_ext: str, meta: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
+    """A sample with ``opts.keep_frames`` stored frames added (and its video dropped with
+    ``opts.drop_video``); raises :class:`SkipItem` when the video gives no frames."""
+    from regionvlp.data.decode import DecodeError
+
+    try:
+        frames = frame_members(sample[video_ext], opts.keep_frames, opts.max_side, opts.jpeg_quality)
+    except DecodeError as err:
+        raise SkipItem("undecodable_video", f"{err.reason}: {err.detail}") from None
+    meta = {**meta, "kept_frames": len(frames)}
+    out = {k: v for k, v in sample.items() if not (opts.drop_video and k == video_ext)}
+    out.update(frames)
+    out["json"] = json.dumps(meta, default=str).encode("utf-8")
+    return out
 
 
 # -------------------------------------------------------------------------- inputs
@@ -277,7 +312,8 @@ def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
         raise SkipItem("empty_video", "0 bytes")
     info = _probe(data)
     ext = _ext_for(item.source, info["format"])
-    too_big = opts.max_side is not None and max(info["width"], info["height"]) > opts.max_side
+    # with --keep-frames, --max-side bounds the stored frames; the video keeps its size
+    too_big = opts.max_side is not None and not opts.keep_frames and max(info["width"], info["height"]) > opts.max_side
     too_long = opts.max_seconds is not None and (info["duration"] or 0) > opts.max_seconds
     too_fast = opts.fps is not None and (info["fps"] or 0) > opts.fps + 1e-3
     reencoded = ext is None or too_big or too_long or too_fast
@@ -292,8 +328,9 @@ def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
     meta = {**item.extra, "status": "success", "caption": item.captions[0], "captions": item.captions,
             "source": item.source, "width": info["width"], "height": info["height"], "fps": info["fps"],
             "duration": info["duration"], "codec": info["codec"], "reencoded": reencoded}
-    return {"__key__": item.key, ext: data, "txt": item.captions[0].encode("utf-8"),
-            "json": json.dumps(meta, default=str).encode("utf-8")}
+    sample = {"__key__": item.key, ext: data, "txt": item.captions[0].encode("utf-8"),
+              "json": json.dumps(meta, default=str).encode("utf-8")}
+    return add_frames(sample, ext, meta, opts) if opts.keep_frames else sample
 
 
 def _work(args: tuple[Item, WriteOptions]) -> tuple[Item, Optional[dict[str, Any]], Optional[tuple[str, str]]]:
@@ -313,8 +350,20 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, command: str) -> None:
+    if keep_frames < 0 or keep_frames > 999:
+        raise UserError(f"{command}: --keep-frames must be between 0 and 999, got {keep_frames}")
+    if drop_video and not keep_frames:
+        raise UserError(f"{command}: --drop-video needs --keep-frames N (a sample needs its video or its frames)")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"{command}: --jpeg-quality must be between 1 and 100, got {jpeg_quality}")
+
+
 def _fingerprint(items: list[Item], shard_size: int, opts: WriteOptions) -> str:
-    h = hashlib.sha256(json.dumps([shard_size, asdict(opts)]).encode())
+    fields = asdict(opts)
+    if not opts.keep_frames:  # fingerprints of video-only outputs stay what they were before frame shards
+        fields = {k: v for k, v in fields.items() if k not in ("keep_frames", "drop_video", "jpeg_quality")}
+    h = hashlib.sha256(json.dumps([shard_size, fields]).encode())
     for it in items:
         h.update(f"{it.key}\t{it.source}\t{it.captions}\n".encode())
     return h.hexdigest()[:16]
@@ -323,8 +372,11 @@ def _fingerprint(items: list[Item], shard_size: int, opts: WriteOptions) -> str:
 def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, workers: int = 1,
                  max_side: Optional[int] = None, max_seconds: Optional[float] = None,
                  fps: Optional[float] = None, video_col: Optional[str] = None,
-                 caption_col: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
-    """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped."""
+                 caption_col: Optional[str] = None, progress: bool = True, keep_frames: int = 0,
+                 drop_video: bool = False, jpeg_quality: int = 90) -> dict[str, Any]:
+    """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped.
+    ``keep_frames`` N > 0 writes frame shards (N JPEG frames per clip, short side at most
+    ``max_side``; the video left out with ``drop_video``)."""
     from tqdm import tqdm
 
     from regionvlp.data.synth import write_sizes
@@ -334,8 +386,10 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     if (max_side is not None and max_side < 2) or (max_seconds is not None and max_seconds <= 0) \
             or (fps is not None and fps <= 0):
         raise UserError("shards write: --max-side, --max-seconds and --fps must be positive")
+    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards write")
     start = time.perf_counter()
-    opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps)
+    opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
+                        drop_video=drop_video, jpeg_quality=jpeg_quality)
     items = read_source(src, video_col, caption_col)
     out = Path(out)
     state = out / "_write"

@@ -1,0 +1,144 @@
+"""``regionvlp shards convert URLS OUT --keep-frames N``: video shards → frame shards.
+
+Each input shard (any tar of webdataset samples, e.g. what video2dataset writes) becomes
+``OUT/<same name>``: every sample keeps its members and gains ``frame000.jpg`` …
+(N evenly spaced frames, short side at most ``--max-side``); ``--drop-video`` leaves the
+video out. Shards are streamed (nothing but the current sample is held), written under
+``NAME.tmp`` and renamed when whole, so a re-run skips finished shards (resume). A sample
+without a decodable video is skipped and listed in ``OUT/skipped.jsonl``, as
+``shards write`` does; a shard that cannot be read is listed too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options
+from regionvlp.errors import UserError
+
+
+def _shard_names(urls: Sequence[str]) -> list[tuple[str, str]]:
+    """(url, output name) pairs; output names must be unique."""
+    pairs = [(u, u.split("?", 1)[0].rstrip("/").rpartition("/")[2] or "shard.tar") for u in urls]
+    names = [n for _, n in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"shards convert: several inputs share the file name {dup[0]}; convert them into separate OUT folders")
+    return pairs
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
+    """One raw sample → its frame-shard members; raises :class:`SkipItem`."""
+    from regionvlp.data.decode import VIDEO_EXTS
+
+    video = next((k for k in raw if not k.startswith("__") and k.rpartition(".")[2] in VIDEO_EXTS), None)
+    if video is None or not raw[video]:
+        raise SkipItem("no_video", f"members: {', '.join(k for k in raw if not k.startswith('__'))}")
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError):
+            raise SkipItem("bad_json", "json is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise SkipItem("bad_json", "json is not an object")
+    sample = {k: v for k, v in raw.items() if not k.startswith("__")}
+    out = add_frames(sample, video, meta, opts)
+    if "json" not in raw:
+        out.pop("json")  # keep the sample's members as they were: no json invented
+    return out
+
+
+def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> dict[str, Any]:
+    from regionvlp.data.pipeline import SkipCounter, tar_samples
+
+    counter = SkipCounter()
+    stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for raw in tar_samples([url], counter, allow_pipe=allow_pipe):
+                try:
+                    members = convert_sample(raw, opts)
+                except SkipItem as err:
+                    stats["skipped"].append({"key": raw["__key__"], "source": url, "reason": err.reason, "detail": err.detail})
+                    continue
+                for ext, data in members.items():
+                    _tar_add(tar, f"{raw['__key__']}.{ext}", data)
+                    stats["bytes"] += len(data)
+                stats["samples"] += 1
+        for bad in counter.bad:  # the input shard itself could not be read (whole or in part)
+            stats["skipped"].append({"key": bad["key"], "source": url, "reason": bad["reason"], "detail": bad["detail"]})
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, drop_video: bool = False,
+                   max_side: Optional[int] = None, jpeg_quality: int = 90, allow_pipe: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Convert every shard of ``urls`` into ``out``; resume where a previous run stopped."""
+    from tqdm import tqdm
+
+    from regionvlp.data.sources import parse_specs
+
+    if keep_frames < 1:
+        raise UserError("shards convert: --keep-frames must be >= 1")
+    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards convert")
+    if max_side is not None and max_side < 2:
+        raise UserError("shards convert: --max-side must be >= 2")
+    start = time.perf_counter()
+    pairs = _shard_names(parse_specs(list(urls), allow_pipe=allow_pipe).urls)
+    opts = WriteOptions(max_side=max_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
+    out = Path(out)
+    state = out / "_convert"
+    state.mkdir(parents=True, exist_ok=True)
+    options = {"keep_frames": keep_frames, "drop_video": drop_video, "max_side": max_side, "jpeg_quality": jpeg_quality}
+    opt_file = state / "options.json"
+    if opt_file.is_file() and json.loads(opt_file.read_text()) != options:
+        raise UserError(f"{out} holds shards converted with other options; convert into an empty OUT (or delete it)")
+    opt_file.write_text(json.dumps(options) + "\n")
+    resumed = 0
+    for url, name in tqdm(pairs, desc="shards convert", unit="shard", file=sys.stderr, disable=not progress):
+        stats_file = state / f"{name}.json"
+        if (out / name).is_file() and stats_file.is_file():
+            resumed += 1
+            continue
+        stats = _convert_one(url, out / name, opts, allow_pipe)
+        stats_file.write_text(json.dumps(stats) + "\n")
+    return _summary(out, state, pairs, resumed, time.perf_counter() - start)
+
+
+def _summary(out: Path, state: Path, pairs: list[tuple[str, str]], resumed: int, seconds: float) -> dict[str, Any]:
+    from regionvlp.data.synth import write_sizes
+
+    sizes, skipped, items, total = {}, {}, [], 0
+    for _, name in pairs:
+        stats = json.loads((state / f"{name}.json").read_text())
+        sizes[name] = stats["samples"]
+        total += stats["bytes"]
+        for s in stats["skipped"]:
+            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
+            items.append(s)
+    write_sizes(out, sizes)
+    with (out / "skipped.jsonl").open("w") as f:
+        for s in items:
+            f.write(json.dumps(s) + "\n")
+    for s in items[:20]:
+        print(f"shards convert: skipped {s['key'] or s['source']}: {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": len(pairs),
+            "resumed_shards": resumed, "bytes": total, "skipped_items": items[:100], "seconds": round(seconds, 3)}
