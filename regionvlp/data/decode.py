@@ -27,6 +27,7 @@ REGION_EXT = "regions.npz"
 FRAME_EXT = re.compile(r"frame(\d{3,6})\.jpg")  # frame shards: {key}.frame000.jpg, {key}.frame001.jpg, ...
 SAMPLINGS = ("random_segment", "uniform", "first", "keyframe")
 BACKENDS = ("auto", "decord", "pyav")
+KEYFRAME_PROBE = {"threads": "1", "skip_frame": "all"}  # codec options for PyAV's probe on open
 
 
 class DecodeError(Exception):
@@ -188,7 +189,9 @@ def decode_pyav(
     import av
 
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        # keyframe: the stream probe on open decodes nothing and starts no threads (it
+        # would otherwise decode the first frames, costing as much as the pick itself)
+        container = av.open(io.BytesIO(data), mode="r", options=KEYFRAME_PROBE if mode == "keyframe" else None)
     except Exception as err:
         raise DecodeError("corrupt_media", f"pyav: {str(err).splitlines()[0][:200]}") from None
     try:
@@ -391,38 +394,56 @@ def frame_keys(sample: dict) -> list[str]:
     return [k for _, k in sorted(found)]
 
 
-def decode_jpeg(data: bytes, short_side: Optional[int] = None) -> np.ndarray:
-    """``[H, W, 3]`` uint8 from JPEG bytes, decoded at reduced size: the JPEG decoder
-    skips DCT detail (PIL ``draft``, 1/2 … 1/8 scale) down to the smallest scale whose
-    short side is still ≥ ``short_side``; the rest is an area resize to that side."""
+def open_jpeg(data: bytes, short_side: Optional[int] = None):
+    """A decoded RGB PIL image from JPEG bytes, at reduced size: the JPEG decoder skips
+    DCT detail (PIL ``draft``, 1/2 … 1/8 scale) down to the smallest scale whose short
+    side is still ≥ ``short_side``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             if short_side is not None and min(im.size) > short_side:
-                dims = scaled_dims(im.size[0], im.size[1], short_side)
-                im.draft("RGB", dims)
-                im = im.convert("RGB")
-                dims = scaled_dims(im.size[0], im.size[1], short_side)
-                if dims is not None:
-                    im = im.resize(dims, Image.Resampling.BOX)
-            arr = np.asarray(im.convert("RGB"))
+                im.draft("RGB", scaled_dims(im.size[0], im.size[1], short_side))
+            rgb = im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DecodeError("corrupt_media", f"jpeg: {str(err).splitlines()[0][:200]}") from None
-    if arr.size == 0:
+    if 0 in rgb.size:
         raise DecodeError("corrupt_media", "jpeg: empty")
-    return arr
+    return rgb
 
 
-def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, *, training: bool,
-                         rng: Optional[random.Random] = None, short_side: Optional[int] = None) -> np.ndarray:
-    """``[T, H, W, 3]`` from a frame shard's N stored JPEGs: one at random in each of T
-    segments of them in training, evenly spaced in eval (repeats when N < T)."""
+def decode_jpeg(data: bytes, short_side: Optional[int] = None) -> np.ndarray:
+    """``[H, W, 3]`` uint8, decoded at reduced size (:func:`open_jpeg`) and then
+    area-resized to exactly ``short_side`` (when larger)."""
+    from PIL import Image
+
+    im = open_jpeg(data, short_side)
+    dims = scaled_dims(im.size[0], im.size[1], short_side)
+    return np.array(im.resize(dims, Image.Resampling.BOX) if dims else im)  # writable: torch.from_numpy takes it
+
+
+def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, size: int, *, training: bool,
+                         rng: Optional[random.Random] = None) -> np.ndarray:
+    """``[T, S, S, 3]`` (S = ``size``, or the short side when smaller) from a frame shard's
+    N stored JPEGs: one at random in each of T segments of them in training, evenly
+    spaced in eval (repeats when N < T). Each is decoded at reduced size, and only the
+    square a crop keeps is resized (PIL ``resize(box=…)``, antialiased): a random square
+    in training, the centre in eval, the same for all T; :func:`resize_crop` then flips."""
+    from PIL import Image
+
+    rng = rng or random
     idx = sample_indices(len(blobs), num_frames, "random_segment" if training else "uniform", rng)
-    got = {i: decode_jpeg(blobs[i], short_side) for i in sorted(set(idx))}
-    if len({a.shape for a in got.values()}) > 1:
-        raise DecodeError("corrupt_media", f"stored frames differ in size: {sorted({a.shape for a in got.values()})}")
-    return np.stack([got[i] for i in idx])  # [T, H, W, 3]
+    images = {i: open_jpeg(blobs[i], size) for i in sorted(set(idx))}
+    sizes = {im.size for im in images.values()}
+    if len(sizes) > 1:
+        raise DecodeError("corrupt_media", f"stored frames differ in size: {sorted(sizes)}")
+    w, h = sizes.pop()
+    side = min(w, h)
+    top, left = (rng.randint(0, h - side), rng.randint(0, w - side)) if training else ((h - side) // 2, (w - side) // 2)
+    box = (left, top, left + side, top + side)
+    out = side if side < size else size
+    squares = {i: np.asarray(im.resize((out, out), Image.Resampling.BILINEAR, box=box)) for i, im in images.items()}
+    return np.stack([squares[i] for i in idx])  # [T, S, S, 3]
 
 
 def _looks_like_image(data: bytes) -> bool:

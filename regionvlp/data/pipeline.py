@@ -310,8 +310,8 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         out["media"] = region_key
     else:
         if stored:
-            frames = dec.decode_stored_frames([raw[k] for k in stored], spec.num_frames, training=spec.training,
-                                              rng=rng, short_side=spec.size)
+            frames = dec.decode_stored_frames([raw[k] for k in stored], spec.num_frames, spec.size,
+                                              training=spec.training, rng=rng)
         elif video_key is not None:
             frames = dec.decode_video(
                 raw[video_key], spec.num_frames, spec.sampling, spec.backend, rng, short_side=spec.size
@@ -493,6 +493,19 @@ def epoch_size(split_cfg, *, allow_pipe: bool = False) -> Optional[int]:
     return read_sizes(parse_specs(urls, allow_pipe=allow_pipe).urls, allow_pipe=allow_pipe)
 
 
+def resolve_num_workers(value: Any) -> int:
+    """``data.num_workers``: an int, or ``auto`` = the CPU cores this process may use,
+    divided by the ranks on this node (``LOCAL_WORLD_SIZE``, set by torchrun/deepspeed),
+    minus one for the rank's own process (the training loop)."""
+    if str(value) != "auto":
+        return int(value)
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, cores // local_world - 1)
+
+
 def tokenizer_name(cfg) -> str:
     return str(cfg.data.tokenizer or cfg.model.text.name)
 
@@ -518,17 +531,21 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
     rank, world = dist.rank(), dist.world_size()
     dataset = ClipDataset(cfg, shards, training=training, epoch=epoch, num_frames=num_frames, tokenizer=tokenizer,
                           rank=rank, world=world)
-    num_workers = int(d.num_workers)
+    num_workers = resolve_num_workers(d.num_workers)
     if not dataset.resampled and num_workers > 0:
         per_rank = len(shards.urls[rank::world])
         if per_rank < num_workers:
             log.warning("rank %d has %d shard(s) for %d workers; some workers stay idle", rank, per_rank, num_workers)
+    # batches bound for a GPU: page-locked (the host-to-device copy can overlap compute)
+    # and more of them queued per worker
+    to_gpu = str(cfg.run.device) != "cpu" and torch.cuda.is_available()
     loader = wds.WebLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=to_gpu,
+        prefetch_factor=(4 if to_gpu else 2) if num_workers > 0 else None,
     )
     if dataset.resampled:
         n = epoch_size(split_cfg, allow_pipe=bool(d.allow_pipe))
