@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options
+from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options, finish_outputs
 from regionvlp.errors import UserError
 
 
@@ -124,21 +124,7 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
 
 
 def _summary(out: Path, state: Path, pairs: list[tuple[str, str]], resumed: int, seconds: float) -> dict[str, Any]:
-    from regionvlp.data.synth import write_sizes
-
-    sizes, skipped, items, total = {}, {}, [], 0
-    for _, name in pairs:
-        stats = json.loads((state / f"{name}.json").read_text())
-        sizes[name] = stats["samples"]
-        total += stats["bytes"]
-        for s in stats["skipped"]:
-            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
-            items.append(s)
-    write_sizes(out, sizes)
-    with (out / "skipped.jsonl").open("w") as f:
-        for s in items:
-            f.write(json.dumps(s) + "\n")
-    for s in items[:20]:
-        print(f"shards convert: skipped {s['key'] or s['source']}: {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    sizes, skipped, items, total = finish_outputs(out, {name: state / f"{name}.json" for _, name in pairs},
+                                                  "shards convert")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": len(pairs),
             "resumed_shards": resumed, "bytes": total, "skipped_items": items[:100], "seconds": round(seconds, 3)}

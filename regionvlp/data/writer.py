@@ -350,6 +350,47 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _claim_out(out: Path, src: str | Path, items: list[Item], shard_size: int, opts: WriteOptions) -> Path:
+    """``out/_write`` (the resume state), refusing an OUT written from another SRC or
+    with other options."""
+    state = out / "_write"
+    state.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(items, shard_size, opts)
+    fp_file = state / "source.json"
+    if fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") != fingerprint:
+        raise UserError(f"{out} holds shards written from another SRC or with other options; "
+                        "write to an empty OUT (or delete it) to start over")
+    fp_file.write_text(json.dumps({"fingerprint": fingerprint, "src": str(src), "items": len(items),
+                                   "shard_size": shard_size, **asdict(opts)}) + "\n")
+    return state
+
+
+def finish_outputs(out: Path, stats_files: dict[str, Path], command: str
+                   ) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]], int]:
+    """Per-shard stats → ``sizes.json`` and ``skipped.jsonl`` in ``out``, skips printed on
+    stderr; returns (sizes, skip counts by reason, skipped items, bytes written)."""
+    from regionvlp.data.synth import write_sizes
+
+    sizes: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    items: list[dict[str, Any]] = []
+    total = 0
+    for name, path in stats_files.items():
+        stats = json.loads(path.read_text())
+        sizes[name] = stats["samples"]
+        total += stats["bytes"]
+        for s in stats["skipped"]:
+            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
+            items.append(s)
+    write_sizes(out, sizes)
+    with (out / "skipped.jsonl").open("w") as f:
+        for s in items:
+            f.write(json.dumps(s) + "\n")
+    for s in items:
+        print(f"{command}: skipped {s['key']} ({s['source']}): {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    return sizes, skipped, items, total
+
+
 def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, command: str) -> None:
     if keep_frames < 0 or keep_frames > 999:
         raise UserError(f"{command}: --keep-frames must be between 0 and 999, got {keep_frames}")
@@ -379,8 +420,6 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     ``max_side``; the video left out with ``drop_video``)."""
     from tqdm import tqdm
 
-    from regionvlp.data.synth import write_sizes
-
     if shard_size < 1 or workers < 0:
         raise UserError("shards write: --shard-size must be >= 1 and --workers >= 0")
     if (max_side is not None and max_side < 2) or (max_seconds is not None and max_seconds <= 0) \
@@ -392,15 +431,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
                         drop_video=drop_video, jpeg_quality=jpeg_quality)
     items = read_source(src, video_col, caption_col)
     out = Path(out)
-    state = out / "_write"
-    state.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(items, shard_size, opts)
-    fp_file = state / "source.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") != fingerprint:
-        raise UserError(f"{out} holds shards written from another SRC or with other options; "
-                        "write to an empty OUT (or delete it) to start over")
-    fp_file.write_text(json.dumps({"fingerprint": fingerprint, "src": str(src), "items": len(items),
-                                   "shard_size": shard_size, **asdict(opts)}) + "\n")
+    state = _claim_out(out, src, items, shard_size, opts)
     n_shards = (len(items) + shard_size - 1) // shard_size
     for tmp in out.glob("*.tar.tmp"):  # leftovers of an interrupted run
         tmp.unlink()
@@ -451,23 +482,8 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
         if pool is not None:
             pool.terminate()
 
-    sizes: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    skipped_items: list[dict[str, Any]] = []
-    total_bytes = 0
-    for k in range(n_shards):
-        stats = json.loads((state / f"{k:06d}.json").read_text())
-        sizes[f"{k:06d}.tar"] = stats["samples"]
-        total_bytes += stats["bytes"]
-        for s in stats["skipped"]:
-            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
-            skipped_items.append(s)
-    write_sizes(out, sizes)
-    with (out / "skipped.jsonl").open("w") as f:
-        for s in skipped_items:
-            f.write(json.dumps(s) + "\n")
-    for s in skipped_items:
-        print(f"shards write: skipped {s['key']} ({s['source']}): {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    sizes, skipped, skipped_items, total_bytes = finish_outputs(
+        out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
     urls = str(out / "000000.tar") if n_shards == 1 else str(out / f"{{000000..{n_shards - 1:06d}}}.tar")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
             "inputs": len(items), "resumed_shards": len(done), "urls": urls, "bytes": total_bytes,
