@@ -7,6 +7,7 @@
     OUT/text/                  the trained text encoder + tokenizer (transformers format)
     OUT/extractor.safetensors  the frozen detector's weights, only when they were random
                                (detector weights: none) and so cannot be named
+    OUT/qa_vocab.json          the answer vocabulary, only for a QA model (qa.enabled)
     OUT/export.json            step, source checkpoint, parameter count
 
 ``regionvlp.load_model(OUT)`` rebuilds the :class:`~regionvlp.model.DualEncoder` from
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from regionvlp.data.qa import VOCAB_FILE, load_vocab
 from regionvlp.errors import UserError
 
 
@@ -107,6 +109,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict
         cfg.model.text.name = "text"  # relative to OUT; load_model resolves it
     if (run_dir / "extractor.safetensors").exists():
         shutil.copyfile(run_dir / "extractor.safetensors", out / "extractor.safetensors")
+    if cfg.qa.enabled:  # the answer vocabulary travels with a QA model
+        shutil.copyfile(qa_vocab_file(run_dir), out / VOCAB_FILE)
+        cfg.qa.vocab = VOCAB_FILE  # relative to OUT; load_model resolves it
     cfg.train.resume = "none"
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {"out": str(out), "source": str(ckpt_dir / tag), "step": _step_of(ckpt_dir, tag),
@@ -121,9 +126,27 @@ def _step_of(ckpt_dir: Path, tag: str) -> int | None:
     return int(done.read_text()) if done.exists() else None
 
 
+def qa_vocab_file(folder: Path) -> Path:
+    path = Path(folder) / VOCAB_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: a QA model without {VOCAB_FILE}; it is written at the start of QA training "
+                        "and copied by `regionvlp export`")
+    return path
+
+
+def attach_qa_vocab(model: torch.nn.Module, folder: Path) -> None:
+    """A QA model (``qa_head``) gets its answer vocabulary from ``folder/qa_vocab.json``."""
+    if hasattr(model, "qa_head"):
+        path = qa_vocab_file(folder)
+        model.answers = load_vocab(path).answers
+        model.__dict__["qa_vocab_file"] = path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """An exported folder → a ready :class:`~regionvlp.model.DualEncoder` in eval mode,
-    with ``.config`` and ``.batch_transform`` (the frozen extractor or ``None``)."""
+    with ``.config`` and ``.batch_transform`` (the frozen extractor or ``None``). A QA
+    export gives a :class:`~regionvlp.model.QAModel` with its vocabulary:
+    ``model.answer(batch) -> list[str]``."""
     from safetensors.torch import load_file
 
     from regionvlp.model import build_batch_transform, build_model
@@ -134,9 +157,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     cfg = _read_config(path / "config.yaml")
     if not Path(str(cfg.model.text.name)).is_absolute() and (path / str(cfg.model.text.name)).is_dir():
         cfg.model.text.name = str(path / str(cfg.model.text.name))
+    if cfg.qa.enabled:
+        cfg.qa.vocab = str(path / VOCAB_FILE)
     model = build_model(cfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     model.to(device).eval()
+    attach_qa_vocab(model, path)
     transform = build_batch_transform(cfg)
     if transform is not None:
         from regionvlp.train import load_extractor_weights

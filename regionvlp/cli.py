@@ -57,7 +57,7 @@ def _cmd_synth(args: argparse.Namespace) -> dict:
 
     return synth(args.out, videos=args.videos, seed=args.seed, val_videos=args.val_videos,
                  size=args.size, frames=args.frames, fps=args.fps, shard_size=args.shard_size,
-                 workers=args.workers, compositional=args.compositional)
+                 workers=args.workers, compositional=args.compositional, qa=args.qa)
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +73,29 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes rendering and encoding clips")
     p.add_argument("--compositional", action="store_true",
                    help="hold some shape+colour pairs out of train; every val clip has one")
+    p.add_argument("--qa", action="store_true",
+                   help="add video QA pairs to every clip's json (colour, shape, direction, count questions)")
     p.set_defaults(func=_cmd_synth)
+
+
+# ---------------------------------------------------------------------------- qa
+def _cmd_qa_vocab(args: argparse.Namespace) -> dict:
+    from regionvlp.qa.vocab import vocab_command
+
+    return vocab_command(args.urls, args.top, args.out)
+
+
+def _add_qa(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qa", help="video question answering tools (answer vocabulary)")
+    qsub = p.add_subparsers(dest="qa_command", required=True)
+    v = qsub.add_parser("vocab", help="the K most frequent training answers in one streaming pass -> vocab.json",
+                        description="Counts the (lower-cased) answers of every question/answer pair in the "
+                                    "shards and keeps the K most frequent (ties by answer text). Give the file "
+                                    "to training with qa.vocab=FILE; by default training builds it itself.")
+    v.add_argument("urls", nargs="+", help="training shard specs (brace patterns allowed)")
+    v.add_argument("--top", type=int, required=True, help="K answers (1500 MSRVTT-QA, 1000 MSVD-QA)")
+    v.add_argument("--out", required=True, help="output vocab.json")
+    v.set_defaults(func=_cmd_qa_vocab)
 
 
 # ------------------------------------------------------------------------ shards
@@ -83,7 +105,7 @@ def _cmd_shards_write(args: argparse.Namespace) -> dict:
     return write_shards(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
                         max_side=args.max_side, max_seconds=args.max_seconds, fps=args.fps,
                         video_col=args.video_col, caption_col=args.caption_col, keep_frames=args.keep_frames,
-                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality)
+                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, qa=args.qa)
 
 
 def _cmd_shards_convert(args: argparse.Namespace) -> dict:
@@ -126,6 +148,9 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
     w.add_argument("--video-col", default=None, help="manifest column with the video path or URL")
     w.add_argument("--caption-col", default=None, help="manifest column with the caption")
+    w.add_argument("--qa", default=None, metavar="FILE",
+                   help="video QA annotations joined by video id: the MSRVTT-QA / MSVD-QA JSON or JSONL "
+                        "with video_id, question, answer (inputs with QA pairs need no caption)")
     _add_frame_options(w, required=False)
     w.set_defaults(func=_cmd_shards_write)
     v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
@@ -560,6 +585,7 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_synth,
     _add_shards,
+    _add_qa,
     _add_eval,
     _add_compare,
     _add_show,

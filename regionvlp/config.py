@@ -162,6 +162,19 @@ class TrainConfig:
 
 
 @dataclass
+class QAConfig:
+    """Open-ended video QA (see regionvlp.qa): a head over the dual encoder, a classifier
+    over the K most frequent training answers."""
+
+    enabled: bool = False  # True: the run trains / evaluates the QA head, not retrieval
+    num_answers: int = 1500  # K, the answer vocabulary (1500 MSRVTT-QA, 1000 MSVD-QA)
+    fusion_layers: int = 2  # transformer layers: question tokens cross-attend to region tokens + [CLS]
+    heads: int = 4  # attention heads of the fusion layers (must divide model.embed_dim)
+    dropout: float = 0.1
+    vocab: str = "auto"  # auto: built from data.train at the start of training | a vocab.json path
+
+
+@dataclass
 class RunSection:
     out_dir: str = "runs/default"
     name: str = "regionvlp"
@@ -177,6 +190,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # passed to deepspeed.initialize
 
 
@@ -281,6 +295,21 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'data.num_workers' must be an integer >= 0 or 'auto', got {workers!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.align_temperature <= 0:
         raise ConfigError("config keys 'loss.temperature' and 'loss.align_temperature' must be > 0")
+    check_qa_config(cfg)
+
+
+def check_qa_config(cfg: DictConfig) -> None:
+    """The ``qa`` section: positive sizes, heads dividing the joint width, dropout in [0, 1)."""
+    qa = cfg.qa
+    for key in ("num_answers", "fusion_layers", "heads"):
+        if int(qa[key]) <= 0:
+            raise ConfigError(f"config key 'qa.{key}' must be > 0, got {qa[key]}")
+    if int(cfg.model.embed_dim) % int(qa.heads):
+        raise ConfigError(f"config key 'qa.heads' ({qa.heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
+    if not 0.0 <= float(qa.dropout) < 1.0:
+        raise ConfigError(f"config key 'qa.dropout' must be in [0, 1), got {qa.dropout}")
+    if not str(qa.vocab).strip():
+        raise ConfigError("config key 'qa.vocab' is empty; use auto or the path of a `regionvlp qa vocab` file")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -634,6 +634,7 @@ def load_eval_model(checkpoint: str | os.PathLike, device: torch.device | str = 
         raise UserError(f"checkpoint {ckpt_dir / tag} does not match {run_dir / 'config.yaml'}: "
                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device).eval()
+    ck.attach_qa_vocab(model, run_dir)
     transform = build_batch_transform(cfg)
     if transform is not None:
         load_extractor_weights(transform, run_dir)
@@ -676,8 +677,15 @@ def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, ov
         model, transform, ckpt_cfg, tag = load_eval_model(checkpoint, device)
         log.info("eval: a %s model from %s", ckpt_cfg.model.regions, checkpoint)
         cfg.model = ckpt_cfg.model  # the architecture the weights were trained with
-        out = evaluate_model(model, cfg, split, batch_transform=transform, device=device,
-                             cache_dir=cache_dir, cache_tag=tag, limit=limit, progress=True)
+        if ckpt_cfg.qa.enabled:  # a QA model: answer the questions of the QA shards
+            from regionvlp.qa.evaluate import evaluate_qa
+
+            cfg.qa = ckpt_cfg.qa
+            cfg.qa.vocab = str(model.__dict__["qa_vocab_file"])
+            out = evaluate_qa(model, cfg, split, batch_transform=transform, device=device, limit=limit)
+        else:
+            out = evaluate_model(model, cfg, split, batch_transform=transform, device=device,
+                                 cache_dir=cache_dir, cache_tag=tag, limit=limit, progress=True)
         out = {"checkpoint": str(checkpoint), "regions": str(cfg.model.regions), "split": split, **out}
         return out if dist.is_main() else None
     finally:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from regionvlp.errors import UserError
 from regionvlp.losses import AlignmentLoss, check_loss_config, region_word_scores
 from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.qa.head import QAHead, predict, qa_loss
 
 
 class DualEncoder(nn.Module):
@@ -79,6 +80,67 @@ class DualEncoder(nn.Module):
         return sim
 
 
+class QAModel(DualEncoder):
+    """Open-ended video QA: the dual encoder + :class:`~regionvlp.qa.head.QAHead`. The
+    batch's ``input_ids`` / ``attention_mask`` are the questions, ``answer_ids`` [B] the
+    answers' class ids (-1 outside the vocabulary). ``answers`` is the vocabulary (class id
+    -> text), attached by :func:`regionvlp.checkpoint.load_model` and QA evaluation.
+    The retrieval temperature is kept (checkpoints of the same pathway load) but frozen."""
+
+    def __init__(self, pathway: nn.Module, text_tower: nn.Module, loss: AlignmentLoss, head: QAHead) -> None:
+        super().__init__(pathway, text_tower, loss)
+        self.qa_head = head
+        self.answers: list[str] = []
+        for p in self.loss.parameters():
+            p.requires_grad_(False)
+
+    def qa_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, VideoOutput]:
+        """Answer logits [B, K] and the video outputs."""
+        video = self.encode_video(batch)
+        question = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        return self.qa_head(video, question), video
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``loss`` = QA cross-entropy + sum(aux); ``qa_ce``, ``qa_acc`` (batch accuracy)."""
+        logits, video = self.qa_logits(batch)  # [B, K]
+        ce, acc = qa_loss(logits, batch["answer_ids"])
+        out = {"qa_ce": ce.detach(), "qa_acc": acc.detach()}
+        total = ce
+        for name, value in video.aux_losses.items():
+            total = total + value
+            out[f"aux_{name}"] = value
+        out["loss"] = total
+        for name, value in video.logs.items():
+            out.setdefault(name, torch.as_tensor(float(value)))
+        return out
+
+    @torch.no_grad()
+    def predict_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class ids [B] among the vocabulary's answers (on the batch's device)."""
+        if not self.answers:
+            raise UserError("this QA model has no answer vocabulary; load it with regionvlp.load_model(EXPORT_DIR)")
+        logits, _ = self.qa_logits(batch)
+        return predict(logits, len(self.answers))
+
+    @torch.no_grad()
+    def answer(self, batch: dict[str, Any]) -> list[str]:
+        """One answer per question of ``batch`` (a loader batch of a QA shard set, or
+        ``frames`` [B, T, 3, H, W] + ``question`` [B] strings)."""
+        batch = dict(batch)
+        device = next(self.parameters()).device
+        if "input_ids" not in batch:
+            from regionvlp.data import tokenize
+
+            cfg = self.__dict__.get("config")
+            max_words = int(cfg.data.max_words) if cfg is not None else 32
+            batch["input_ids"], batch["attention_mask"] = tokenize(self.text_tower.tokenizer, list(batch["question"]),
+                                                                   max_words)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = prepare_batch(batch, self.__dict__.get("batch_transform"))
+        ids = self.predict_ids(batch).tolist()
+        return [self.answers[i] for i in ids]
+
+
 def build_pathway(cfg) -> nn.Module:
     """The video pathway ``cfg.model.regions`` names (imported lazily)."""
     kind = cfg.model.regions
@@ -92,12 +154,18 @@ def build_pathway(cfg) -> nn.Module:
 
 
 def build_model(cfg) -> DualEncoder:
-    """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32."""
+    """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32; with
+    ``qa.enabled`` a :class:`QAModel` (+ the QA head)."""
     from regionvlp.text import TextTower
 
     check_loss_config(cfg.loss)  # before the (slow) towers are built
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))
+    if cfg.qa.enabled:
+        qa = cfg.qa
+        head = QAHead(int(cfg.model.embed_dim), int(qa.num_answers), int(qa.fusion_layers), int(qa.heads),
+                      float(qa.dropout))
+        return QAModel(pathway, text, AlignmentLoss(cfg.loss), head)
     return DualEncoder(pathway, text, AlignmentLoss(cfg.loss))
 
 

@@ -233,7 +233,15 @@ def validate(engine: Any, cfg: Any, transform: Callable | None, device: torch.de
     if not list(cfg.data.val.urls):
         return {}
     out = _val_loss(engine, cfg, transform, device, dtype, num_frames, fallback)
-    if zero_stage < 3:
+    if zero_stage < 3 and cfg.qa.enabled:
+        from regionvlp.qa.evaluate import evaluate_qa, run_vocab
+
+        engine.module.answers = run_vocab(cfg)
+        with autocast_for(device, dtype):
+            m = evaluate_qa(engine.module, cfg, "val", batch_transform=transform, device=device)
+        out.update({f"val_{k}": float(v) for k, v in m.items() if k in ("qa_accuracy", "qa_majority_accuracy")})
+        engine.train()
+    elif zero_stage < 3:
         try:
             from regionvlp.evaluate import evaluate_model
         except ImportError:  # pragma: no cover - evaluate ships with the package
@@ -273,6 +281,10 @@ def _train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None) -> dict[str, 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
+            from regionvlp.qa.vocab import prepare_run_vocab
+
+            prepare_run_vocab(cfg, run_dir)
     dist.barrier()
 
     torch.manual_seed(int(cfg.seed))  # same init on every rank
@@ -535,6 +547,8 @@ def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     pretrained weight is silently dropped. Mismatches are one UserError naming the keys."""
     own = model.state_dict()
     rest = dict(state)
+    if not any(k.startswith("qa_head.") for k in rest):  # a retrieval checkpoint: the QA head starts fresh
+        own = {k: v for k, v in own.items() if not k.startswith("qa_head.")}
     if model_pathway_is_learned(model):
         from regionvlp.region_learner import load_pathway_state
 

@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
 from regionvlp.data import decode as dec
+from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
 from regionvlp.data.sources import PROGRAMMING_ERRORS, ShardList, open_shard, parse_specs, read_sizes, register_webdataset_handlers
 from regionvlp.data.text import load_tokenizer, pick_caption, sample_captions, tokenize
 from regionvlp.errors import UserError
@@ -45,6 +46,9 @@ SKIP_REASONS = {
     "corrupt_media": "the video/image/stored-frame bytes do not decode (corrupt, truncated, unknown codec)",
     "empty_video": "the video has zero frames, zero bytes or no video stream",
     "corrupt_regions": "regions.npz is unreadable or its arrays do not match",
+    "no_qa": "QA run: the json has no 'qa' list and no 'question'/'answer' pair",
+    "bad_qa": "QA run: a question/answer pair with an empty question or no answer (the pair is skipped)",
+    "qa_answer_not_in_vocab": "QA training: the answer is not in the answer vocabulary (the pair is skipped)",
 }
 MAX_BAD_RECORDS = 1000
 
@@ -295,12 +299,12 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     if video_key is None and image_key is None and region_key is None and not stored:
         raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
     captions = sample_captions(raw.get("txt"), meta)
-    if not captions:
+    if not captions and not has_qa(meta):  # a QA clip needs no caption: its question takes the place
         raise dec.DecodeError("no_caption")
     out: dict[str, Any] = {
         "__key__": raw["__key__"],
         "__url__": raw.get("__url__", ""),
-        "caption": pick_caption(captions, training=spec.training, rng=rng),
+        "caption": pick_caption(captions, training=spec.training, rng=rng) if captions else "",
         "captions": captions,
         "meta": meta,
     }
@@ -393,6 +397,10 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
     for name in ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores"):
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])  # [B, T, ...]
+    if all("answer_id" in s for s in samples):  # QA samples (regionvlp.data.qa); caption = the question
+        batch["answer_ids"] = torch.tensor([s["answer_id"] for s in samples], dtype=torch.long)  # [B], -1: OOV
+        for name in ("question", "answer", "question_type", "qa_index"):
+            batch[name] = [s[name] for s in samples]
     if tokenizer is not None:
         batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, batch["caption"], max_words)  # [B, L]
     return batch
@@ -431,8 +439,9 @@ class ClipDataset(IterableDataset):
     """This rank's stream of batches; every DataLoader worker takes its own shard share."""
 
     def __init__(self, cfg, shards: ShardList, *, training: bool, epoch: int, num_frames: Optional[int], tokenizer,
-                 rank: int, world: int) -> None:
+                 rank: int, world: int, qa: bool = False, qa_vocab: QAVocab | None = None) -> None:
         super().__init__()
+        self.qa, self.qa_vocab = qa, qa_vocab  # QA: clips -> question/answer samples
         self.cfg = cfg
         self.shards = shards
         self.training = training
@@ -470,6 +479,9 @@ class ClipDataset(IterableDataset):
         if self.training:
             raw = shuffled(raw, int(d.shuffle_buffer), rng)
         samples = decoded(raw, self.spec, counter, rng)
+        if self.qa:
+            samples = qa_samples(samples, training=self.training, vocab=self.qa_vocab, rng=rng,
+                                 skip=lambda reason, s, detail: counter.add(reason, s["__key__"], s["__url__"], detail))
         yield from batched(samples, int(d.batch_size), drop_last=self.training, counter=counter,
                            tokenizer=self.tokenizer, max_words=int(d.max_words))
 
@@ -529,8 +541,9 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_name(cfg))
     rank, world = dist.rank(), dist.world_size()
+    qa = bool(cfg.qa.enabled)
     dataset = ClipDataset(cfg, shards, training=training, epoch=epoch, num_frames=num_frames, tokenizer=tokenizer,
-                          rank=rank, world=world)
+                          rank=rank, world=world, qa=qa, qa_vocab=loader_vocab(cfg, training) if qa else None)
     num_workers = resolve_num_workers(d.num_workers)
     if not dataset.resampled and num_workers > 0:
         per_rank = len(shards.urls[rank::world])

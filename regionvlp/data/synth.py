@@ -333,7 +333,37 @@ def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18, gop: int = 8) -> 
     return buf.getvalue()
 
 
-def clip_sample(clip: SynthClip, fps: int) -> dict[str, Any]:
+# ------------------------------------------------------------------------ video QA
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+_DIRECTIONS = ("left", "right", "up", "down")
+
+
+def make_qa(seed: int, split: str, index: int, objs: list[SynthObject]) -> list[dict[str, str]]:
+    """Questions the clip answers, at most one of each kind: the colour of a named shape
+    (what), which shape has a colour (other), where an object moves (where), how many
+    objects (how). A question is only asked when its answer is unique in the clip. Drawn
+    from their own seeded stream, so captions and pixels do not change with ``--qa``."""
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index, 4242])
+    shapes = [o.shape for o in objs]
+    colors = [o.color for o in objs]
+    pairs: list[dict[str, str]] = []
+    unique_shape = [o for o in objs if shapes.count(o.shape) == 1]
+    if unique_shape:
+        o = unique_shape[rng.integers(len(unique_shape))]
+        pairs.append({"question": f"what color is the {o.shape}?", "answer": o.color})
+    unique_color = [o for o in objs if colors.count(o.color) == 1]
+    if unique_color:
+        o = unique_color[rng.integers(len(unique_color))]
+        pairs.append({"question": f"which shape is {o.color}?", "answer": o.shape})
+    moving = [o for o in objs if o.motion in _DIRECTIONS]
+    if moving:
+        o = moving[rng.integers(len(moving))]
+        pairs.append({"question": f"where does the {o.color} {o.shape} move?", "answer": o.motion})
+    pairs.append({"question": "how many objects are there?", "answer": _COUNT_WORDS[len(objs)]})
+    return pairs
+
+
+def clip_sample(clip: SynthClip, fps: int, qa: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The webdataset sample: mp4 + txt + json as the agreed interface states."""
     frames, height, width = clip.frames.shape[:3]
     meta = {
@@ -349,6 +379,8 @@ def clip_sample(clip: SynthClip, fps: int) -> dict[str, Any]:
         "labels": [o.label for o in clip.objects],
         "background": clip.background,
     }
+    if qa is not None:
+        meta["qa"] = qa
     return {"__key__": clip.key, "mp4": encode_mp4(clip.frames, fps),
             "txt": clip.captions[0].encode(), "json": json.dumps(meta).encode()}
 
@@ -417,6 +449,7 @@ class SynthSpec:
     frames: int = 16
     fps: int = 8
     compositional: bool = False
+    qa: bool = False
 
 
 def _make(args: tuple[SynthSpec, str, int]) -> dict[str, Any] | tuple[str, str]:
@@ -424,7 +457,8 @@ def _make(args: tuple[SynthSpec, str, int]) -> dict[str, Any] | tuple[str, str]:
     try:
         clip = render_clip(spec.seed, split, index, size=spec.size, frames=spec.frames,
                            compositional=spec.compositional)
-        return clip_sample(clip, spec.fps)
+        qa = make_qa(spec.seed, split, index, clip.objects) if spec.qa else None
+        return clip_sample(clip, spec.fps, qa)
     except Exception as err:  # an encoder failure is counted, not fatal
         return (f"synth_{split}_{index:07d}", f"{type(err).__name__}: {err}")
 
@@ -446,8 +480,9 @@ def _samples(spec: SynthSpec, split: str, n: int, pool) -> Iterator[dict[str, An
 
 def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None = None,
           size: int = 128, frames: int = 16, fps: int = 8, shard_size: int = 100, workers: int = 1,
-          compositional: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Write ``out/train/*.tar`` and ``out/val/*.tar`` (+ ``sizes.json`` each, ``world.json``)."""
+          compositional: bool = False, qa: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write ``out/train/*.tar`` and ``out/val/*.tar`` (+ ``sizes.json`` each, ``world.json``);
+    ``qa``: every clip's json also holds ``qa`` question/answer pairs (:func:`make_qa`)."""
     if videos < 1:
         raise UserError("synth: --videos must be at least 1")
     if size < 32 or size % 2:
@@ -459,7 +494,7 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
     if val_videos < 0:
         raise UserError("synth: --val-videos must be >= 0")
     out = Path(out)
-    spec = SynthSpec(seed=seed, size=size, frames=frames, fps=fps, compositional=compositional)
+    spec = SynthSpec(seed=seed, size=size, frames=frames, fps=fps, compositional=compositional, qa=qa)
     start = time.perf_counter()
     summary: dict[str, Any] = {"out": str(out), "samples": 0, "skipped": {}, "shards": 0,
                                "shard_size": shard_size}
@@ -480,7 +515,7 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
     (out / "world.json").write_text(json.dumps(world, indent=1) + "\n")
     seconds = time.perf_counter() - start
     summary.update(seconds=round(seconds, 3), clips_per_s=round((videos + val_videos) / seconds, 2),
-                   failed_keys=failed, classes=CLASSES, compositional=compositional)
+                   failed_keys=failed, classes=CLASSES, compositional=compositional, qa=qa)
     return summary
 
 

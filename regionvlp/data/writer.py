@@ -33,6 +33,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.errors import UserError
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
@@ -203,6 +204,26 @@ def read_source(src: str | Path, video_col: Optional[str] = None, caption_col: O
     raise UserError(f"shards write: SRC '{src}' is neither a manifest file nor a folder")
 
 
+def join_qa(items: list[Item], path: str | Path) -> dict[str, Any]:
+    """Put each input's QA pairs (from the MSRVTT-QA / MSVD-QA annotation JSON or JSONL
+    ``path``) into its json as ``qa``. An input's video id is its file name (with and
+    without extension) or a manifest ``video_id``/``id`` column; a numeric annotation id
+    ``7`` also matches ``video7`` / ``vid7`` (MSRVTT-QA, MSVD-QA file names)."""
+    by_video, skipped = load_annotations(path)
+    clip_ids: dict[int, set[str]] = {}
+    for i, it in enumerate(items):
+        names = id_candidates(it.source.rsplit("/", 1)[-1]) if it.source else set()
+        for col in ID_COLS:
+            if it.extra.get(col) not in (None, ""):
+                names |= id_candidates(it.extra[col])
+        clip_ids[i] = names
+    joined, unmatched = join_annotations(clip_ids, by_video)
+    for i, pairs in joined.items():
+        items[i].extra["qa"] = pairs
+    return {"pairs": sum(len(p) for p in joined.values()), "clips_with_qa": len(joined),
+            "clips_without_qa": len(items) - len(joined), "unmatched_pairs": unmatched, "skipped": skipped}
+
+
 # ---------------------------------------------------------------------- per input
 class SkipItem(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -305,7 +326,7 @@ def _ext_for(source: str, fmt: str) -> Optional[str]:
 
 def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
     """The tar members of one input; raises :class:`SkipItem`."""
-    if not item.captions:
+    if not item.captions and "qa" not in item.extra:  # a QA clip needs no caption
         raise SkipItem("missing_caption", "no caption" + (" (.txt sidecar missing or empty)" if "file" in item.extra else ""))
     data = _read_media(item.source)
     if not data:
@@ -325,11 +346,13 @@ def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
         except Exception as err:
             raise SkipItem("reencode_failed", f"{type(err).__name__}: {err}") from None
         info, ext = {**info, **new, "codec": "h264", "format": "mp4"}, "mp4"
-    meta = {**item.extra, "status": "success", "caption": item.captions[0], "captions": item.captions,
-            "source": item.source, "width": info["width"], "height": info["height"], "fps": info["fps"],
-            "duration": info["duration"], "codec": info["codec"], "reencoded": reencoded}
-    sample = {"__key__": item.key, ext: data, "txt": item.captions[0].encode("utf-8"),
-              "json": json.dumps(meta, default=str).encode("utf-8")}
+    first = {"caption": item.captions[0]} if item.captions else {}  # a QA-only clip has no caption
+    meta = {**item.extra, "status": "success", **first, "captions": item.captions, "source": item.source,
+            "width": info["width"], "height": info["height"], "fps": info["fps"], "duration": info["duration"],
+            "codec": info["codec"], "reencoded": reencoded}
+    sample = {"__key__": item.key, ext: data, "json": json.dumps(meta, default=str).encode("utf-8")}
+    if item.captions:
+        sample["txt"] = item.captions[0].encode("utf-8")
     return add_frames(sample, ext, meta, opts) if opts.keep_frames else sample
 
 
@@ -406,7 +429,8 @@ def _fingerprint(items: list[Item], shard_size: int, opts: WriteOptions) -> str:
         fields = {k: v for k, v in fields.items() if k not in ("keep_frames", "drop_video", "jpeg_quality")}
     h = hashlib.sha256(json.dumps([shard_size, fields]).encode())
     for it in items:
-        h.update(f"{it.key}\t{it.source}\t{it.captions}\n".encode())
+        qa = f"\t{it.extra['qa']}" if "qa" in it.extra else ""  # fingerprints without QA stay as they were
+        h.update(f"{it.key}\t{it.source}\t{it.captions}{qa}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -414,10 +438,11 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
                  max_side: Optional[int] = None, max_seconds: Optional[float] = None,
                  fps: Optional[float] = None, video_col: Optional[str] = None,
                  caption_col: Optional[str] = None, progress: bool = True, keep_frames: int = 0,
-                 drop_video: bool = False, jpeg_quality: int = 90) -> dict[str, Any]:
+                 drop_video: bool = False, jpeg_quality: int = 90, qa: str | Path | None = None) -> dict[str, Any]:
     """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped.
     ``keep_frames`` N > 0 writes frame shards (N JPEG frames per clip, short side at most
-    ``max_side``; the video left out with ``drop_video``)."""
+    ``max_side``; the video left out with ``drop_video``). ``qa``: a QA annotation file
+    joined to the inputs by video id (:func:`join_qa`)."""
     from tqdm import tqdm
 
     if shard_size < 1 or workers < 0:
@@ -430,6 +455,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
                         drop_video=drop_video, jpeg_quality=jpeg_quality)
     items = read_source(src, video_col, caption_col)
+    qa_summary = {"qa": join_qa(items, qa)} if qa is not None else {}
     out = Path(out)
     state = _claim_out(out, src, items, shard_size, opts)
     n_shards = (len(items) + shard_size - 1) // shard_size
@@ -487,4 +513,4 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     urls = str(out / "000000.tar") if n_shards == 1 else str(out / f"{{000000..{n_shards - 1:06d}}}.tar")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
             "inputs": len(items), "resumed_shards": len(done), "urls": urls, "bytes": total_bytes,
-            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3)}
+            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **qa_summary}

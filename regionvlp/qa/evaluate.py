@@ -1,0 +1,130 @@
+"""QA evaluation: answer every question of a val/test shard set, report accuracy.
+
+Every rank answers the QA samples its loader gives it (the eval loader visits every clip
+once across ranks × workers and the QA stage turns a clip into one sample per pair), the
+records ``(key, pair index, question, answer, prediction)`` are gathered, and rank 0's
+metrics come from :func:`regionvlp.qa.metrics.qa_metrics`. A pair seen twice would be a
+loader bug: it is counted in ``qa_duplicates`` and scored once.
+
+Library use::
+
+    from regionvlp.qa.evaluate import evaluate_qa
+    metrics = evaluate_qa(model, cfg, split="val", batch_transform=None, device="cpu")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from regionvlp import dist
+from regionvlp.data.qa import load_vocab, vocab_path
+from regionvlp.errors import UserError
+from regionvlp.evaluate import gather_objects
+from regionvlp.qa.metrics import qa_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QARecord:
+    key: str
+    qa_index: int
+    question: str
+    answer: str
+    prediction: str
+
+
+def apply_transform(transform: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The frozen region extractor (it has ``.detector``) through ``prepare_batch``, or a
+    batch -> batch callable (the trainer's), or nothing."""
+    if transform is None:
+        return batch
+    if hasattr(transform, "detector"):
+        from regionvlp.model import prepare_batch
+
+        return prepare_batch(batch, transform)
+    return transform(batch)
+
+
+def unwrap(model: Any) -> Any:
+    """The QA model inside a DeepSpeed engine / DDP wrapper."""
+    while hasattr(model, "module") and not hasattr(model, "qa_head"):
+        model = model.module
+    if not hasattr(model, "qa_head"):
+        raise UserError("this checkpoint is not a QA model (qa.enabled was false when it was trained); "
+                        "train one with a configs/downstream/*_qa.yaml config")
+    return model
+
+
+def answer_local(model: Any, batches: Iterable[Mapping[str, Any]], *, batch_transform: Any = None,
+                 device: torch.device, limit: int | None = None) -> tuple[list[QARecord], dict[str, int]]:
+    """This rank's records and data skip counts."""
+    records: list[QARecord] = []
+    skipped: dict[str, int] = {}
+    for n, batch in enumerate(batches):
+        for reason, count in (batch.get("skipped") or {}).items():
+            skipped[str(reason)] = skipped.get(str(reason), 0) + int(count)
+        if limit is not None and n >= limit:
+            continue  # drain the skip counts only
+        b = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        b = apply_transform(batch_transform, b)
+        ids = model.predict_ids(b).cpu().tolist()  # one transfer per batch
+        records += [QARecord(k, int(i), q, a, model.answers[p]) for k, i, q, a, p in
+                    zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids)]
+    return records, skipped
+
+
+def merge_records(parts: Iterable[list[QARecord]]) -> tuple[list[QARecord], int]:
+    """All ranks' records in (key, pair) order, each pair once, and how many repeats were dropped."""
+    seen: dict[tuple[str, int], QARecord] = {}
+    total = 0
+    for part in parts:
+        for r in part:
+            total += 1
+            seen.setdefault((r.key, r.qa_index), r)
+    ordered = [seen[k] for k in sorted(seen)]
+    return ordered, total - len(ordered)
+
+
+def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any = None,
+                device: torch.device | str | None = None, *, loader: Iterable[Mapping[str, Any]] | None = None,
+                limit: int | None = None) -> dict[str, Any]:
+    """QA metrics of ``model`` (a :class:`~regionvlp.model.QAModel` with its ``answers``)
+    on ``cfg.data.<split>``; call on every rank (all return the same dict)."""
+    model = unwrap(model)
+    if not model.answers:
+        raise UserError("the QA model has no answer vocabulary attached (model.answers); load it with "
+                        "regionvlp.load_model or from a run directory")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if loader is None:
+        from regionvlp.data import build_loader
+
+        if not list(getattr(cfg.data, split).urls):
+            raise UserError(f"data.{split}.urls is empty: set it to the QA eval shards (data.{split}.urls=[...])")
+        loader = build_loader(cfg, split, training=False)
+    was_training = model.training
+    model.eval()
+    try:
+        local, skipped = answer_local(model, loader, batch_transform=batch_transform, device=device, limit=limit)
+    finally:
+        model.train(was_training)
+    gathered = gather_objects((local, skipped))
+    records, duplicates = merge_records(part for part, _ in gathered)
+    total_skipped: dict[str, int] = {}
+    for _, part in gathered:
+        for k, v in part.items():
+            total_skipped[k] = total_skipped.get(k, 0) + v
+    out = qa_metrics([r.prediction for r in records], [r.answer for r in records],
+                     [r.question for r in records], model.answers[0])
+    out.update(qa_duplicates=duplicates, num_videos=len({r.key for r in records}), skipped=total_skipped,
+               qa_vocab_size=len(model.answers), world_size=dist.world_size())
+    return out
+
+
+def run_vocab(cfg: Any) -> list[str]:
+    """The answers of the vocabulary ``cfg`` trains with (``qa.vocab`` or the run's file)."""
+    return load_vocab(vocab_path(cfg)).answers
