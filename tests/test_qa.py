@@ -168,6 +168,21 @@ def test_qa_step_adds_no_host_sync(minilm_dir):
     assert scalars["true"] <= scalars["false"], scalars
 
 
+def test_qa_config_keys_validated_and_downstream_configs_load():
+    from regionvlp.config import ConfigError
+
+    for bad, key in (("qa.num_answers=0", "qa.num_answers"), ("qa.heads=3", "qa.heads"),
+                     ("qa.fusion_layers=-1", "qa.fusion_layers"), ("qa.dropout=1.5", "qa.dropout"),
+                     ("qa.vocab=' '", "qa.vocab")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(overrides=[bad])
+    for name, answers, regions in (("msrvtt_qa", 1500, "detector"), ("msrvtt_qa_learned", 1500, "learned"),
+                                   ("msvd_qa", 1000, "detector"), ("msvd_qa_learned", 1000, "learned")):
+        cfg = load_config(ROOT / "configs" / "downstream" / f"{name}.yaml")
+        assert cfg.qa.enabled and cfg.qa.num_answers == answers and cfg.model.regions == regions
+        assert cfg.data.num_frames == 8 and cfg.qa.fusion_layers == 2 and cfg.train.init_from != "none"
+
+
 # ------------------------------------------------------------- tiny QA training
 @pytest.fixture(scope="module")
 def qa_runs(qa_shards, tmp_path_factory) -> dict:
