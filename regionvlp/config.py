@@ -43,6 +43,7 @@ class DataConfig:
     train_sampling: str = "random_segment"  # random_segment | uniform | first | keyframe
     eval_sampling: str = "uniform"
     backend: str = "auto"  # auto | decord | pyav
+    decode_device: str = "cpu"  # cpu: workers decode everything | cuda: frame-shard JPEGs decoded per batch on the GPU
     batch_size: int = 8  # per rank
     num_workers: Any = 2  # DataLoader workers per rank, or "auto": cores per local rank, minus one
     shuffle_buffer: int = 1000  # samples; 0 disables
@@ -197,6 +198,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.regions": ("detector", "learned"),
     "data.backend": ("auto", "decord", "pyav"),
+    "data.decode_device": ("cpu", "cuda"),
     "data.train_sampling": ("random_segment", "uniform", "first", "keyframe"),
     "data.eval_sampling": ("random_segment", "uniform", "first"),
     "model.learner.mask_norm": ("softmax", "sigmoid"),

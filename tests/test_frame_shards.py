@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data_shards import encode_clip, frame_index, write_tar
 from regionvlp.cli import main
@@ -193,3 +194,91 @@ def test_tiny_training_run_from_frame_shards(pathway, tmp_path):
                        f"run.out_dir={tmp_path / 'run'}", "train.max_steps=2", "train.ckpt_every=2"])
     s = train(cfg)
     assert s["steps"] == 2 and s["skipped"] == {}
+
+
+# --------------------------------------------------- data.decode_device: per-batch JPEG decode
+def _frame_jpegs(n: int = 4, w: int = 80, h: int = 64) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        img = np.full((h, w, 3), 60 + 40 * i, np.uint8)
+        img[20:40, 44:64] = 255  # a marker right of centre
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_batch_jpeg_decode_matches_the_worker_decode():
+    """Same picks and crop as the worker path (same rng draws, in the same order); pixels
+    within 3 levels on average (torch vs PIL resampling)."""
+    from regionvlp.data.jpeg_batch import decode_clips, pick_jpegs
+
+    blobs = _frame_jpegs()
+    for training in (False, True):
+        for seed in range(4):
+            ref = dec.decode_stored_frames(blobs, 2, 32, training=training, rng=random.Random(seed))
+            ref = dec.resize_crop(ref, 32, training=training, rng=random.Random(1000 + seed))  # [2, 3, 32, 32]
+            rng = random.Random(seed)
+            jpegs, crop = pick_jpegs(blobs, 2, training=training, rng=rng)
+            if training:  # the worker path flips in resize_crop (its rng: two trivial crop draws, then the flip)
+                flip_rng = random.Random(1000 + seed)
+                flip_rng.randint(0, 0), flip_rng.randint(0, 0)
+                crop[3] = int(flip_rng.random() < 0.5)
+            got = decode_clips([jpegs], torch.tensor([crop]), 32, "cpu")[0]  # [2, 3, 32, 32]
+            assert got.shape == ref.shape == (2, 3, 32, 32) and got.dtype == torch.uint8
+            assert (got.float() - ref.float()).abs().mean() < 3.0, (training, seed)
+
+
+def test_batch_jpeg_decoder_drops_and_counts_bad_samples(tmp_path, minilm_dir):
+    from regionvlp.data.jpeg_batch import BatchJpegDecoder
+    from regionvlp.data.pipeline import DecodeSpec, collate, decode_sample
+    from regionvlp.data.text import load_tokenizer
+
+    blobs = _frame_jpegs()
+    spec = DecodeSpec(num_frames=2, size=32, sampling="random_segment", backend="pyav", training=True,
+                      decode_device="cuda")  # workers only pick: nothing here needs a GPU
+    raws = [{"__key__": f"k{i}", "txt": b"a caption", **{f"frame{j:03d}.jpg": b for j, b in enumerate(blobs)}}
+            for i in range(3)]
+    raws[1]["frame000.jpg"] = raws[1]["frame001.jpg"] = blobs[0][:400] + b"\0" * 64 + b"\xff\xd9"  # header ok, data bad
+    rng = random.Random(0)
+    samples = [decode_sample(r, spec, rng) for r in raws]
+    assert all("frames_jpeg" in s and "frames" not in s for s in samples)
+    batch = collate(samples, load_tokenizer(str(minilm_dir)), 8)
+    batch["skipped"] = {"no_caption": 1}
+    assert batch["frames_crop"].shape == (3, 4) and len(batch["frames_jpeg"]) == 3
+    out = BatchJpegDecoder(32, "cpu")(batch)
+    assert out["__key__"] == ["k0", "k2"] and out["frames"].shape == (2, 2, 3, 32, 32)
+    assert out["input_ids"].shape[0] == 2 and out["skipped"] == {"no_caption": 1, "corrupt_media": 1}
+    with pytest.raises(dec.DecodeError, match="truncated"):  # cut off: caught in the worker already
+        decode_sample({**raws[0], "frame001.jpg": blobs[1][:-50]}, DecodeSpec(2, 32, "uniform", "pyav", False, "cuda"),
+                      rng)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_decode_device_cuda_without_a_gpu_is_a_user_error(tmp_path):
+    from regionvlp.data import build_loader
+
+    shard = write_tar(tmp_path / "f.tar", [{"__key__": "k", "txt": "c", "frame000.jpg": _frame_jpegs(1)[0]}])
+    cfg = _cfg(f"data.train.urls=[{shard}]", "data.decode_device=cuda", "data.num_workers=0")
+    with pytest.raises(UserError, match="decode_device=cuda: no GPU"):
+        build_loader(cfg, "train", training=True, tokenizer=object())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="data.decode_device=cuda needs a GPU")
+def test_decode_device_cuda_decodes_batches_on_the_gpu(tmp_path, minilm_dir):
+    from regionvlp.data import build_loader
+    from regionvlp.data.text import load_tokenizer
+
+    blobs = _frame_jpegs()
+    samples = [{"__key__": f"k{i}", "txt": f"caption {i}", **{f"frame{j:03d}.jpg": b for j, b in enumerate(blobs)}}
+               for i in range(4)]
+    shard = write_tar(tmp_path / "f.tar", samples)
+    tok = load_tokenizer(str(minilm_dir))
+    common = [f"data.val.urls=[{shard}]", "data.num_frames=2", "data.size=32", "data.batch_size=4",
+              "data.num_workers=0", "data.max_words=8", "run.device=cuda"]
+    gpu = next(iter(build_loader(_cfg(*common, "data.decode_device=cuda"), "val", training=False, tokenizer=tok)))
+    cpu = next(iter(build_loader(_cfg(*common, "data.decode_device=cpu"), "val", training=False, tokenizer=tok)))
+    assert gpu["frames"].device.type == "cuda" and gpu["frames"].shape == cpu["frames"].shape == (4, 2, 3, 32, 32)
+    assert (gpu["frames"].cpu().float() - cpu["frames"].float()).abs().mean() < 3.0

@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
 from regionvlp.data import decode as dec
+from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips, pick_jpegs
 from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
 from regionvlp.data.sources import PROGRAMMING_ERRORS, ShardList, open_shard, parse_specs, read_sizes, register_webdataset_handlers
 from regionvlp.data.text import load_tokenizer, pick_caption, sample_captions, tokenize
@@ -254,6 +255,7 @@ class DecodeSpec:
     sampling: str
     backend: str
     training: bool
+    decode_device: str = "cpu"  # cuda: frame-shard JPEGs travel compressed, decoded per batch on the GPU
 
 
 def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> DecodeSpec:
@@ -264,6 +266,7 @@ def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> Dec
         sampling=str(d.train_sampling if training else d.eval_sampling),
         backend=str(d.backend),
         training=training,
+        decode_device=str(d.get("decode_device", "cpu")),
     )
 
 
@@ -313,6 +316,12 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         out.update(dec.select_region_frames(regions, spec.num_frames, spec.sampling, rng))
         out["media"] = region_key
     else:
+        if stored and spec.decode_device == "cuda":
+            out["frames_jpeg"], out["frames_crop"] = pick_jpegs([raw[k] for k in stored], spec.num_frames,
+                                                                training=spec.training, rng=rng)
+            out["media"] = f"{len(stored)} frames"
+            out["decode_ms"] = (time.perf_counter() - start) * 1000.0
+            return out
         if stored:
             frames = dec.decode_stored_frames([raw[k] for k in stored], spec.num_frames, spec.size,
                                               training=spec.training, rng=rng)
@@ -354,6 +363,7 @@ class SampleStream:
         self.cfg = cfg if cfg is not None else default_config()
         self.shards = parse_specs(urls, allow_pipe=bool(self.cfg.data.allow_pipe))
         self.spec = decode_spec(self.cfg, training=training, num_frames=num_frames)
+        self.spec.decode_device = "cpu"  # one process (check, inspect): every JPEG decoded, bad ones counted here
         self.counter = SkipCounter()
         self.seed = int(self.cfg.seed if seed is None else seed)
         register_webdataset_handlers()
@@ -394,6 +404,15 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
         "captions": [s["captions"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+    if any("frames_jpeg" in s for s in samples):
+        if all("frames_jpeg" in s for s in samples):  # decoded per batch on the GPU (BatchJpegDecoder)
+            batch["frames_jpeg"] = [s["frames_jpeg"] for s in samples]
+            batch["frames_crop"] = torch.tensor([s["frames_crop"] for s in samples], dtype=torch.int64)  # [B, 4]
+        else:  # frame-shard and video samples mixed: decode the JPEG ones here, as the video ones were
+            size = next(s["frames"].shape[-1] for s in samples if "frames" in s)
+            for s in samples:
+                if "frames_jpeg" in s:
+                    s["frames"] = decode_clips([s.pop("frames_jpeg")], torch.tensor([s.pop("frames_crop")]), size, "cpu")[0]
     for name in ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores"):
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])  # [B, T, ...]
@@ -560,6 +579,10 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
         pin_memory=to_gpu,
         prefetch_factor=(4 if to_gpu else 2) if num_workers > 0 else None,
     )
+    if dataset.spec.decode_device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("data.decode_device=cuda: no GPU is visible; use data.decode_device=cpu")
+        loader = loader.map(BatchJpegDecoder(dataset.spec.size, torch.device("cuda", dist.local_rank())))
     if dataset.resampled:
         n = epoch_size(split_cfg, allow_pipe=bool(d.allow_pipe))
         if not n:
