@@ -18,6 +18,7 @@ pathway) as ``model.batch_transform`` (``None`` for the learned pathway).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,106 @@ import torch
 
 from regionvlp.data.qa import VOCAB_FILE, load_vocab
 from regionvlp.errors import UserError
+
+# The only non-tensor, non-container types DeepSpeed's checkpoint files hold (its ZeRO
+# optimizer states: the loss scaler, the stage enum, fragment addresses). Model states
+# (mp_rank_00_model_states.pt) need none beyond torch's own weights-only set.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _deepspeed_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # an older/newer DeepSpeed without it: not allowed then
+            continue
+    return found
+
+
+def load_torch_file(path: str | Path, *, deepspeed_types: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` without pickle code: tensors, plain containers and (with
+    ``deepspeed_types``) :data:`DEEPSPEED_SAFE_GLOBALS` only. Anything else (a pickled
+    callable, a class that could run code) is a :class:`UserError`; nothing runs."""
+    import pickle
+
+    path = Path(path)
+    allowed = _deepspeed_globals() if deepspeed_types else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise UserError(f"{path}: refused to load: it holds {found.group(1) if found else 'pickled objects'} besides "
+                        "tensors, which could "
+                        "run code; load only checkpoints you trust, or ask for a safetensors export "
+                        "(`regionvlp export`)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise UserError(f"{path}: not a readable torch checkpoint ({' '.join(str(err).split())[:200]})") from None
+
+
+def verify_checkpoint_files(tag_dir: Path) -> None:
+    """Load every DeepSpeed ``*_states.pt`` of a checkpoint the safe way (memory-mapped)
+    before DeepSpeed's own loader, which unpickles freely, is allowed near it."""
+    for file in sorted(tag_dir.glob("*_states.pt")):
+        load_torch_file(file, deepspeed_types=True, mmap=True)
+
+
+# ------------------------------------------------------------------ resume manifest
+MANIFEST = "manifest.json"
+_UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the manifest itself
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Record every file of a checkpoint this run just wrote (size + sha256), so a resume
+    can tell the run's own checkpoint from one dropped in or altered afterwards."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"regionvlp_manifest": 1, "files": files}, indent=1))
+    tmp.replace(tag_dir / MANIFEST)
+
+
+def check_manifest(tag_dir: Path, run_ckpt_dir: Path) -> None:
+    """Resuming unpickles DeepSpeed's and the RNG files, so it is only allowed from a
+    checkpoint of this run (under ``run.out_dir/checkpoints``) whose files still match the
+    manifest the run wrote. Anything else is a :class:`UserError`; weights from elsewhere
+    go through ``train.init_from`` (weights only, no pickle)."""
+    tag_dir = Path(tag_dir)
+    if tag_dir.resolve().parent != Path(run_ckpt_dir).resolve():
+        raise UserError(f"train.resume: {tag_dir} is not a checkpoint of this run ({run_ckpt_dir}); resuming loads "
+                        "pickled state, so only a run's own checkpoints resume; start from other weights with "
+                        "train.init_from=PATH")
+    try:
+        listed = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"train.resume: {tag_dir} has no valid {MANIFEST} (written by regionvlp train after each "
+                        "checkpoint); it cannot be resumed, use train.init_from=PATH for its weights") from None
+    present = {p.name for p in tag_dir.iterdir() if p.is_file() and p.name not in _UNLISTED}
+    changed = sorted(present ^ set(listed))
+    changed += [n for n in sorted(present & set(listed))
+                if (tag_dir / n).stat().st_size != listed[n].get("bytes") or _sha256(tag_dir / n) != listed[n].get("sha256")]
+    if changed:
+        raise UserError(f"train.resume: {tag_dir} changed since this run wrote it ({', '.join(changed[:5])}); "
+                        "refusing to unpickle it; resume an earlier checkpoint or use train.init_from=PATH")
 
 
 def _find_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str]:
@@ -60,6 +161,7 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
         from regionvlp.engine import setup_accelerator_env
 
         setup_accelerator_env()
+        verify_checkpoint_files(tag_dir)  # zero_to_fp32 unpickles these files
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
@@ -67,7 +169,10 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
         file = tag_dir / "mp_rank_00_model_states.pt"
         if not file.exists():
             raise UserError(f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-        state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+        state = load_torch_file(file)
+        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+            raise UserError(f"{file}: no 'module' weights; not a DeepSpeed checkpoint written by `regionvlp train`")
+        state = state["module"]
     return {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
 
 
@@ -81,9 +186,9 @@ def _read_config(path: Path):
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
     """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out``."""
-    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
+    from regionvlp.config import to_yaml
     from regionvlp.model import build_model
 
     run_dir, out = Path(run_dir), Path(out)
@@ -113,7 +218,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict
         shutil.copyfile(qa_vocab_file(run_dir), out / VOCAB_FILE)
         cfg.qa.vocab = VOCAB_FILE  # relative to OUT; load_model resolves it
     cfg.train.resume = "none"
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "config.yaml").write_text(to_yaml(cfg))
     info = {"out": str(out), "source": str(ckpt_dir / tag), "step": _step_of(ckpt_dir, tag),
             "parameters": sum(v.numel() for v in state.values()), "regions": str(cfg.model.regions),
             "dtype": "float32"}

@@ -14,6 +14,9 @@ differs.
 from __future__ import annotations
 
 import difflib
+import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -53,6 +56,9 @@ class DataConfig:
     tokenizer: Optional[str] = None  # None: the text tower's model.text.name
     retries: int = 3  # transient read errors per shard
     retry_backoff: float = 0.5  # seconds, doubled each retry
+    max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members, checked from the header; larger: skipped (oversize)
+    max_image_pixels: int = 40_000_000  # width x height of a still image, checked before decoding; larger: skipped (oversize)
+    max_caption_chars: int = 2000  # longer captions are cut (counted as captions_cut)
 
 
 # -------------------------------------------------------------------------- model
@@ -202,8 +208,74 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.train_sampling": ("random_segment", "uniform", "first", "keyframe"),
     "data.eval_sampling": ("random_segment", "uniform", "first"),
     "model.learner.mask_norm": ("softmax", "sigmoid"),
+    "model.learner.temporal_resize": ("interpolate", "zeros"),
     "model.detector.autocast": ("bf16", "fp16", "none"),
     "run.device": ("auto", "cpu", "cuda"),
+}
+
+# key -> (lowest, highest, lowest allowed?, highest allowed?); None: no bound. Optional keys may be null.
+RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
+    "seed": (0, None, True, True),
+    "data.train.samples_per_epoch": (1, None, True, True),
+    "data.val.samples_per_epoch": (1, None, True, True),
+    "data.num_frames": (1, 1024, True, True),
+    "data.size": (1, 8192, True, True),
+    "data.batch_size": (1, None, True, True),
+    "data.shuffle_buffer": (0, None, True, True),
+    "data.max_words": (2, 4096, True, True),  # [CLS] and [SEP] at least
+    "data.retries": (0, 100, True, True),
+    "data.retry_backoff": (0, 3600, True, True),
+    "data.max_sample_bytes": (1, None, True, True),
+    "data.max_image_pixels": (1, None, True, True),
+    "data.max_caption_chars": (1, None, True, True),
+    "model.embed_dim": (1, None, True, True),
+    "model.text.freeze_layers": (0, None, True, True),
+    "model.detector.num_regions": (1, 1000, True, True),
+    "model.detector.min_size": (1, None, True, True),
+    "model.detector.max_size": (1, None, True, True),
+    "model.detector.rpn_pre_nms_top_n": (1, None, True, True),
+    "model.detector.rpn_post_nms_top_n": (1, None, True, True),
+    "model.detector.nms_thresh": (0, 1, False, True),
+    "model.detector.score_thresh": (0, 1, True, False),
+    "model.region_transformer.feature_dim": (1, None, True, True),
+    "model.region_transformer.hidden": (1, None, True, True),
+    "model.region_transformer.layers": (0, None, True, True),
+    "model.region_transformer.heads": (1, None, True, True),
+    "model.region_transformer.mlp_ratio": (0, None, False, True),
+    "model.region_transformer.dropout": (0, 1, True, False),
+    "model.region_transformer.max_frames": (1, None, True, True),
+    "model.learner.img_size": (1, None, True, True),
+    "model.learner.depth": (0, None, True, True),
+    "model.learner.max_frames": (1, None, True, True),
+    "model.learner.codebook_size": (1, None, True, True),
+    "model.learner.code_dim": (1, None, True, True),
+    "model.learner.ema_decay": (0, 1, True, False),
+    "model.learner.ema_eps": (0, None, False, True),
+    "model.learner.dead_code_threshold": (0, None, True, True),
+    "model.learner.commitment": (0, None, True, True),
+    "model.learner.num_regions": (1, None, True, True),
+    "model.learner.interaction_layers": (0, None, True, True),
+    "model.learner.insert_after": (-1, None, True, True),
+    "loss.temperature": (0, None, False, True),
+    "loss.min_temperature": (0, None, False, True),
+    "loss.align_temperature": (0, None, False, True),
+    "loss.local_weight": (0, None, True, True),
+    "loss.chunk_size": (1, None, True, True),
+    "optim.lr": (0, None, False, True),
+    "optim.weight_decay": (0, None, True, True),
+    "optim.eps": (0, None, False, True),
+    "optim.warmup_steps": (0, None, True, True),
+    "optim.min_lr_ratio": (0, 1, True, True),
+    "optim.text_lr_mult": (0, None, True, True),
+    "optim.video_lr_mult": (0, None, True, True),
+    "optim.grad_clip": (0, None, True, True),
+    "train.max_steps": (1, None, True, True),
+    "train.log_every": (1, None, True, True),
+    "train.val_every": (0, None, True, True),
+    "train.ckpt_every": (1, None, True, True),
+    "train.keep_last": (1, None, True, True),
+    "train.max_nonfinite": (1, None, True, True),
+    "train.grad_accum": (1, None, True, True),
 }
 
 
@@ -211,24 +283,72 @@ class ConfigError(UserError):
     """A config that cannot describe a run: unknown key, wrong type, bad value."""
 
 
-# ------------------------------------------------------------------------ loading
-def _package_dir(name: str) -> str:
-    """``${pkgdir:NAME}``: the folder of an installed package, found without importing it
-    (so configs can point at assets that packages ship, e.g. a bundled text model)."""
+# ---------------------------------------------------------------------- resolvers
+_TOP_LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_VALUES: dict[str, str] = {}  # resolved ${oc.env:NAME} values, masked wherever text leaves the process
+
+
+def package_dir(name: str) -> str:
+    """``${pkgdir:NAME}``: the folder of an installed top-level package (so configs can
+    point at assets that packages ship, e.g. a bundled text model). Nothing is imported:
+    only a top-level name is accepted, whose spec the path finders give without running
+    any package code (a dotted name would import its parents)."""
     import importlib.util
 
-    spec = importlib.util.find_spec(name)
+    name = str(name).strip().replace("-", "_")
+    if not _TOP_LEVEL_NAME.match(name):
+        raise ConfigError(f"${{pkgdir:{name}}}: give the top-level name of an installed package "
+                          "(letters, digits, _ or -; no dots or paths)")
+    try:
+        spec = importlib.util.find_spec(name)  # a top-level name: no parent package to import
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"${{pkgdir:{name}}}: package '{name}' is not installed (pip install it)")
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
-if not OmegaConf.has_resolver("pkgdir"):
-    # omegaconf >= 2.4 names it register_resolver; 2.3 only has register_new_resolver
-    _register = getattr(OmegaConf, "register_resolver", None)
-    if _register is None or not hasattr(OmegaConf, "legacy_register_resolver"):
-        _register = OmegaConf.register_new_resolver
-    _register("pkgdir", _package_dir)
+def _env(key: str, default: Any = None) -> Optional[str]:
+    """``${oc.env:NAME[,DEFAULT]}``, remembering the value so logs and saved configs can mask it."""
+    value = os.environ.get(str(key))
+    if value is None:
+        if default is None:
+            raise ConfigError(f"${{oc.env:{key}}}: environment variable '{key}' is not set; export it or "
+                              f"give a default, ${{oc.env:{key},DEFAULT}}")
+        return None if str(default) == "null" else str(default)
+    if len(value) >= 4:  # shorter ones (flags, counts) would mask unrelated text
+        _ENV_VALUES[str(key)] = value
+    return value
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every resolved environment value replaced by ``${oc.env:NAME}``."""
+    for key, value in sorted(_ENV_VALUES.items(), key=lambda kv: -len(kv[1])):
+        if value in text:
+            text = text.replace(value, f"${{oc.env:{key}}}")
+    return text
+
+
+class SecretFilter(logging.Filter):
+    """A logging filter that masks resolved environment values in every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _ENV_VALUES:
+            record.msg = mask_secrets(record.getMessage())
+            record.args = ()
+        return True
+
+
+def _register(name: str, fn: Any) -> None:
+    # omegaconf >= 2.4 names it register_resolver (register_new_resolver warns); 2.3 only has the latter
+    register = getattr(OmegaConf, "register_resolver", None)
+    if register is None or not hasattr(OmegaConf, "legacy_register_resolver"):
+        register = OmegaConf.register_new_resolver
+    register(name, fn, replace=True)
+
+
+_register("pkgdir", package_dir)
+_register("oc.env", _env)
 
 
 def default_config() -> DictConfig:
@@ -282,21 +402,60 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for config key '{full_key}': {msg}")
 
 
-def _check_choices(cfg: DictConfig) -> None:
+def _bad(key: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"config key '{key}' is {value!r}; it must be {want} (fix it in the YAML or with {key}=...)")
+
+
+def _check_range(cfg: DictConfig, key: str, bounds: tuple[Optional[float], Optional[float], bool, bool]) -> None:
+    lo, hi, lo_ok, hi_ok = bounds
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return  # an optional key left unset (the schema refuses null for the others)
+    want = " and ".join(w for w in (
+        None if lo is None else (">= " if lo_ok else "> ") + f"{lo:g}",
+        None if hi is None else ("<= " if hi_ok else "< ") + f"{hi:g}") if w)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _bad(key, value, f"a number {want}")
+    if (lo is not None and (value < lo or (value == lo and not lo_ok))) or (
+            hi is not None and (value > hi or (value == hi and not hi_ok))):
+        raise _bad(key, value, want)
+
+
+def _check_lists(cfg: DictConfig) -> None:
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise _bad("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+    last = -1
+    for entry in cfg.train.frame_curriculum:
+        pair = list(entry)
+        if len(pair) != 2 or pair[0] < 0 or pair[1] < 1 or pair[0] <= last:
+            raise _bad("train.frame_curriculum", to_container(cfg.train.frame_curriculum),
+                       "[[step, T], ...] with steps >= 0 in increasing order and T >= 1")
+        last = pair[0]
+    for split in ("train", "val"):
+        if any(not str(u).strip() for u in cfg.data[split].urls):
+            raise _bad(f"data.{split}.urls", list(cfg.data[split].urls), "shard specs without empty entries")
+    rt = cfg.model.region_transformer
+    if rt.hidden % rt.heads:
+        raise _bad("model.region_transformer.heads", rt.heads, f"a divisor of region_transformer.hidden ({rt.hidden})")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every value in range, every choice known, lists well formed; :class:`ConfigError`
+    (one line naming the key) otherwise. Run by :func:`load_config`; call it again after
+    changing a config in code."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    positive = ["data.num_frames", "data.size", "data.batch_size", "data.max_words",
-                "model.embed_dim", "model.detector.num_regions", "train.max_steps"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    for key, bounds in RANGES.items():
+        _check_range(cfg, key, bounds)
     workers = cfg.data.num_workers
-    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"config key 'data.num_workers' must be an integer >= 0 or 'auto', got {workers!r}")
-    if cfg.loss.temperature <= 0 or cfg.loss.align_temperature <= 0:
-        raise ConfigError("config keys 'loss.temperature' and 'loss.align_temperature' must be > 0")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256):
+        raise _bad("data.num_workers", workers, "an integer from 0 to 256, or 'auto'")
+    _check_lists(cfg)
+    if not str(cfg.run.out_dir).strip():
+        raise _bad("run.out_dir", cfg.run.out_dir, "a folder path")
     check_qa_config(cfg)
 
 
@@ -312,6 +471,55 @@ def check_qa_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'qa.dropout' must be in [0, 1), got {qa.dropout}")
     if not str(qa.vocab).strip():
         raise ConfigError("config key 'qa.vocab' is empty; use auto or the path of a `regionvlp qa vocab` file")
+
+
+def check_out_dir(path: str | Path, key: str = "run.out_dir") -> Path:
+    """Create the output folder ``path`` (config key ``key``) and prove it is writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a folder; pick another {key}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}={path}: cannot write there ({err.strerror or err}); "
+                          f"pick a writable {key}") from None
+    return path
+
+
+def _env_paths(raw: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted paths of the raw (unresolved) values that read the environment."""
+    if isinstance(raw, dict):
+        items = [(f"{prefix}{k}", v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        items = [(f"{prefix}{i}", v) for i, v in enumerate(raw)]
+    else:
+        return {prefix[:-1]: raw} if isinstance(raw, str) and "oc.env:" in raw else {}
+    out: dict[str, str] = {}
+    for path, value in items:
+        out.update(_env_paths(value, path + "."))
+    return out
+
+
+def _resolve(cfg: DictConfig, source: str) -> DictConfig:
+    """Resolve every interpolation except environment reads, which stay ``${oc.env:…}``
+    in the config (so a saved config.yaml never holds a secret) and resolve on access."""
+    raw_env = _env_paths(OmegaConf.to_container(cfg, resolve=False))
+    try:
+        OmegaConf.resolve(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        cause: Optional[BaseException] = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or _explain(err, source)) from None
+    validate(cfg)  # with the environment values in place
+    for path, raw in raw_env.items():
+        OmegaConf.update(cfg, path, raw, merge=False)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -339,23 +547,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise _explain(err, "override") from None
-    try:
-        OmegaConf.resolve(cfg)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise _explain(err, str(path or "config")) from None
-    _check_choices(cfg)
+    cfg = _resolve(cfg, str(path or "config"))
     OmegaConf.set_readonly(cfg, False)
     return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The config as YAML, environment reads left as ``${oc.env:…}`` and any resolved
+    environment value that was copied elsewhere masked: safe to write into a run folder."""
+    return mask_secrets(OmegaConf.to_yaml(cfg, resolve=False))
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:
-    """Plain dicts and lists (for DeepSpeed, JSON, checkpoints)."""
+    """Plain dicts and lists, environment values resolved (for DeepSpeed, a child process)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def saved_container(cfg: DictConfig) -> Any:
+    """Plain dicts and lists to store in a file (checkpoints, reports): like
+    :func:`to_yaml`, environment reads stay ``${oc.env:…}`` and copied values are masked."""
+    import yaml
+
+    return yaml.safe_load(to_yaml(cfg))

@@ -302,6 +302,9 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         if int(os.environ.get("RANK", 0)) == 0 or not dist.is_initialized() or dist.get_rank() == 0:
+            from regionvlp.checkpoint import write_manifest
+
+            write_manifest(self.dir / tag)  # resume trusts only files listed here
             (self.dir / tag / "client_state.done").write_text(str(step))
             for old in list_tags(self.dir)[:-self.keep_last]:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
@@ -310,7 +313,10 @@ class Checkpointer:
         return self.dir / tag
 
     def load(self, engine: Any, where: tuple[Path, str]) -> dict[str, Any]:
+        from regionvlp.checkpoint import check_manifest
+
         load_dir, tag = where
+        check_manifest(Path(load_dir) / tag, self.dir)  # DeepSpeed (and the RNG file) unpickle freely
         path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:

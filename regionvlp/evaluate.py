@@ -228,6 +228,41 @@ class EvalEmbeddings:
             skipped=dict(d["skipped"]),
         )
 
+    def save(self, path: Path) -> None:
+        """Tensors into a safetensors file, everything else as JSON in its header (no pickle)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"video.{k}": v for k, v in (("cls", self.video.cls), ("regions", self.video.regions),
+                                                ("region_mask", self.video.region_mask))}
+        tensors.update({f"text.{k}": v for k, v in (("cls", self.text.cls), ("words", self.text.words),
+                                                    ("word_mask", self.text.word_mask))})
+        tensors["text_to_video"] = self.text_to_video
+        tensors.update({f"mc_scores.{i}": s for i, s in enumerate(self.mc_scores)})
+        meta = {"keys": self.keys, "captions": self.captions, "mc_answers": self.mc_answers, "skipped": self.skipped,
+                "mc_questions": len(self.mc_scores)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"regionvlp_eval": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> "EvalEmbeddings":
+        """Read :meth:`save`'s file; a file of any other shape is a :class:`UserError`."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["regionvlp_eval"])
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            return cls(keys=[str(k) for k in meta["keys"]],
+                       video=VideoOutput(cls=t["video.cls"], regions=t["video.regions"], region_mask=t["video.region_mask"]),
+                       text=TextOutput(cls=t["text.cls"], words=t["text.words"], word_mask=t["text.word_mask"]),
+                       text_to_video=t["text_to_video"], captions=[str(c) for c in meta["captions"]],
+                       mc_scores=[t[f"mc_scores.{i}"] for i in range(int(meta["mc_questions"]))],
+                       mc_answers=[int(a) for a in meta["mc_answers"]],
+                       skipped={str(k): int(v) for k, v in dict(meta["skipped"]).items()})
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: not an eval cache written by regionvlp ({' '.join(str(err).split())[:200]}); "
+                            "delete it to recompute") from None
+
 
 def _cat_padded(parts: Sequence[torch.Tensor], fill: float | bool = 0) -> torch.Tensor:
     """Concatenate [n_i, S_i, ...] along dim 0, padding dim 1 to the largest S_i."""
@@ -574,13 +609,13 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
         log.warning("data.eval_sampling=random_segment: eval frames are not deterministic; use uniform")
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"embeddings-{split}-{cache_fingerprint(cfg, split, cache_tag)}.pt"
+        cache_file = Path(cache_dir) / f"embeddings-{split}-{cache_fingerprint(cfg, split, cache_tag)}.safetensors"
     was_training = model.training
     model.eval()
     try:
         if cache_file is not None and cache_file.is_file():
             log.info("eval: reusing cached embeddings %s", cache_file)
-            emb = EvalEmbeddings.from_state_dict(torch.load(cache_file, map_location="cpu", weights_only=False))
+            emb = EvalEmbeddings.load(cache_file)
             cached = True
         else:
             tok = tokenize if tokenize is not None else _Tokenize(cfg, tokenizer)
@@ -597,7 +632,7 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
             if cache_file is not None and dist.is_main():
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache_file.with_suffix(".tmp")
-                torch.save(emb.state_dict(), tmp)
+                emb.save(tmp)
                 os.replace(tmp, cache_file)
         out = metrics_from_embeddings(model, emb, device=device)
         out["cached"] = cached

@@ -269,7 +269,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
 
 
 def _train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None) -> dict[str, Any]:
-    from regionvlp.config import to_yaml
+    from regionvlp.config import check_out_dir, to_yaml
     from regionvlp.data import build_loader
     from regionvlp.model import build_batch_transform, build_model
     import torch.distributed as dist
@@ -279,7 +279,7 @@ def _train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None) -> dict[str, 
     device = E.train_device()
     run_dir = Path(cfg.run.out_dir)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_out_dir(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
             from regionvlp.qa.vocab import prepare_run_vocab
@@ -575,11 +575,11 @@ def model_pathway_is_learned(model: torch.nn.Module) -> bool:
 
 
 def _save(ckpt: E.Checkpointer, eng: Any, state: TrainState, cfg: Any, rank: int, seg_elapsed: float) -> Path:
-    from regionvlp.config import to_container
+    from regionvlp.config import saved_container
 
     saved = asdict(state)
     saved["elapsed"] = state.elapsed + seg_elapsed
-    client = {"train_state": saved, "config": to_container(cfg), "regionvlp_checkpoint": 1}
+    client = {"train_state": saved, "config": saved_container(cfg), "regionvlp_checkpoint": 1}
     tag_dir = ckpt.dir / E.tag_for(state.step)
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(E.rng_state(), tag_dir / f"rng_rank{rank}.pt")

@@ -268,7 +268,7 @@ def test_single_rank_eval_counts_every_sample_and_mc(tmp_path):
         assert m[key] == pytest.approx(value, abs=1e-6), key
     # embedding cache: second call reuses the file and gives the same numbers
     first = run_eval(make_samples(N_SAMPLES), cache_dir=tmp_path)
-    assert not first["cached"] and list(tmp_path.glob("embeddings-val-*.pt"))
+    assert not first["cached"] and list(tmp_path.glob("embeddings-val-*.safetensors"))
     again = run_eval([], cache_dir=tmp_path)  # loader would be empty: must come from the cache
     assert again["cached"]
     assert {k: again[k] for k in m if k != "cached"} == {k: m[k] for k in m if k != "cached"}

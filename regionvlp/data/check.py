@@ -27,7 +27,8 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
     if allow_pipe:
         cfg.data.allow_pipe = True
     start = time.perf_counter()
-    stream = iter_samples(list(urls), cfg, training=training)
+    # region samples must match the config's K / feature size when one is given, else the first one's
+    stream = iter_samples(list(urls), cfg, training=training, region_shape=config is not None)
     good, decode_ms = 0, 0.0
     per_shard: dict[str, int] = {}  # samples seen (good or bad) per shard URL
     bar = tqdm(desc="shards check", unit="sample", file=sys.stderr, disable=not progress)
@@ -61,6 +62,7 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
         "shards_listed": len(stream.shards.urls),
         "bad": bad,
         "ok": bad == 0 and sizes["ok"],
+        "captions_cut": stream.counter.captions_cut,
         "bad_keys": [r["key"] for r in records if r["key"]],
         "bad_samples": records,
         "num_frames": int(cfg.data.num_frames),

@@ -15,6 +15,7 @@ import math
 import random
 import re
 from bisect import bisect_right
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REGION_EXT = "regions.npz"
 FRAME_EXT = re.compile(r"frame(\d{3,6})\.jpg")  # frame shards: {key}.frame000.jpg, {key}.frame001.jpg, ...
 SAMPLINGS = ("random_segment", "uniform", "first", "keyframe")
+MAX_IMAGE_PIXELS = 4096 * 4096  # default still-image limit (data.max_image_pixels), checked before decoding
 BACKENDS = ("auto", "decord", "pyav")
 KEYFRAME_PROBE = {"threads": "1", "skip_frame": "all"}  # codec options for PyAV's probe on open
 
@@ -333,13 +335,18 @@ def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
     return rgb.to_ndarray()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """``[1, H, W, 3]`` uint8 from jpg/png/webp bytes."""
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """``[1, H, W, 3]`` uint8 from jpg/png/webp bytes; an image of more than ``max_pixels``
+    (from its header, before any pixel is decoded) is ``oversize``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise DecodeError("oversize", f"image: {im.width}x{im.height} > data.max_image_pixels={max_pixels}")
             arr = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise DecodeError("oversize", f"image: {str(err).splitlines()[0][:200]}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DecodeError("corrupt_media", f"image: {str(err).splitlines()[0][:200]}") from None
     if arr.size == 0:
@@ -383,7 +390,7 @@ def decode_video(
             pass
     if _looks_like_image(data):
         frames = decode_image(data)
-        return frames[[0] * num_frames]
+        return np.broadcast_to(frames, (num_frames,) + frames.shape[1:])  # a view of the one frame
     raise first_err
 
 
@@ -402,9 +409,14 @@ def open_jpeg(data: bytes, short_side: Optional[int] = None):
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            limit = MAX_IMAGE_PIXELS * (64 if im.format == "JPEG" else 1)  # JPEG draft decodes at 1/8 scale
+            if im.width * im.height > limit:
+                raise DecodeError("oversize", f"stored frame: {im.width}x{im.height} {im.format} > {limit} pixels")
             if short_side is not None and min(im.size) > short_side:
                 im.draft("RGB", scaled_dims(im.size[0], im.size[1], short_side))
             rgb = im.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise DecodeError("oversize", f"jpeg: {str(err).splitlines()[0][:200]}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DecodeError("corrupt_media", f"jpeg: {str(err).splitlines()[0][:200]}") from None
     if 0 in rgb.size:
@@ -466,6 +478,9 @@ def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[
     resize work on the pixels a crop would throw away.
     """
     rng = rng or random
+    if frames.shape[0] > 1 and frames.strides[0] == 0:  # one still frame repeated as a view: resize it once
+        one = resize_crop(frames[:1], size, training=training, rng=rng)  # [1, 3, size, size]
+        return one.expand(frames.shape[0], -1, -1, -1).contiguous()  # [T, 3, size, size]
     clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W]
     h, w = clip.shape[-2:]
     side = min(h, w)
@@ -487,6 +502,35 @@ def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[
 REGION_ARRAYS = {"feats": np.float16, "boxes": np.float32, "mask": np.bool_, "labels": np.int64, "scores": np.float32}
 
 
+@dataclass
+class RegionShape:
+    """What a region sample must look like: K regions per frame, F-dim features, float
+    features/boxes/scores, a bool mask and integer labels."""
+
+    num_regions: int  # K
+    feature_dim: int  # F
+
+    @classmethod
+    def of(cls, regions: dict[str, torch.Tensor]) -> "RegionShape":
+        return cls(int(regions["region_feats"].shape[1]), int(regions["region_feats"].shape[2]))
+
+    def check(self, regions: dict[str, torch.Tensor]) -> None:
+        """Raise ``region_shape`` for a sample of another K / F (it would break the batch)."""
+        _, k, f = regions["region_feats"].shape
+        if (k, f) != (self.num_regions, self.feature_dim):
+            raise DecodeError("region_shape", f"regions.npz has K={k}, F={f}; expected K={self.num_regions} "
+                                              f"(model.detector.num_regions), F={self.feature_dim} "
+                                              "(model.region_transformer.feature_dim)")
+
+
+def _check_region_dtypes(arrays: dict[str, np.ndarray]) -> None:
+    kinds = {"feats": "f", "boxes": "f", "scores": "f", "mask": "b", "labels": "iu"}
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in kinds[name] or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
+            raise DecodeError("region_shape", f"regions.npz '{name}' has dtype {arr.dtype}; expected "
+                                              f"{np.dtype(REGION_ARRAYS[name]).name}")
+
+
 def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
     """``regions.npz`` → ``region_feats`` float32 [T,K,F], ``region_boxes`` [T,K,4],
     ``region_mask`` bool [T,K], ``region_labels`` int64 [T,K], ``region_scores`` [T,K]."""
@@ -504,6 +548,10 @@ def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
             "corrupt_regions",
             f"shapes feats {feats.shape}, boxes {boxes.shape}, mask {mask.shape} do not match [T,K,F]/[T,K,4]/[T,K]",
         )
+    _check_region_dtypes(arrays)
+    for name in ("labels", "scores"):
+        if name in arrays and arrays[name].shape != mask.shape:
+            raise DecodeError("corrupt_regions", f"regions.npz '{name}' has shape {arrays[name].shape}, not {mask.shape}")
     t, k = mask.shape
     out = {
         "region_feats": torch.from_numpy(feats.astype(np.float32)),  # [T, K, F]

@@ -24,10 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
+from regionvlp.config import mask_secrets
 from regionvlp.data import decode as dec
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips, pick_jpegs
 from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
@@ -50,8 +52,13 @@ SKIP_REASONS = {
     "no_qa": "QA run: the json has no 'qa' list and no 'question'/'answer' pair",
     "bad_qa": "QA run: a question/answer pair with an empty question or no answer (the pair is skipped)",
     "qa_answer_not_in_vocab": "QA training: the answer is not in the answer vocabulary (the pair is skipped)",
+    "region_shape": "regions.npz has another K, feature size or dtype than the config (model.detector.num_regions, "
+                    "model.region_transformer.feature_dim) or the stream's first region sample",
+    "oversize": "the sample's tar members exceed data.max_sample_bytes (from the tar header, never read) or its "
+                "image exceeds data.max_image_pixels",
 }
 MAX_BAD_RECORDS = 1000
+PREVIEW_CHARS = 200  # longest caption/key `data inspect` prints
 
 
 # ---------------------------------------------------------------- skip counting
@@ -65,8 +72,10 @@ class SkipCounter:
     bad: list[dict[str, str]] = field(default_factory=list)
     shards: int = 0  # shards that gave samples (or were read whole and empty)
     samples: int = 0  # good samples produced
+    captions_cut: int = 0  # captions cut to data.max_caption_chars (the samples are kept)
 
     def add(self, reason: str, key: str = "", url: str = "", detail: str = "") -> None:
+        url, detail = mask_secrets(url), mask_secrets(detail)  # a token read from the environment stays hidden
         self.total[reason] += 1
         self.pending[reason] += 1
         if len(self.bad) < MAX_BAD_RECORDS:
@@ -125,9 +134,12 @@ def tar_samples(
     backoff: float = 0.5,
     allow_pipe: bool = False,
     max_consecutive_failures: Optional[int] = None,
+    max_sample_bytes: Optional[int] = None,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) from tar shards. An unreadable
-    shard is skipped and counted; a tar that breaks off yields what came before."""
+    shard is skipped and counted; a tar that breaks off yields what came before. A sample
+    whose members add up to more than ``max_sample_bytes`` (sizes from the tar headers) is
+    skipped as ``oversize`` without reading its data."""
     failures = 0
     for url in urls:
         try:
@@ -142,6 +154,7 @@ def tar_samples(
             continue
         current: Optional[dict[str, Any]] = None
         produced = False
+        oversize = _Oversize(max_sample_bytes, counter, url)
         counted = _CountingStream(stream)
         try:
             with tarfile.open(fileobj=counted, mode="r|*") as tf:
@@ -156,6 +169,9 @@ def tar_samples(
                             produced, counter.shards = True, counter.shards + 1
                         yield current
                         current = None
+                    if oversize.skip(key, info.size):
+                        current = None
+                        continue
                     data = tf.extractfile(info).read()
                     if current is None:
                         current = {"__key__": key, "__url__": url}
@@ -184,6 +200,32 @@ def tar_samples(
             failures += 1
             if max_consecutive_failures and failures >= max_consecutive_failures:
                 raise UserError(f"{failures} shards in a row gave no samples (last: {url})")
+
+
+class _Oversize:
+    """Per-sample byte budget from tar headers: a sample over it is counted once as
+    ``oversize`` and its remaining members are passed over unread."""
+
+    def __init__(self, limit: Optional[int], counter: SkipCounter, url: str) -> None:
+        self.limit, self.counter, self.url = limit, counter, url
+        self.key: Optional[str] = None  # the sample being measured
+        self.total = 0
+        self.dropped: Optional[str] = None  # key of the sample already skipped
+
+    def skip(self, key: str, size: int) -> bool:
+        if self.limit is None:
+            return False
+        if key != self.key:
+            self.key, self.total = key, 0
+        self.total += int(size)
+        if key == self.dropped:
+            return True
+        if self.total <= self.limit:
+            return False
+        self.dropped = key
+        self.counter.add("oversize", key=key, url=self.url,
+                         detail=f"members declare {self.total} bytes > data.max_sample_bytes={self.limit}")
+        return True
 
 
 class _CountingStream:
@@ -256,10 +298,16 @@ class DecodeSpec:
     backend: str
     training: bool
     decode_device: str = "cpu"  # cuda: frame-shard JPEGs travel compressed, decoded per batch on the GPU
+    max_image_pixels: int = dec.MAX_IMAGE_PIXELS
+    max_caption_chars: Optional[int] = None
+    regions: Optional[dec.RegionShape] = None  # None: the first region sample of the stream sets it
 
 
-def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> DecodeSpec:
+def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None, region_shape: bool = True) -> DecodeSpec:
+    """How to decode for ``cfg``; ``region_shape=False`` takes K and F from the stream's
+    first region sample instead of the config (``shards check`` without ``--config``)."""
     d = cfg.data
+    regions = dec.RegionShape(int(cfg.model.detector.num_regions), int(cfg.model.region_transformer.feature_dim))
     return DecodeSpec(
         num_frames=int(num_frames or d.num_frames),
         size=int(d.size),
@@ -267,6 +315,9 @@ def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None) -> Dec
         backend=str(d.backend),
         training=training,
         decode_device=str(d.get("decode_device", "cpu")),
+        max_image_pixels=int(d.max_image_pixels),
+        max_caption_chars=int(d.max_caption_chars),
+        regions=regions if region_shape else None,
     )
 
 
@@ -304,15 +355,25 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     captions = sample_captions(raw.get("txt"), meta)
     if not captions and not has_qa(meta):  # a QA clip needs no caption: its question takes the place
         raise dec.DecodeError("no_caption")
+    cut = 0
+    if spec.max_caption_chars is not None and any(len(c) > spec.max_caption_chars for c in captions):
+        cut = sum(len(c) > spec.max_caption_chars for c in captions)
+        captions = list(dict.fromkeys(c[: spec.max_caption_chars] for c in captions))
+        if "caption" in meta or "captions" in meta:  # never carry the uncut copies along
+            meta = {k: v for k, v in meta.items() if k not in ("caption", "captions")} | {"captions": captions}
     out: dict[str, Any] = {
         "__key__": raw["__key__"],
         "__url__": raw.get("__url__", ""),
         "caption": pick_caption(captions, training=spec.training, rng=rng) if captions else "",
         "captions": captions,
         "meta": meta,
+        "captions_cut": cut,
     }
     if region_key is not None:
         regions = dec.decode_regions(raw[region_key])
+        if spec.regions is None:
+            spec.regions = dec.RegionShape.of(regions)
+        spec.regions.check(regions)
         out.update(dec.select_region_frames(regions, spec.num_frames, spec.sampling, rng))
         out["media"] = region_key
     else:
@@ -330,7 +391,8 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
                 raw[video_key], spec.num_frames, spec.sampling, spec.backend, rng, short_side=spec.size
             )
         else:
-            frames = dec.decode_image(raw[image_key])[[0] * spec.num_frames]
+            frame = dec.decode_image(raw[image_key], max_pixels=spec.max_image_pixels)  # [1, H, W, 3]
+            frames = np.broadcast_to(frame, (spec.num_frames,) + frame.shape[1:])  # a view, no copies
         out["frames"] = dec.resize_crop(frames, spec.size, training=spec.training, rng=rng)  # [T, 3, S, S]
         out["media"] = f"{len(stored)} frames" if stored else (video_key or image_key)
     out["decode_ms"] = (time.perf_counter() - start) * 1000.0
@@ -348,6 +410,7 @@ def decoded(raw_samples: Iterable[dict], spec: DecodeSpec, counter: SkipCounter,
             counter.add("corrupt_media", key=raw.get("__key__", ""), url=raw.get("__url__", ""), detail=_short(err))
             continue
         counter.samples += 1
+        counter.captions_cut += sample.pop("captions_cut", 0)
         yield sample
 
 
@@ -357,12 +420,12 @@ class SampleStream:
     the first bad samples in :attr:`bad`, shards read in :attr:`shards`."""
 
     def __init__(self, urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, region_shape: bool = True) -> None:
         from regionvlp.config import default_config
 
         self.cfg = cfg if cfg is not None else default_config()
         self.shards = parse_specs(urls, allow_pipe=bool(self.cfg.data.allow_pipe))
-        self.spec = decode_spec(self.cfg, training=training, num_frames=num_frames)
+        self.spec = decode_spec(self.cfg, training=training, num_frames=num_frames, region_shape=region_shape)
         self.spec.decode_device = "cpu"  # one process (check, inspect): every JPEG decoded, bad ones counted here
         self.counter = SkipCounter()
         self.seed = int(self.cfg.seed if seed is None else seed)
@@ -372,7 +435,7 @@ class SampleStream:
         d = self.cfg.data
         rng = random.Random(self.seed)
         raw = tar_samples(self.shards.urls, self.counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                          allow_pipe=bool(d.allow_pipe))
+                          allow_pipe=bool(d.allow_pipe), max_sample_bytes=int(d.max_sample_bytes))
         return decoded(raw, self.spec, self.counter, rng)
 
     @property
@@ -388,10 +451,13 @@ class SampleStream:
         return self.counter.shards
 
 
-def iter_samples(urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None) -> SampleStream:
+def iter_samples(urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None,
+                 region_shape: bool = True) -> SampleStream:
     """Decoded sample dicts from ``urls`` (in order, single process). The returned
-    :class:`SampleStream` exposes ``skipped`` / ``bad`` / ``num_shards`` as it goes."""
-    return SampleStream(urls, cfg, training=training, num_frames=num_frames)
+    :class:`SampleStream` exposes ``skipped`` / ``bad`` / ``num_shards`` as it goes.
+    ``region_shape=False``: region samples must agree with the stream's first one
+    rather than with the config's K and feature size."""
+    return SampleStream(urls, cfg, training=training, num_frames=num_frames, region_shape=region_shape)
 
 
 # ------------------------------------------------------------------------- batch
@@ -494,7 +560,8 @@ class ClipDataset(IterableDataset):
             urls = split_shards(order, self.rank, self.world, worker, num_workers)
             max_fail = None
         raw = tar_samples(urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                          allow_pipe=bool(d.allow_pipe), max_consecutive_failures=max_fail)
+                          allow_pipe=bool(d.allow_pipe), max_consecutive_failures=max_fail,
+                          max_sample_bytes=int(d.max_sample_bytes))
         if self.training:
             raw = shuffled(raw, int(d.shuffle_buffer), rng)
         samples = decoded(raw, self.spec, counter, rng)
@@ -607,7 +674,8 @@ def inspect_samples(urls: Sequence[str], cfg=None, *, limit: int = 0, training: 
         n += 1
         ms += s["decode_ms"]
         if emit is not None:
-            line: dict[str, Any] = {"key": s["__key__"], "url": s["__url__"], "caption": s["caption"],
+            line: dict[str, Any] = {"key": preview(s["__key__"]), "url": preview(s["__url__"]),
+                                    "caption": preview(s["caption"]),
                                     "captions": len(s["captions"]), "media": s["media"]}
             if "frames" in s:
                 line["frames"] = list(s["frames"].shape)
@@ -627,5 +695,11 @@ def inspect_samples(urls: Sequence[str], cfg=None, *, limit: int = 0, training: 
         "frames": stream.spec.num_frames,
         "size": stream.spec.size,
         "backend": stream.spec.backend,
-        "bad": stream.bad[:20],
+        "captions_cut": stream.counter.captions_cut,
+        "bad": [{k: preview(str(v)) for k, v in r.items()} for r in stream.bad[:20]],
     }
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """``text`` cut to ``limit`` characters for printing (``…`` and the full length appended)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
