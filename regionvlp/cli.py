@@ -33,6 +33,33 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+# ------------------------------------------------------------------ flag checks
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit 2), like a :class:`UserError`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"regionvlp: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)
+
+
 # ------------------------------------------------------------------------ config
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from regionvlp.config import load_config, to_yaml
@@ -63,14 +90,14 @@ def _cmd_synth(args: argparse.Namespace) -> dict:
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic video-caption shard set with boxes (train/ and val/)")
     p.add_argument("out", help="output folder (gets train/, val/, world.json)")
-    p.add_argument("--videos", type=int, required=True, help="train clips")
-    p.add_argument("--val-videos", type=int, default=None, help="val clips (default: videos/10, at least 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="frame side in pixels (even)")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=100, help="samples per tar")
-    p.add_argument("--workers", type=int, default=1, help="processes rendering and encoding clips")
+    p.add_argument("--videos", type=_positive_int, required=True, help="train clips")
+    p.add_argument("--val-videos", type=_positive_int, default=None, help="val clips (default: videos/10, at least 1)")
+    p.add_argument("--seed", type=_count, default=0)
+    p.add_argument("--size", type=_positive_int, default=128, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=_positive_int, default=16, help="frames per clip")
+    p.add_argument("--fps", type=_positive_int, default=8)
+    p.add_argument("--shard-size", type=_positive_int, default=100, help="samples per tar")
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes rendering and encoding clips")
     p.add_argument("--compositional", action="store_true",
                    help="hold some shape+colour pairs out of train; every val clip has one")
     p.add_argument("--qa", action="store_true",
@@ -105,7 +132,8 @@ def _cmd_shards_write(args: argparse.Namespace) -> dict:
     return write_shards(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
                         max_side=args.max_side, max_seconds=args.max_seconds, fps=args.fps,
                         video_col=args.video_col, caption_col=args.caption_col, keep_frames=args.keep_frames,
-                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, qa=args.qa)
+                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, qa=args.qa,
+                        max_caption_chars=args.max_caption_chars)
 
 
 def _cmd_shards_convert(args: argparse.Namespace) -> dict:
@@ -139,9 +167,9 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     w = ssub.add_parser("write", help="CSV/JSONL manifest or folder of videos + .txt captions -> tar shards")
     w.add_argument("src", help="manifest (.csv/.tsv with a header, .jsonl) or a folder of videos with sidecar .txt")
     w.add_argument("out", help="output folder (NNNNNN.tar, sizes.json, skipped.jsonl)")
-    w.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
-    w.add_argument("--workers", type=int, default=1, help="processes reading/re-encoding videos")
-    w.add_argument("--max-side", type=int, default=None,
+    w.add_argument("--shard-size", type=_positive_int, default=1000, help="inputs per shard")
+    w.add_argument("--workers", type=_count, default=1, help="processes reading/re-encoding videos")
+    w.add_argument("--max-side", type=_positive_int, default=None,
                    help="re-encode videos whose longer side exceeds this; with --keep-frames: the stored frames' "
                         "short side instead (the video keeps its size)")
     w.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
@@ -152,6 +180,8 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
                    help="video QA annotations joined by video id: the MSRVTT-QA / MSVD-QA JSON or JSONL "
                         "with video_id, question, answer (inputs with QA pairs need no caption)")
     _add_frame_options(w, required=False)
+    w.add_argument("--max-caption-chars", type=_positive_int, default=2000,
+                   help="cut longer captions to this many characters (counted in captions_cut)")
     w.set_defaults(func=_cmd_shards_write)
     v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
     v.add_argument("urls", nargs="+", help="input shard specs (brace patterns allowed)")
@@ -165,7 +195,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", default=None, help="run config whose data section (frames, size, backend) to use")
     c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. --set data.num_frames=8 (repeatable)")
-    c.add_argument("--max-bad-keys", type=int, default=1000, help="list at most this many bad keys")
+    c.add_argument("--max-bad-keys", type=_count, default=1000, help="list at most this many bad keys")
     c.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     c.add_argument("--strict", action="store_true", help="exit 1 (after the JSON) when anything is bad")
     c.set_defaults(func=_cmd_shards_check)
@@ -176,10 +206,9 @@ def _data_config(args: argparse.Namespace):
     """The run config (or defaults) with the command line's data options on top."""
     from regionvlp.config import load_config
 
-    cfg = load_config(args.config, args.overrides or [])
-    for key, value in (("num_frames", args.frames), ("size", args.size), ("backend", args.backend)):
-        if value is not None:
-            cfg.data[key] = value
+    flags = [f"data.{key}={value}" for key, value in (("num_frames", args.frames), ("size", args.size),
+                                                      ("backend", args.backend)) if value is not None]
+    cfg = load_config(args.config, list(args.overrides or []) + flags)  # flags checked like config values
     if args.allow_pipe:
         cfg.data.allow_pipe = True
     return cfg
@@ -188,13 +217,14 @@ def _data_config(args: argparse.Namespace):
 def _cmd_data_inspect(args: argparse.Namespace) -> dict:
     from regionvlp.data.pipeline import inspect_samples
 
-    return inspect_samples(args.urls, _data_config(args), limit=args.limit, training=args.train, emit=print_json)
+    return inspect_samples(args.urls, _data_config(args), limit=args.limit, training=args.train, emit=print_json,
+                           region_shape=args.config is not None)  # no config: K/F of the first region sample
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("urls", nargs="+", help="shard specs (brace patterns, ::-joined sources, s3:// http(s):// gs://)")
-    p.add_argument("--frames", type=int, default=None, help="T frames per clip (default: data.num_frames)")
-    p.add_argument("--size", type=int, default=None, help="output side in pixels (default: data.size)")
+    p.add_argument("--frames", type=_positive_int, default=None, help="T frames per clip (default: data.num_frames)")
+    p.add_argument("--size", type=_positive_int, default=None, help="output side in pixels (default: data.size)")
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default=None, help="video decoder (default: data.backend)")
     p.add_argument("--config", default=None, help="run config whose data section to start from")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
@@ -207,7 +237,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True)
     i = dsub.add_parser("inspect", help="stream + decode samples: one JSON line each, then a JSON summary")
     _add_data_options(i)
-    i.add_argument("--limit", type=int, default=10, help="stop after N good samples (0: all)")
+    i.add_argument("--limit", type=_count, default=10, help="stop after N good samples (0: all)")
     i.add_argument("--train", action="store_true", help="training-time sampling/crops instead of eval's")
     i.set_defaults(func=_cmd_data_inspect)
 
@@ -255,7 +285,7 @@ def _add_regions(sub: argparse._SubParsersAction) -> None:
     e.add_argument("config", help="run config (model.detector, data.num_frames/size/eval_sampling)")
     e.add_argument("urls", nargs="+", help="raw video shard specs (brace patterns allowed)")
     e.add_argument("out", help="output folder (one region shard per input shard, sizes.json, extract.json)")
-    e.add_argument("--batch", type=int, default=None, help="clips per extractor pass (default: data.batch_size)")
+    e.add_argument("--batch", type=_positive_int, default=None, help="clips per extractor pass (default: data.batch_size)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: run.device")
     e.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="config override (repeatable), e.g. --set model.detector.weights=/path/det.pth")
@@ -595,7 +625,7 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="regionvlp",
         description="Video-language pre-training with region features (detector or RegionLearner).",
     )
@@ -614,7 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as err:
-        print(f"regionvlp: error: {err}", file=sys.stderr)
+        from regionvlp.config import mask_secrets
+
+        print(f"regionvlp: error: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("regionvlp: interrupted", file=sys.stderr)

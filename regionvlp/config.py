@@ -14,7 +14,6 @@ differs.
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ class DataConfig:
     retries: int = 3  # transient read errors per shard
     retry_backoff: float = 0.5  # seconds, doubled each retry
     max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members, checked from the header; larger: skipped (oversize)
-    max_image_pixels: int = 40_000_000  # width x height of a still image, checked before decoding; larger: skipped (oversize)
+    max_image_pixels: int = 4096 * 4096  # width x height of a still image, checked before decoding; larger: skipped (oversize)
     max_caption_chars: int = 2000  # longer captions are cut (counted as captions_cut)
 
 
@@ -327,16 +326,6 @@ def mask_secrets(text: str) -> str:
         if value in text:
             text = text.replace(value, f"${{oc.env:{key}}}")
     return text
-
-
-class SecretFilter(logging.Filter):
-    """A logging filter that masks resolved environment values in every record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _ENV_VALUES:
-            record.msg = mask_secrets(record.getMessage())
-            record.args = ()
-        return True
 
 
 def _register(name: str, fn: Any) -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from regionvlp.data.output import local_output, safe_key
 from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options, finish_outputs
 from regionvlp.errors import UserError
 
@@ -76,8 +77,9 @@ def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> 
                 except SkipItem as err:
                     stats["skipped"].append({"key": raw["__key__"], "source": url, "reason": err.reason, "detail": err.detail})
                     continue
+                key = safe_key(raw["__key__"], stats["samples"])  # no "..", no absolute member names
                 for ext, data in members.items():
-                    _tar_add(tar, f"{raw['__key__']}.{ext}", data)
+                    _tar_add(tar, f"{key}.{ext}", data)
                     stats["bytes"] += len(data)
                 stats["samples"] += 1
         for bad in counter.bad:  # the input shard itself could not be read (whole or in part)
@@ -104,7 +106,7 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
     start = time.perf_counter()
     pairs = _shard_names(parse_specs(list(urls), allow_pipe=allow_pipe).urls)
     opts = WriteOptions(max_side=max_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
-    out = Path(out)
+    out = local_output(out, "shards convert")  # never pipe: or a URL
     state = out / "_convert"
     state.mkdir(parents=True, exist_ok=True)
     options = {"keep_frames": keep_frames, "drop_video": drop_video, "max_side": max_side, "jpeg_quality": jpeg_quality}

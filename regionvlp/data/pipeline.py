@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
-from regionvlp.config import mask_secrets
+from regionvlp.config import DataConfig, mask_secrets
 from regionvlp.data import decode as dec
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips, pick_jpegs
 from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
@@ -134,7 +134,7 @@ def tar_samples(
     backoff: float = 0.5,
     allow_pipe: bool = False,
     max_consecutive_failures: Optional[int] = None,
-    max_sample_bytes: Optional[int] = None,
+    max_sample_bytes: Optional[int] = DataConfig.max_sample_bytes,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) from tar shards. An unreadable
     shard is skipped and counted; a tar that breaks off yields what came before. A sample
@@ -663,11 +663,13 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
 
 
 # ----------------------------------------------------------------------- inspect
-def inspect_samples(urls: Sequence[str], cfg=None, *, limit: int = 0, training: bool = False, emit=None) -> dict[str, Any]:
+def inspect_samples(urls: Sequence[str], cfg=None, *, limit: int = 0, training: bool = False, emit=None,
+                    region_shape: bool = True) -> dict[str, Any]:
     """Stream and decode samples as training would; ``emit(line)`` gets one dict per good
-    sample (key, caption, shape, decode ms). Returns the summary (``samples``,
-    ``skipped``, ``shards``, ...)."""
-    stream = iter_samples(urls, cfg, training=training)
+    sample (key, caption preview, shape, decode ms). Returns the summary (``samples``,
+    ``skipped``, ``shards``, ...). ``region_shape=False``: region samples are held to
+    the first one's K and F instead of the config's."""
+    stream = iter_samples(urls, cfg, training=training, region_shape=region_shape)
     n, ms = 0, 0.0
     start = time.perf_counter()
     for s in stream:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
+from regionvlp.config import mask_secrets
 from regionvlp.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,8 @@ class RetryingStream:
                     raise OSError(f"{self.url}: {err} (gave up after {self.retries} retries)") from None
                 delay = self.backoff * (2**self.attempts)
                 self.attempts += 1
-                log.warning("shard %s: %s; retry %d/%d in %.1fs", self.url, err, self.attempts, self.retries, delay)
+                log.warning("shard %s: %s; retry %d/%d in %.1fs", mask_secrets(self.url), mask_secrets(str(err)),
+                            self.attempts, self.retries, delay)
                 time.sleep(delay)
 
     def _reopen(self) -> None:

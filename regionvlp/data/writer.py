@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
+from regionvlp.data.output import cut_captions, local_output
 from regionvlp.errors import UserError
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
@@ -193,6 +194,19 @@ def scan_folder(src: Path) -> list[Item]:
             captions = _captions_of(lines)
         items.append(Item(i, f"{i:0{width}d}", str(path), captions, {"file": str(path.relative_to(src))}))
     return items
+
+
+def read_inputs(src: str | Path, out: str | Path, video_col: Optional[str], caption_col: Optional[str],
+                max_caption_chars: Optional[int], qa: str | Path | None) -> tuple[Path, list[Item], dict[str, Any]]:
+    """``shards write``'s output folder (local only: never ``pipe:`` or a URL), its inputs
+    with every caption cut to ``max_caption_chars``, and the summary keys this adds
+    (``captions_cut``, ``qa`` when QA annotations are joined)."""
+    out = local_output(out, "shards write")
+    items = read_source(src, video_col, caption_col)
+    extra: dict[str, Any] = {"captions_cut": cut_captions(items, max_caption_chars)}
+    if qa is not None:
+        extra["qa"] = join_qa(items, qa)
+    return out, items, extra
 
 
 def read_source(src: str | Path, video_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Item]:
@@ -438,11 +452,13 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
                  max_side: Optional[int] = None, max_seconds: Optional[float] = None,
                  fps: Optional[float] = None, video_col: Optional[str] = None,
                  caption_col: Optional[str] = None, progress: bool = True, keep_frames: int = 0,
-                 drop_video: bool = False, jpeg_quality: int = 90, qa: str | Path | None = None) -> dict[str, Any]:
+                 drop_video: bool = False, jpeg_quality: int = 90, qa: str | Path | None = None,
+                 max_caption_chars: int = 2000) -> dict[str, Any]:
     """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped.
     ``keep_frames`` N > 0 writes frame shards (N JPEG frames per clip, short side at most
     ``max_side``; the video left out with ``drop_video``). ``qa``: a QA annotation file
-    joined to the inputs by video id (:func:`join_qa`)."""
+    joined to the inputs by video id (:func:`join_qa`). OUT must be a local folder;
+    captions over ``max_caption_chars`` are cut (counted in ``captions_cut``)."""
     from tqdm import tqdm
 
     if shard_size < 1 or workers < 0:
@@ -454,9 +470,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     start = time.perf_counter()
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
                         drop_video=drop_video, jpeg_quality=jpeg_quality)
-    items = read_source(src, video_col, caption_col)
-    qa_summary = {"qa": join_qa(items, qa)} if qa is not None else {}
-    out = Path(out)
+    out, items, extra = read_inputs(src, out, video_col, caption_col, max_caption_chars, qa)
     state = _claim_out(out, src, items, shard_size, opts)
     n_shards = (len(items) + shard_size - 1) // shard_size
     for tmp in out.glob("*.tar.tmp"):  # leftovers of an interrupted run
@@ -513,4 +527,4 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     urls = str(out / "000000.tar") if n_shards == 1 else str(out / f"{{000000..{n_shards - 1:06d}}}.tar")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
             "inputs": len(items), "resumed_shards": len(done), "urls": urls, "bytes": total_bytes,
-            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **qa_summary}
+            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}

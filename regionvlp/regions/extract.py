@@ -77,16 +77,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
                     device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
-    import webdataset as wds
     from tqdm import tqdm
 
     from regionvlp.bench import resolve_device
     from regionvlp.data import iter_samples
+    from regionvlp.data.output import SampleTarWriter, local_output
     from regionvlp.data.sources import parse_specs
     from regionvlp.data.synth import write_sizes
     from regionvlp.regions.extractor import build_extractor
 
-    out = Path(out)
+    out = local_output(out, "regions extract")
     shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe)).urls
     if not shards:
         raise UserError("regions extract: no shards match the given URLS")
@@ -123,7 +123,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     bs = int(batch_size or cfg.data.batch_size)
     sizes: dict[str, int] = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
     skipped: dict[str, int] = {}
-    written = resumed = 0
+    written = resumed = captions_cut = 0
     failed: list[str] = []
     start = time.perf_counter()
     bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
@@ -137,7 +137,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         stream = iter_samples([url], cfg, training=False)
         shard_skips: dict[str, int] = {}
         count = 0
-        with wds.TarWriter(str(tmp)) as sink:
+        with SampleTarWriter(tmp) as sink:  # plain tarfile: keys made safe, never a shell
             for batch in _batches(_with_frames(stream, shard_skips), bs):
                 frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
                 regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
@@ -156,6 +156,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
                 bar.update(len(batch))
         for k, v in stream.skipped.items():
             shard_skips[k] = shard_skips.get(k, 0) + int(v)
+        captions_cut += stream.counter.captions_cut
         if count == 0 and shard_skips.get("unreadable_shard"):
             # not finalised: a rerun retries it (a network blip must not become an empty shard)
             tmp.unlink(missing_ok=True)
@@ -183,6 +184,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         "shards_written": written,
         "shards_resumed": resumed,
         "shards_failed": failed,  # unreadable inputs, not written; rerun to retry them
+        "captions_cut": captions_cut,  # cut to data.max_caption_chars
         "device": str(dev),
         "num_regions": int(d.num_regions),
         "seconds": round(time.perf_counter() - start, 3),
