@@ -363,10 +363,10 @@ def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
     ``train_seconds`` and ``peak_bytes``."""
     import multiprocessing as mp
 
-    from regionvlp.config import to_container
+    from regionvlp.config import saved_container
 
     result_file.unlink(missing_ok=True)
-    proc = mp.get_context("spawn").Process(target=_train_child, args=(to_container(cfg), str(result_file)))
+    proc = mp.get_context("spawn").Process(target=_train_child, args=(saved_container(cfg), str(result_file)))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or not result_file.is_file():
