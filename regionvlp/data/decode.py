@@ -479,7 +479,7 @@ def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[
     """
     rng = rng or random
     if frames.shape[0] > 1 and frames.strides[0] == 0:  # one still frame repeated as a view: resize it once
-        one = resize_crop(frames[:1], size, training=training, rng=rng)  # [1, 3, size, size]
+        one = resize_crop(frames[:1].copy(), size, training=training, rng=rng)  # [1, 3, size, size]
         return one.expand(frames.shape[0], -1, -1, -1).contiguous()  # [T, 3, size, size]
     clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W]
     h, w = clip.shape[-2:]
