@@ -72,7 +72,8 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="inspect run configs")
     csub = p.add_subparsers(dest="config_command", required=True)
-    show = csub.add_parser("show", help="print the resolved config (YAML + overrides)")
+    show = csub.add_parser("show", help="print the resolved config (YAML + overrides; "
+                                        "environment reads stay ${oc.env:NAME})")
     show.add_argument("config", help="YAML run config")
     show.add_argument("overrides", nargs="*", help="key=value overrides")
     show.set_defaults(func=_cmd_config_show)
