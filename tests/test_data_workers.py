@@ -14,11 +14,17 @@ from regionvlp.data.text import load_tokenizer
 
 
 def test_auto_is_cores_per_local_rank_minus_one(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
     assert resolve_num_workers("auto") == 15
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # the deepspeed launcher's name
+    assert resolve_num_workers("auto") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's
     assert resolve_num_workers("auto") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    assert resolve_num_workers("auto") == 3  # bound by the launcher to 4 cores: those are its share
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert resolve_num_workers("auto") == 0  # one core: decode in the training process
     assert resolve_num_workers(3) == 3
@@ -33,8 +39,10 @@ def test_num_workers_config_values():
 
 
 def test_loader_uses_the_resolved_worker_count(tmp_path, monkeypatch, minilm_dir):
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
     shards = clip_shards(tmp_path, 2, 2)
     urls = ",".join(f"'{p}'" for p in shards)
     cfg = load_config(None, [f"data.train.urls=[{urls}]", "data.num_workers=auto", "data.size=16",

@@ -592,16 +592,21 @@ def epoch_size(split_cfg, *, allow_pipe: bool = False) -> Optional[int]:
 
 
 def resolve_num_workers(value: Any) -> int:
-    """``data.num_workers``: an int, or ``auto`` = the CPU cores this process may use,
-    divided by the ranks on this node (``LOCAL_WORLD_SIZE``, set by torchrun/deepspeed),
-    minus one for the rank's own process (the training loop)."""
+    """``data.num_workers``: an int, or ``auto`` = this rank's share of the node's CPU
+    cores minus one for the rank's own process (the training loop). The share is the
+    process's affinity mask when a launcher bound it to some cores, else all cores
+    divided by the ranks on this node (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE``
+    from the deepspeed launcher)."""
     if str(value) != "auto":
         return int(value)
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(0, cores // local_world - 1)
+    total = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if cores >= total:  # not bound: share the node with the other local ranks
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+        cores = total // local_world
+    return max(0, cores - 1)
 
 
 def tokenizer_name(cfg) -> str:
