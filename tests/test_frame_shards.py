@@ -251,6 +251,10 @@ def test_batch_jpeg_decoder_drops_and_counts_bad_samples(tmp_path, minilm_dir):
     out = BatchJpegDecoder(32, "cpu")(batch)
     assert out["__key__"] == ["k0", "k2"] and out["frames"].shape == (2, 2, 3, 32, 32)
     assert out["input_ids"].shape[0] == 2 and out["skipped"] == {"no_caption": 1, "corrupt_media": 1}
+    # a batch mixing a frame-shard and a video sample: the worker decodes the JPEGs itself
+    video = decode_sample({"__key__": "v", "txt": b"a video", "mp4": encode_clip(8, 40, 32)}, spec, rng)
+    mixed = collate([samples[0], video], None, 8)
+    assert mixed["frames"].shape == (2, 2, 3, 32, 32) and "frames_jpeg" not in mixed
     with pytest.raises(dec.DecodeError, match="truncated"):  # cut off: caught in the worker already
         decode_sample({**raws[0], "frame001.jpg": blobs[1][:-50]}, DecodeSpec(2, 32, "uniform", "pyav", False, "cuda"),
                       rng)

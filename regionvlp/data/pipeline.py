@@ -380,7 +380,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         if stored and spec.decode_device == "cuda":
             out["frames_jpeg"], out["frames_crop"] = pick_jpegs([raw[k] for k in stored], spec.num_frames,
                                                                 training=spec.training, rng=rng)
-            out["media"] = f"{len(stored)} frames"
+            out["media"], out["frames_size"] = f"{len(stored)} frames", spec.size
             out["decode_ms"] = (time.perf_counter() - start) * 1000.0
             return out
         if stored:
@@ -475,10 +475,10 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
             batch["frames_jpeg"] = [s["frames_jpeg"] for s in samples]
             batch["frames_crop"] = torch.tensor([s["frames_crop"] for s in samples], dtype=torch.int64)  # [B, 4]
         else:  # frame-shard and video samples mixed: decode the JPEG ones here, as the video ones were
-            size = next(s["frames"].shape[-1] for s in samples if "frames" in s)
             for s in samples:
                 if "frames_jpeg" in s:
-                    s["frames"] = decode_clips([s.pop("frames_jpeg")], torch.tensor([s.pop("frames_crop")]), size, "cpu")[0]
+                    crop = torch.tensor([s.pop("frames_crop")])  # [1, 4]
+                    s["frames"] = decode_clips([s.pop("frames_jpeg")], crop, s["frames_size"], "cpu")[0]
     for name in ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores"):
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])  # [B, T, ...]
