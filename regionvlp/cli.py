@@ -392,31 +392,35 @@ def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_learner(args: argparse.Namespace) -> dict:
-    from regionvlp.region_learner.bench import bench_learner
+    from regionvlp.region_learner.bench import FLAG_KEYS, bench_learner
 
-    return bench_learner(
-        args.backbone, batch=args.batch, frames=args.frames, device=args.device, img_size=args.img_size,
-        dtype=args.dtype, depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
-        num_regions=args.num_regions, interaction_layers=args.interaction_layers,
-        divided_space_time=args.divided_space_time, iters=args.iters, warmup=args.warmup)
+    flags = {k: getattr(args, k) for k in FLAG_KEYS if k != "embed_dim"}
+    return bench_learner(args.config, batch=args.batch, device=args.device, dtype=args.dtype, iters=args.iters,
+                         warmup=args.warmup, overrides=args.overrides or [], **flags)
 
 
 def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("learner", help="train-step clips/s: RegionLearner pathway vs the plain timm ViT (baseline)")
-    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name")
+    p = bsub.add_parser("learner", help="train-step clips/s: RegionLearner pathway vs the plain timm ViT (baseline)",
+                        description="Settings default to the shipped pre-training config "
+                                    "(configs/pretrain_learned.yaml); each flag overrides one of them.")
+    p.add_argument("--config", default=None, help="run config (default: configs/pretrain_learned.yaml)")
+    p.add_argument("--backbone", default=None, help="timm ViT name (default: the config's)")
     p.add_argument("--batch", type=_positive_int, default=8, help="clips per step")
-    p.add_argument("--frames", type=_positive_int, default=4, help="T frames per clip")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="T frames per clip (default: the config's data.num_frames)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--img-size", type=_positive_int, default=224)
+    p.add_argument("--img-size", type=_positive_int, default=None)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--depth", type=_count, default=0, help="ViT blocks (0: the backbone's own)")
-    p.add_argument("--codebook-size", type=_positive_int, default=2048)
-    p.add_argument("--code-dim", type=_positive_int, default=256)
-    p.add_argument("--num-regions", type=_positive_int, default=8)
-    p.add_argument("--interaction-layers", type=_count, default=1)
-    p.add_argument("--divided-space-time", action="store_true")
+    p.add_argument("--depth", type=_count, default=None, help="ViT blocks (0: the backbone's own)")
+    p.add_argument("--codebook-size", type=_positive_int, default=None)
+    p.add_argument("--code-dim", type=_positive_int, default=None)
+    p.add_argument("--num-regions", type=_positive_int, default=None)
+    p.add_argument("--interaction-layers", type=_positive_int, default=None)
+    p.add_argument("--divided-space-time", action=argparse.BooleanOptionalAction, default=None,
+                   help="temporal attention before each block (default: the config's, true when shipped)")
     p.add_argument("--iters", type=_positive_int, default=5, help="timed steps per variant (median)")
     p.add_argument("--warmup", type=_count, default=2)
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=_cmd_bench_learner)
 
 

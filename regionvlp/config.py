@@ -73,12 +73,13 @@ class DetectorConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     weights: str = "DEFAULT"  # DEFAULT | an enum name | local checkpoint path | none
     num_regions: int = 30  # K boxes per frame
-    min_size: Optional[int] = None  # detector input resize; None: the arch's own (800, 320 for *_320_fpn)
-    max_size: Optional[int] = None  # None: the arch's own (1333, 640 for *_320_fpn)
+    min_size: Optional[int] = None  # detector input resize; None: data.size (frames are never upsampled)
+    max_size: Optional[int] = None  # None: data.size
     rpn_pre_nms_top_n: Optional[int] = None  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
     rpn_post_nms_top_n: Optional[int] = None  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
-    nms_thresh: float = 0.5  # class-agnostic NMS IoU over the final boxes
-    score_thresh: float = 0.0  # min confidence (max non-background class probability)
+    selection: str = "region"  # region (max class, class-agnostic NMS) | stock (torchvision's postprocess_detections)
+    nms_thresh: float = 0.5  # NMS IoU over the final boxes (class-agnostic for region, per class for stock)
+    score_thresh: float = 0.0  # min confidence (region: max non-background probability; stock: class probability)
     autocast: str = "bf16"  # bf16 | fp16 | none; only applied on GPU
     channels_last: bool = True  # only applied on GPU
 
@@ -92,7 +93,8 @@ class RegionTransformerConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     max_frames: int = 16
-    frame_local: bool = False
+    frame_local: bool = False  # a region attends only to its own frame's regions and [CLS]
+    init: str = "none"  # none | a timm ViT name (its cached weights) | a local ViT weights file: blocks 0..layers-1
 
 
 @dataclass
@@ -107,8 +109,8 @@ class LearnerConfig:
     code_dim: int = 256
     ema_decay: float = 0.99
     ema_eps: float = 1.0e-5
-    dead_code_threshold: float = 1.0e-3  # EMA cluster size under which a code restarts
-    commitment: float = 0.0  # beta; 0 disables the commitment loss
+    dead_code_threshold: float = 0.1  # restart a code whose EMA count < this x the mean code's; 0 = never
+    commitment: float = 0.25  # beta of the commitment loss (VQ-VAE's 0.25); 0 disables it
     num_regions: int = 8  # R masks
     mask_norm: str = "softmax"  # softmax | sigmoid
     interaction_layers: int = 1
@@ -209,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.learner.mask_norm": ("softmax", "sigmoid"),
     "model.learner.temporal_resize": ("interpolate", "zeros"),
     "model.detector.autocast": ("bf16", "fp16", "none"),
+    "model.detector.selection": ("region", "stock"),
     "run.device": ("auto", "cpu", "cuda"),
 }
 
@@ -250,7 +253,7 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "model.learner.code_dim": (1, None, True, True),
     "model.learner.ema_decay": (0, 1, True, False),
     "model.learner.ema_eps": (0, None, False, True),
-    "model.learner.dead_code_threshold": (0, None, True, True),
+    "model.learner.dead_code_threshold": (0, 1, True, False),  # a share of the mean code's use
     "model.learner.commitment": (0, None, True, True),
     "model.learner.num_regions": (1, None, True, True),
     "model.learner.interaction_layers": (0, None, True, True),

@@ -62,7 +62,7 @@ class DualEncoder(nn.Module):
             out[f"aux_{name}"] = value
         out["loss"] = total
         for name, value in video.logs.items():
-            out.setdefault(name, torch.as_tensor(float(value)))
+            out.setdefault(name, value.detach() if torch.is_tensor(value) else torch.as_tensor(float(value)))
         return out
 
     @torch.no_grad()

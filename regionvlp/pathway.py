@@ -22,7 +22,9 @@ class VideoOutput:
     regions: torch.Tensor  # [B, R, D] region tokens (R = T*K or T*R_learned)
     region_mask: torch.Tensor  # [B, R] bool, True = real region
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added to the total
-    logs: dict[str, float] = field(default_factory=dict)  # scalars for the metrics log
+    # scalars for the metrics log: 0-d tensors (read by the trainer on logging steps only, so a
+    # forward never waits for the device) or floats
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass

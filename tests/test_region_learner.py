@@ -60,8 +60,46 @@ def test_output_shapes(frames, size):
 
 
 def test_no_commitment_loss_when_beta_is_zero():
-    out = tiny_pathway()(clip(1, 2))
+    out = tiny_pathway("model.learner.commitment=0")(clip(1, 2))
     assert out.aux_losses == {}
+
+
+def test_commitment_is_on_by_default_at_vqvae_beta():
+    model = tiny_pathway()
+    assert model.learner.quantizer.commitment == 0.25
+    out = model.train()(clip(1, 2))
+    assert set(out.aux_losses) == {"commitment"} and out.aux_losses["commitment"] > 0
+
+
+def test_temporal_attention_is_skipped_at_one_frame_with_the_same_weights():
+    plain = tiny_pathway().eval()
+    divided = tiny_pathway("model.learner.divided_space_time=true").eval()
+    load_pathway_state(divided, plain.state_dict())
+    with torch.no_grad():
+        for blk in divided.temporal:  # as if trained: no longer the identity
+            blk.proj.weight.normal_(std=0.5)
+            blk.proj.bias.normal_(std=0.5)
+    with torch.no_grad():
+        one_p, one_d = plain(clip(2, 1)), divided(clip(2, 1))
+        two_p, two_d = plain(clip(2, 2)), divided(clip(2, 2))
+    torch.testing.assert_close(one_d.cls, one_p.cls)  # T = 1: temporal attention not run
+    torch.testing.assert_close(one_d.regions, one_p.regions)
+    assert not torch.allclose(two_d.cls, two_p.cls, atol=1e-3)  # T = 2: the same weights are used
+    # and trained at T > 1 only: no gradient reaches them from a 1-frame step
+    divided.train()(clip(2, 1)).cls.sum().backward()
+    assert divided.temporal[0].proj.weight.grad is None
+
+
+def test_learned_forward_makes_no_host_syncs():
+    from host_syncs import host_syncs
+
+    model = tiny_pathway("model.learner.divided_space_time=true").train()
+    model(clip(2, 2))  # the first training step seeds the codebook (reads one flag once)
+    for frames in (1, 2):
+        n, names = host_syncs(lambda: model(clip(2, frames)))
+        assert n == 0, names
+        out = model(clip(2, frames))
+        assert all(torch.is_tensor(v) and v.dim() == 0 for v in out.logs.values())  # logs stay on device
 
 
 @pytest.mark.parametrize("extra", [[], ["model.learner.divided_space_time=true", "model.learner.insert_after=1"]])
@@ -193,11 +231,25 @@ def test_dead_codes_restart_from_current_features():
     q(TOY_Z)
     assert q.restarts.item() == 1
     assert any(torch.equal(q.embed[2], row) for row in TOY_Z)
-    assert q.cluster_size[2].item() == 1.0
+    assert q.cluster_size[2].item() == pytest.approx((2.0 + 1.0 + 0.45) / 3)  # the mean code's count
     assert q.cluster_size[0].item() == pytest.approx(2.0)  # live codes untouched by the restart
     # the restarted code now wins its feature
     row = int(next(i for i, r in enumerate(TOY_Z) if torch.equal(q.embed[2], r)))
     assert q.assign(TOY_Z[row:row + 1]).item() == 2
+
+
+def test_dead_code_threshold_is_relative_to_the_mean_code_use():
+    # counts (2, 1, 0.5) then (200, 100, 50): after the update code 2 holds 0.39 x the mean count
+    # at both scales, so a 0.5 x mean rule restarts it at both (an absolute 0.5 only at the first)
+    for scale in (1.0, 100.0):
+        q = _toy_quantizer(threshold=0.5).train()
+        q.cluster_size.mul_(scale)
+        q.embed_sum.mul_(scale)
+        q(TOY_Z)
+        assert q.restarts.item() == 1, scale
+        assert q.cluster_size[2].item() == pytest.approx(q.cluster_size.mean().item(), rel=0.2)
+    with pytest.raises(UserError, match="dead_code_threshold"):
+        tiny_cfg("model.learner.dead_code_threshold=2")
 
 
 def test_assignment_is_exact_nearest_code_under_bf16_autocast():
@@ -357,6 +409,19 @@ def test_bench_learner_cli_prints_one_json_line(capsys):
     assert result["ratio"] == pytest.approx(result["learner_per_s"] / result["vit_per_s"])
     assert result["learner_gflop_per_step"] > result["vit_gflop_per_step"] > 0  # same ViT plus the learner
     assert (result["batch"], result["frames"], result["img_size"], result["depth"]) == (2, 2, 32, 2)
+    assert result["divided_space_time"] is True  # the shipped pre-training config's attention mode
+
+
+def test_bench_learner_defaults_to_the_shipped_pretraining_config():
+    from regionvlp.region_learner.bench import SHIPPED_CONFIG, bench_config
+
+    shipped = load_config(SHIPPED_CONFIG)
+    cfg = bench_config()
+    for key in ("backbone", "img_size", "divided_space_time", "codebook_size", "num_regions", "insert_after"):
+        assert cfg.model.learner[key] == shipped.model.learner[key], key
+    assert cfg.data.num_frames == shipped.data.num_frames == 1
+    assert cfg.model.learner.pretrained == "none"  # speed does not need (or download) weights
+    assert bench_config(divided_space_time=False, frames=4).model.learner.divided_space_time is False
 
 
 # ---------------------------------------------------------------------- deepspeed

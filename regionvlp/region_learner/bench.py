@@ -9,16 +9,32 @@ pooled features over time; the pathway runs the whole learned-regions video towe
 heads). Throughput is clips per second. Because wall clock on a shared CPU box is
 load-bound, the result also gives process CPU time per step and the matmul/conv/attention
 GFLOPs of one step (``torch.utils.flop_counter``), which do not depend on load.
+
+Settings default to the shipped pre-training config (``configs/pretrain_learned.yaml``:
+its backbone, frames per clip, img_size, attention mode, codebook and regions), so the
+ratio is that of what ships; every flag overrides one of them. Pretrained weights are
+never loaded (speed does not depend on them).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
 from regionvlp.bench import device_name, interleaved_times, resolve_device, synchronize
 from regionvlp.errors import UserError
+
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain_learned.yaml"
+# CLI flag -> config key it overrides (None flags keep the config's value)
+FLAG_KEYS = {
+    "backbone": "model.learner.backbone", "img_size": "model.learner.img_size", "depth": "model.learner.depth",
+    "frames": "data.num_frames", "codebook_size": "model.learner.codebook_size",
+    "code_dim": "model.learner.code_dim", "num_regions": "model.learner.num_regions",
+    "interaction_layers": "model.learner.interaction_layers",
+    "divided_space_time": "model.learner.divided_space_time", "embed_dim": "model.embed_dim",
+}
 
 
 def _step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
@@ -36,61 +52,53 @@ def _step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device
     return step
 
 
-def bench_learner(
-    backbone: str = "vit_base_patch16_224",
-    *,
-    batch: int = 8,
-    frames: int = 4,
-    device: str = "auto",
-    img_size: int = 224,
-    dtype: str = "auto",
-    depth: int = 0,
-    codebook_size: int = 2048,
-    code_dim: int = 256,
-    num_regions: int = 8,
-    interaction_layers: int = 1,
-    divided_space_time: bool = False,
-    embed_dim: int = 256,
-    iters: int = 5,
-    warmup: int = 2,
-) -> dict[str, Any]:
-    import timm
-
+def bench_config(config: str | Path | None = None, overrides: Sequence[str] = (), **flags: Any):
+    """The run config the bench measures: ``config`` (default the shipped pre-training one),
+    then every flag that is not None, random init, ``max_frames`` fitting the clip."""
     from regionvlp.config import load_config
-    from regionvlp.region_learner import build_pathway
 
-    dev = resolve_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    unknown = sorted(set(flags) - set(FLAG_KEYS))
+    if unknown:
+        raise TypeError(f"unknown bench_learner settings: {', '.join(unknown)}")
+    path = Path(config) if config is not None else SHIPPED_CONFIG
+    if not path.is_file():
+        raise UserError(f"bench learner: no config at {path}; pass --config")
+    sets = [f"{FLAG_KEYS[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()
+            if v is not None]
+    cfg = load_config(path, ["model.regions=learned", *sets, "model.learner.pretrained=none",
+                             "model.learner.checkpoint=none", "train.frame_curriculum=[]", *overrides])
+    cfg.model.learner.max_frames = max(int(cfg.model.learner.max_frames), int(cfg.data.num_frames))
+    return cfg
+
+
+def _dtype(device: torch.device, dtype: str) -> tuple[str, torch.dtype]:
     if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
+        dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise UserError(f"--dtype {dtype}: choose fp32 or bf16")
-    if min(batch, frames, iters, img_size) < 1:
-        raise UserError("--batch, --frames, --iters and --img-size must be >= 1")
+    return dtype, torch_dtype
 
+
+def _variants(cfg: Any, dev: torch.device, batch: int, torch_dtype: torch.dtype
+              ) -> tuple[dict[str, Callable[[], None]], int]:
+    """The two training steps (baseline ``vit`` first) and the ViT depth."""
+    import timm
+
+    from regionvlp.region_learner import build_pathway
+
+    lcfg, frames, img = cfg.model.learner, int(cfg.data.num_frames), int(cfg.model.learner.img_size)
     torch.manual_seed(0)
-    cfg = load_config(None, [
-        "model.regions=learned", f"model.embed_dim={embed_dim}",
-        f"model.learner.backbone={backbone}", f"model.learner.img_size={img_size}",
-        f"model.learner.depth={depth}", f"model.learner.max_frames={frames}", f"data.num_frames={frames}",
-        f"model.learner.codebook_size={codebook_size}", f"model.learner.code_dim={code_dim}",
-        f"model.learner.num_regions={num_regions}", f"model.learner.interaction_layers={interaction_layers}",
-        f"model.learner.divided_space_time={str(bool(divided_space_time)).lower()}",
-    ])
     pathway = build_pathway(cfg).to(dev).train()
-    kwargs: dict[str, Any] = dict(img_size=img_size, num_classes=0)
-    if depth > 0:
-        kwargs["depth"] = depth
-    vit = timm.create_model(backbone, pretrained=False, **kwargs).to(dev).train()
-
+    kwargs: dict[str, Any] = dict(img_size=img, num_classes=0)
+    if int(lcfg.depth) > 0:
+        kwargs["depth"] = int(lcfg.depth)
+    vit = timm.create_model(str(lcfg.backbone), pretrained=False, **kwargs).to(dev).train()
     g = torch.Generator().manual_seed(0)
-    clips = torch.randint(0, 256, (batch, frames, 3, img_size, img_size), dtype=torch.uint8, generator=g).to(dev)
-    batch_dict = {"frames": clips}
+    clips = torch.randint(0, 256, (batch, frames, 3, img, img), dtype=torch.uint8, generator=g).to(dev)
 
     def learner_loss() -> torch.Tensor:
-        out = pathway(batch_dict)
+        out = pathway({"frames": clips})
         loss = out.cls.float().pow(2).mean() + out.regions.float().pow(2).mean()
         return loss + sum(out.aux_losses.values(), torch.zeros((), device=dev))
 
@@ -101,8 +109,13 @@ def bench_learner(
 
     steps = {"vit": _step_fn(vit, vit_loss, dev, torch_dtype),
              "learner": _step_fn(pathway, learner_loss, dev, torch_dtype)}
+    return steps, len(vit.blocks)
+
+
+def _warm_and_peaks(steps: dict[str, Callable[[], None]], dev: torch.device, warmup: int) -> dict[str, int]:
+    """Warm-up calls per variant; on CUDA the peak bytes above what was resident before."""
     peaks: dict[str, int] = {}
-    for name, step in steps.items():  # warm-up (and peak memory) per variant
+    for name, step in steps.items():
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
@@ -110,45 +123,59 @@ def bench_learner(
         for _ in range(max(warmup, 1)):
             step()
         synchronize(dev)
-        if dev.type == "cuda":  # above what was resident before: activations, grads, AdamW state
+        if dev.type == "cuda":  # activations, grads, AdamW state
             peaks[name] = int(torch.cuda.max_memory_allocated(dev) - resident)
+    return peaks
+
+
+def _gflop(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Matmul/conv/attention GFLOPs of one step of each variant: independent of load."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    gflop: dict[str, float] = {}
-    for name, step in steps.items():  # matmul/conv/attention FLOPs of one step: independent of load
+    out: dict[str, float] = {}
+    for name, step in steps.items():
         counter = FlopCounterMode(display=False)
         with counter:
             step()
-        gflop[name] = counter.get_total_flops() / 1e9
+        out[name] = counter.get_total_flops() / 1e9
+    return out
+
+
+def bench_learner(config: str | Path | None = None, *, batch: int = 8, device: str = "auto", dtype: str = "auto",
+                  iters: int = 5, warmup: int = 2, overrides: Sequence[str] = (), **flags: Any) -> dict[str, Any]:
+    """Clips/s of one training step, pathway vs plain ViT; ``flags`` override the config
+    (``backbone``, ``frames``, ``img_size``, ``depth``, ``divided_space_time``, ... see FLAG_KEYS)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    dtype, torch_dtype = _dtype(dev, dtype)
+    cfg = bench_config(config, overrides, **flags)
+    lcfg, frames = cfg.model.learner, int(cfg.data.num_frames)
+    if min(batch, frames, iters, int(lcfg.img_size)) < 1:
+        raise UserError("--batch, --frames, --iters and --img-size must be >= 1")
+    steps, depth = _variants(cfg, dev, batch, torch_dtype)
+    peaks = _warm_and_peaks(steps, dev, warmup)
+    gflop = _gflop(steps)
     timed = interleaved_times(steps, dev, iters)
-    median = {k: t["seconds"] for k, t in timed.items()}
-    median_cpu = {k: t["cpu_seconds"] for k, t in timed.items()}
+    wall = {k: t["seconds"] for k, t in timed.items()}
+    cpu = {k: t["cpu_seconds"] for k, t in timed.items()}
     result: dict[str, Any] = {
-        "bench": "learner",
-        "device": device_name(dev),
-        "dtype": dtype,
-        "backbone": backbone,
-        "depth": len(vit.blocks),
-        "batch": batch,
-        "frames": frames,
-        "img_size": img_size,
-        "codebook_size": codebook_size,
-        "code_dim": code_dim,
-        "num_regions": num_regions,
-        "interaction_layers": interaction_layers,
-        "divided_space_time": bool(divided_space_time),
-        "iters": iters,
-        "unit": "clips/s, training step (fwd + bwd + AdamW)",
-        "learner_per_s": batch / median["learner"],
-        "vit_per_s": batch / median["vit"],
-        "baseline": "vit",
+        "bench": "learner", "device": device_name(dev), "dtype": dtype,
+        "config": str(config or SHIPPED_CONFIG), "backbone": str(lcfg.backbone), "depth": depth,
+        "batch": batch, "frames": frames, "img_size": int(lcfg.img_size),
+        "codebook_size": int(lcfg.codebook_size), "code_dim": int(lcfg.code_dim),
+        "num_regions": int(lcfg.num_regions), "interaction_layers": int(lcfg.interaction_layers),
+        "divided_space_time": bool(lcfg.divided_space_time), "commitment": float(lcfg.commitment),
+        "iters": iters, "unit": "clips/s, training step (fwd + bwd + AdamW)",
+        "learner_per_s": batch / wall["learner"], "vit_per_s": batch / wall["vit"], "baseline": "vit",
     }
     result["ratio"] = result["learner_per_s"] / result["vit_per_s"]
     result["learner_gflop_per_step"] = gflop["learner"]
     result["vit_gflop_per_step"] = gflop["vit"]
-    result["learner_cpu_ms_per_step"] = 1000.0 * median_cpu["learner"]
-    result["vit_cpu_ms_per_step"] = 1000.0 * median_cpu["vit"]
-    result["cpu_time_ratio"] = median_cpu["vit"] / max(median_cpu["learner"], 1e-9)  # as a throughput ratio
+    result["gflop_ratio"] = gflop["vit"] / max(gflop["learner"], 1e-9)  # as a throughput ratio
+    result["learner_cpu_ms_per_step"] = 1000.0 * cpu["learner"]
+    result["vit_cpu_ms_per_step"] = 1000.0 * cpu["vit"]
+    result["cpu_time_ratio"] = cpu["vit"] / max(cpu["learner"], 1e-9)  # as a throughput ratio
     if peaks:
         result["learner_peak_bytes"] = peaks["learner"]
         result["vit_peak_bytes"] = peaks["vit"]

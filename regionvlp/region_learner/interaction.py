@@ -4,6 +4,11 @@ Each layer is ``x + attn(LN(x))`` then ``x + mlp(LN(x))`` over every region of e
 frame, so regions exchange information across space and time. Before the first layer
 each region gets a learned temporal embedding (its frame) and a slot embedding (which
 mask produced it). Any number of layers >= 1 works.
+
+The temporal embedding starts at zero (as Frozen's does): 1-frame pre-training trains
+row 0 only, and the rows it never sees stay zero instead of random, so an 8-frame
+fine-tune starts with every frame's regions as the pre-trained model saw them (plus the
+row-0 offset when ``temporal_resize: interpolate`` repeats it).
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ class RegionInteraction(nn.Module):
         self.time_embed = nn.Parameter(torch.zeros(max_frames, dim))  # [T_max, C]
         # "pos_embed" in the name keeps it out of weight decay (engine.NO_DECAY_NAMES)
         self.slot_pos_embed = nn.Parameter(torch.zeros(num_regions, dim))  # [R, C]
-        nn.init.trunc_normal_(self.time_embed, std=0.02)
         nn.init.trunc_normal_(self.slot_pos_embed, std=0.02)
         self.layers = nn.ModuleList(InteractionLayer(dim, heads, mlp_ratio) for _ in range(layers))
 

@@ -4,7 +4,8 @@ Per clip of T frames::
 
     frames uint8 [B,T,3,H,W] -> float, backbone mean/std, resize to img_size
       -> ViT patch embed + pos embed (per frame) + learned temporal embedding (per frame)
-      -> blocks 0..k (optionally each preceded by temporal attention, identity at init)
+      -> blocks 0..k (optionally each preceded by temporal attention, identity at init;
+         skipped at T = 1, where attention over one frame has nothing to mix)
       -> RegionLearner on the patch tokens of block k:
            quantize (EMA codebook) -> conv masks (R per frame) -> mask-weighted average
            of the patch features -> interaction over the T x R regions
@@ -179,7 +180,7 @@ class RegionLearnerPathway(nn.Module):
         x = self.time_embed(x.view(B, T, S, C)).view(B * T, S, C)
         out: LearnerOutput | None = None
         for i in range(len(vit.blocks)):
-            if self.temporal is not None:
+            if self.temporal is not None and T > 1:  # one frame: skipped, so 1-frame runs cost a plain ViT
                 x = self.temporal[i](x.view(B, T, -1, C)).view(B * T, -1, C)
             x = self._block(i, x)
             if i == self.insert_after:
@@ -192,7 +193,7 @@ class RegionLearnerPathway(nn.Module):
         cls = self.cls_head(frame.view(B, T, C).mean(1)) + self.region_pool(regions.mean(dim=(1, 2)))  # [B, D]
         region_tokens = self.region_head(regions.reshape(B, T * R, C))  # [B, T*R, D]
         aux = {"commitment": out.commitment} if self.learner.quantizer.commitment > 0 else {}
-        logs = {"perplexity": float(out.perplexity), "codebook_usage": float(out.usage)}
+        logs = {"perplexity": out.perplexity, "codebook_usage": out.usage}  # 0-d tensors: no host sync
         return VideoOutput(
             cls=cls,
             regions=region_tokens,

@@ -4,12 +4,20 @@ Every patch feature ``z`` (already projected to ``code_dim``) is assigned its ne
 code; the output is the code, passed through a straight-through estimator so the
 gradient reaches ``z`` unchanged. In training mode the codebook follows the features
 by exponential moving averages of per-code counts and sums, with the configured
-decay, Laplace smoothing of the counts, and restart of dead codes (EMA count under a
-threshold) from current features. The first training batch initialises the codebook
+decay, Laplace smoothing of the counts, and restart of dead codes from current
+features: a code is dead when its EMA count falls under ``dead_code_threshold`` times
+the mean count of all codes (a share of the average code's use, so the wait does not
+depend on the batch size: from the average share, ``log(threshold) / log(decay)`` steps
+unused), and restarts counting as an average code. The first training batch initialises the codebook
 from its own features (random rows, as one k-means++-free seeding step), each code
 counting as one sample, so codes start where the features are. Counts and sums are all-reduced across ranks when
 ``torch.distributed`` is initialised, so N ranks update the codebook exactly as one
 process seeing the concatenated batch; restarts are drawn on rank 0 and broadcast.
+
+No host syncs in the steady state: the per-code counts are ``index_add_`` (a CUDA
+``bincount`` reads its maximum back to the host), restarts are a fixed-size
+``torch.where`` over every code (candidates drawn for all, used for the dead ones), and
+the "seeded yet" flag is read from its buffer once per module instance, then cached.
 
 The EMA buffers stay float32 even when the module is cast to bf16/fp16 (DeepSpeed
 casts whole modules), because a 0.99-decay average is meaningless in 8 mantissa bits.
@@ -52,8 +60,8 @@ class EMAQuantizer(nn.Module):
         *,
         decay: float = 0.99,
         eps: float = 1.0e-5,
-        dead_code_threshold: float = 1.0e-3,
-        commitment: float = 0.0,
+        dead_code_threshold: float = 0.1,
+        commitment: float = 0.25,
     ) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
@@ -72,6 +80,7 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # total restarted codes
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # codebook seeded from data
+        self.seeded = False  # host copy of ``initialized`` once it was seen True (no per-step sync)
 
     # keep the EMA statistics in float32 whatever the module is cast to
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -81,6 +90,10 @@ class EMAQuantizer(nn.Module):
             if buf is not None and buf.dtype != torch.float32:
                 self._buffers[name] = buf.float()
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self.seeded = False  # a loaded ``initialized`` is read again on the next training step
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, decay={self.decay}, "
@@ -101,14 +114,16 @@ class EMAQuantizer(nn.Module):
         flat = z.reshape(-1, self.code_dim).float()  # [M, d]
         idx = self.assign(flat)  # [M]
         codes = self.embed[idx]  # [M, d], the codebook before this step's update
-        counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)  # [C]
         if self.training:  # eval never talks to other ranks: their batch counts may differ
-            if not bool(self.initialized):
-                self._init_from(flat.detach())
-                idx = self.assign(flat)
-                codes = self.embed[idx]
-                counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)
-            counts = self._ema_update(flat.detach(), idx, counts)
+            if not self.seeded:
+                if not bool(self.initialized):  # one host read per module instance
+                    self._init_from(flat.detach())
+                    idx = self.assign(flat)
+                    codes = self.embed[idx]
+                self.seeded = True
+            counts = self._ema_update(flat.detach(), idx, self.code_counts(idx))
+        else:
+            counts = self.code_counts(idx)  # [C]
         probs = counts / counts.sum().clamp_min(1.0)  # [C]
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         usage = (counts > 0).float().mean()
@@ -125,6 +140,11 @@ class EMAQuantizer(nn.Module):
             perplexity=perplexity.detach(),
             usage=usage.detach(),
         )
+
+    def code_counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Uses of each code [C] float32 (``index_add_``: no host sync, unlike a CUDA bincount)."""
+        ones = torch.ones(idx.shape[0], dtype=torch.float32, device=idx.device)
+        return torch.zeros(self.num_codes, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
 
     @torch.no_grad()
     def _init_from(self, flat: torch.Tensor) -> None:
@@ -165,21 +185,21 @@ class EMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor, distributed: bool) -> None:
-        dead = self.cluster_size < self.dead_code_threshold  # [C], identical on every rank
-        n_dead = int(dead.sum())
-        if n_dead == 0 or flat.shape[0] == 0:
+        """Codes under ``dead_code_threshold`` x the mean EMA count take a random current feature
+        and the mean count; fixed-size work over all codes, no host sync."""
+        if self.dead_code_threshold <= 0 or flat.shape[0] == 0:
             return
-        # new codes from this batch's features (with replacement when the batch is small)
-        if flat.shape[0] >= n_dead:
-            pick = torch.randperm(flat.shape[0], device=flat.device)[:n_dead]
-        else:
-            pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        self.embed[dead] = flat[pick]
-        self.embed_sum[dead] = flat[pick]
-        self.cluster_size[dead] = 1.0  # one sample's worth: a restarted code gets time to win
-        if distributed:
+        mean = self.cluster_size.mean()  # []
+        dead = self.cluster_size < self.dead_code_threshold * mean  # [C], identical on every rank
+        m = flat.shape[0]
+        pick = (torch.randperm(m, device=flat.device)[: self.num_codes] if m >= self.num_codes
+                else torch.randint(m, (self.num_codes,), device=flat.device))  # [C] candidate rows
+        cand = flat[pick]  # [C, d]
+        if distributed:  # rank 0's candidates everywhere, so every rank restarts alike
             import torch.distributed as dist
 
-            for name in _EMA_BUFFERS:
-                dist.broadcast(self._buffers[name], src=0)
-        self.restarts.add_(n_dead)
+            dist.broadcast(cand, src=0)
+        self.embed.copy_(torch.where(dead[:, None], cand, self.embed))
+        self.embed_sum.copy_(torch.where(dead[:, None], cand * mean, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead, mean, self.cluster_size))
+        self.restarts.add_(dead.sum())
