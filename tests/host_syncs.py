@@ -17,11 +17,21 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
             "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "torchvision::nms")
 
 
-def host_syncs(fn: Callable[[], Any]) -> tuple[int, Counter]:
-    """(number of host syncs, count per op name) while running ``fn()`` (profiler, CPU)."""
+def host_syncs(fn: Callable[[], Any], extra: tuple[str, ...] = ()) -> tuple[int, Counter]:
+    """(number of host syncs, count per name) while running ``fn()`` (profiler, CPU).
+
+    ``extra``: labels of deliberate reads (``record_function`` names) that count too; the
+    ops a labelled read runs inside its label are not counted twice."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    names = Counter(e.name for e in prof.events() if e.name in SYNC_OPS)
+    events = prof.events()
+    labelled = [(e.time_range.start, e.time_range.end) for e in events if e.name in extra]
+
+    def inside(e) -> bool:
+        return any(s <= e.time_range.start and e.time_range.end <= t for s, t in labelled)
+
+    names = Counter(e.name for e in events
+                    if e.name in extra or (e.name in SYNC_OPS and not inside(e)))
     return sum(names.values()), names

@@ -102,7 +102,8 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
               "num_frames": int(cfg.data.num_frames), "size": int(cfg.data.size),
               "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
               "rpn_pre_nms_top_n": d.rpn_pre_nms_top_n, "rpn_post_nms_top_n": d.rpn_post_nms_top_n,
-              "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh)}
+              "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh),
+              "selection": str(d.selection)}
     previous = _read_json(out / MANIFEST)
     if previous and previous.get("extractor") != record:
         raise UserError(f"{out} holds regions extracted with other settings ({out / MANIFEST}); "

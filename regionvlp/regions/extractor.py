@@ -1,18 +1,28 @@
 """The frozen region extractor: frames -> exactly K detector regions per frame.
 
-One batched pass over all B*T frames: resize + normalise -> backbone -> RPN head ->
-batched proposal filtering -> box head on the proposals -> per proposal the max
-non-background class probability and the box regressed for that class -> class-agnostic
-NMS over all frames at once -> top-K per frame -> box-head RoI features of the final
-boxes -> pad + mask to K.
+One batched pass over all B*T frames with fixed-size tensors throughout: resize +
+normalise -> backbone -> RPN head -> per frame and FPN level the top-n anchors ->
+exact NMS per (frame, level) -> the best ``post_nms_top_n`` proposals per frame (padded,
+with a validity mask) -> box head on the proposals -> selection of K boxes per frame ->
+box-head RoI features of the final boxes -> pad + mask to K.
 
-Differences from the stock ``model(images)`` call, all for speed with the same result
-semantics: proposals are filtered for all images at once (NMS groups = image x FPN
-level) instead of a Python loop per image; the box stage never expands proposals to
-every class (stock: P x C boxes per image go through thresholding and NMS); NMS runs as
-one call with per-group coordinate offsets (``torchvision.ops.batched_nms`` switches
-to a per-group Python loop above 4k/20k box coordinates, which a 64-frame batch always
-exceeds).
+Two selection rules (``model.detector.selection``):
+
+- ``region`` (default): per proposal the max non-background class probability and the
+  box regressed for that class, then class-agnostic NMS and the top K by that score:
+  one box per object, the bottom-up-attention style of picking region features
+  (Anderson et al. 2018; the features DemoVLP and peers were trained on);
+- ``stock``: torchvision's ``RoIHeads.postprocess_detections`` exactly: every
+  (proposal, class) pair is a candidate, per-class NMS, the top K detections: what
+  ``model(images)`` returns with ``box_score_thresh`` = ``score_thresh`` and
+  ``box_detections_per_img`` = K (several labels may sit on one object).
+
+The RPN stage is the stock one (same top-n per level, clipping, min size, NMS per level,
+post-NMS top-n). NMS is :func:`regionvlp.regions.select.cluster_nms` (exact greedy NMS as
+batched matrix work); RoIAlign gets each FPN level converted to contiguous fp32 once per
+call, and RoIs are grouped by level after one read of the per-level counts. Host syncs
+per call: one NMS convergence read per NMS stage, one level-count read per RoI stage (4);
+``stock`` adds a read when its candidate window might have cut a frame short (rare).
 
 The extractor is *not* an ``nn.Module``: a model can hold a reference to it without
 it becoming a child, so optimizers, DeepSpeed and checkpoints never see its weights.
@@ -21,6 +31,7 @@ it becoming a child, so optimizers, DeepSpeed and checkpoints never see its weig
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -28,112 +39,64 @@ import torch.nn.functional as F
 from torch import nn
 
 from regionvlp.errors import UserError
+from regionvlp.regions.select import cluster_nms, host_ints, top_kept
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")
+SELECTIONS = ("region", "stock")
+MIN_BOX = 1e-2  # final boxes thinner than this are dropped, as torchvision's postprocess_detections
 
 
-# ------------------------------------------------------------ batched helpers
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """NMS within each group; kept indices sorted by decreasing score.
-
-    The coordinate-offset trick of torchvision's ``batched_nms`` (one kernel call for
-    many groups), done in float64 so the offsets of many groups (frames x levels) cannot
-    round the coordinates. One call costs O(N^2) in the boxes it sees, so whole groups are
-    packed into chunks of at most ``_NMS_CHUNK`` boxes (a handful of calls for a 64-frame
-    batch) instead of torchvision's fallback of one call per group.
-    """
-    from torchvision.ops import nms
-
-    n = boxes.shape[0]
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    b = boxes.double()  # [N, 4]
-    span = b.max() - b.min() + 1.0
-    limit = _NMS_CHUNK[boxes.device.type == "cuda"]
-    if n <= limit:
-        return nms(b + (groups.to(b) * span)[:, None], scores.double(), iou)
-    # pack whole groups into chunks: sort by group, cut where the running count passes the limit
-    order = torch.argsort(groups, stable=True)  # [N]
-    g_sorted = groups[order]
-    counts = torch.bincount(g_sorted - g_sorted[0])
-    counts = counts[counts > 0]  # boxes per present group, in group order
-    ends = torch.cumsum(counts, 0)
-    chunk_of_group = torch.div(ends - 1, limit, rounding_mode="floor")  # groups larger than limit get their own chunk
-    chunk_sizes = torch.bincount(chunk_of_group).tolist()  # groups per chunk
-    group_sizes = counts.tolist()
-    kept, pos, gi = [], 0, 0
-    for num_groups in chunk_sizes:
-        if num_groups == 0:
-            continue
-        size = sum(group_sizes[gi : gi + num_groups])
-        idx = order[pos : pos + size]
-        kept.append(idx[nms(b[idx] + (groups[idx].to(b) * span)[:, None], scores[idx].double(), iou)])
-        pos, gi = pos + size, gi + num_groups
-    keep = torch.cat(kept)
-    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., 4] boxes clipped to an image of (h, w)."""
+    h, w = size
+    return torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
+                        boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
 
 
-_NMS_CHUNK = (4000, 20000)  # boxes per NMS call on (CPU, GPU), as torchvision's batched_nms thresholds
+def big_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    """[..., 4] -> [...] bool: both sides >= min_size (``remove_small_boxes``)."""
+    return ((boxes[..., 2:] - boxes[..., :2]) >= min_size).all(dim=-1)
 
 
-def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Position of each element inside its group, in the given order (0 = first).
-
-    ``groups`` [N] is listed in priority order (e.g. NMS output, score-descending); the
-    result [N] lets ``rank < k`` keep the first k of every group without a loop.
-    """
-    n = groups.numel()
-    order = torch.argsort(groups, stable=True)  # [N] group-major, priority kept inside
-    counts = torch.bincount(groups, minlength=num_groups)  # [G]
-    starts = torch.cumsum(counts, 0) - counts  # [G]
-    rank_sorted = torch.arange(n, device=groups.device) - starts[groups[order]]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank
-
-
-def select_topk(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    image_idx: torch.Tensor,
-    num_images: int,
-    k: int,
-    nms_thresh: float,
-    score_thresh: float = 0.0,
-    min_box: float = 1e-2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-agnostic NMS per image, then the top ``k`` per image by score.
-
-    boxes [N, 4] (pixels), scores [N], image_idx [N] -> (kept indices [M] into the
-    inputs, grouped by image and score-descending inside an image; slot [M] = rank 0..k-1).
-    Boxes with score <= score_thresh or a side < min_box are dropped first.
-    """
-    wh = boxes[:, 2:] - boxes[:, :2]  # [N, 2]
-    valid = (scores > score_thresh) & (wh >= min_box).all(dim=1)
-    cand = torch.nonzero(valid).squeeze(1)  # [N']
-    keep = cand[batched_nms(boxes[cand], scores[cand], image_idx[cand], nms_thresh)]  # score-desc
-    rank = rank_within_groups(image_idx[keep], num_images)
-    sel = rank < k
-    keep, rank = keep[sel], rank[sel]
-    order = torch.argsort(image_idx[keep], stable=True)  # image-major, then rank (keep is score-desc)
-    return keep[order], rank[order]
-
-
-def pad_to_k(values: torch.Tensor, image_idx: torch.Tensor, slot: torch.Tensor, num_images: int, k: int,
-             fill: float = 0) -> torch.Tensor:
-    """Scatter rows ``values`` [M, ...] to ``[num_images, k, ...]`` at (image, slot); the rest ``fill``."""
-    out = values.new_full((num_images, k) + tuple(values.shape[1:]), fill)
-    out[image_idx, slot] = values
-    return out
-
-
-def _split_by_image(boxes: torch.Tensor, image_idx: torch.Tensor, num_images: int) -> list[torch.Tensor]:
-    """Boxes [M, 4] grouped by image (already image-major) -> list of num_images tensors (views)."""
-    counts = torch.bincount(image_idx, minlength=num_images)
-    return list(boxes.split(counts.tolist()))
+def gather_rows(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """values [G, n, ...] picked per row by idx [G, k] -> [G, k, ...]."""
+    view = idx.reshape(*idx.shape, *([1] * (values.dim() - 2)))
+    return values.gather(1, view.expand(*idx.shape, *values.shape[2:]))
 
 
 # ----------------------------------------------------------------- extractor
+class Layout:
+    """Per input shape: fp32 anchors of one frame [A, 4], the RPN's top-n per level and
+    the padded (level, slot) -> candidate map, and the RoIAlign scales of the levels."""
+
+    def __init__(self, ex: "RegionExtractor", x: torch.Tensor, levels: list[torch.Tensor],
+                 size: tuple[int, int], per_level: list[int]) -> None:
+        from torchvision.models.detection.image_list import ImageList
+
+        rpn, pool = ex.detector.rpn, ex.detector.roi_heads.box_roi_pool
+        dev = x.device
+        stand_ins = [torch.empty((1, 1, *f.shape[-2:]), dtype=torch.float32, device=dev) for f in levels]
+        self.anchors = rpn.anchor_generator(ImageList(x[:1].float(), [size]), stand_ins)[0].float()  # [A, 4]
+        self.per_level = per_level  # anchors per level
+        self.top_n = [min(int(rpn.pre_nms_top_n()), c) for c in self.per_level]
+        width = max(self.top_n)
+        slots = torch.zeros(len(levels), width, dtype=torch.int64)  # [L, n] index into the top-n list
+        real = torch.zeros(len(levels), width, dtype=torch.bool)
+        offset = 0
+        for lvl, n in enumerate(self.top_n):
+            slots[lvl, :n] = torch.arange(offset, offset + n)
+            real[lvl, :n] = True
+            offset += n
+        self.slots, self.real = slots.to(dev), real.to(dev)
+        # RoIAlign levels and scales, as torchvision's MultiScaleRoIAlign infers them
+        names = list(pool.featmap_names)
+        self.pool_levels = [i for i, name in enumerate(ex.level_names) if name in names]
+        self.scales = [2.0 ** round(math.log2(levels[i].shape[-2] / size[0])) for i in self.pool_levels]
+        self.k_min, self.k_max = int(-math.log2(self.scales[0])), int(-math.log2(self.scales[-1]))
+        self.canonical = (pool.canonical_scale, pool.canonical_level)
+        self.output_size, self.sampling_ratio = tuple(pool.output_size), int(pool.sampling_ratio)
+
+
 class RegionExtractor:
     """Frozen Faster R-CNN regions; ``extractor(frames uint8 [B,T,3,H,W]) -> dict``.
 
@@ -143,27 +106,24 @@ class RegionExtractor:
     (0 on padding) and ``region_scores`` float32 [B,T,K].
     """
 
-    def __init__(
-        self,
-        detector: nn.Module,
-        num_regions: int = 30,
-        nms_thresh: float = 0.5,
-        score_thresh: float = 0.0,
-        autocast: str = "bf16",
-        channels_last: bool = True,
-        arch: str = "",
-        weights: str = "",
-    ) -> None:
+    def __init__(self, detector: nn.Module, num_regions: int = 30, nms_thresh: float = 0.5,
+                 score_thresh: float = 0.0, autocast: str = "bf16", channels_last: bool = True,
+                 arch: str = "", weights: str = "", selection: str = "region") -> None:
+        if selection not in SELECTIONS:
+            raise UserError(f"model.detector.selection is {selection!r}; choose one of {', '.join(SELECTIONS)}")
         self.detector = detector
         self.num_regions = int(num_regions)
         self.nms_thresh = float(nms_thresh)
         self.score_thresh = float(score_thresh)
+        self.selection = selection
         self.autocast = autocast
         self.channels_last = channels_last
         self.arch = arch
         self.weights = weights  # a reference (name or path); the weights are never checkpointed
         self.device = torch.device("cpu")
-        self._anchors: dict[tuple, torch.Tensor] = {}
+        self.level_names: list[str] = []
+        self._layouts: dict[tuple, Layout] = {}
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._freeze()
 
     # -- frozen for real
@@ -185,7 +145,8 @@ class RegionExtractor:
         self.detector.to(self.device)
         if self.device.type == "cuda" and self.channels_last:
             self.detector.to(memory_format=torch.channels_last)
-        self._anchors.clear()
+        self._layouts.clear()
+        self._norm = None
         return self
 
     @property
@@ -195,7 +156,7 @@ class RegionExtractor:
     def config(self) -> dict[str, Any]:
         """What a checkpoint stores instead of the weights."""
         return {"arch": self.arch, "weights": self.weights, "num_regions": self.num_regions,
-                "nms_thresh": self.nms_thresh, "score_thresh": self.score_thresh}
+                "nms_thresh": self.nms_thresh, "score_thresh": self.score_thresh, "selection": self.selection}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type != "cuda" or self.autocast == "none":
@@ -211,10 +172,11 @@ class RegionExtractor:
         frames that share one size, done as one batched op.
         """
         t = self.detector.transform
+        if self._norm is None:  # mean/std on the device once, not a host->device copy per call
+            self._norm = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+                               for v in (t.image_mean, t.image_std))
         x = images.to(self.device, non_blocking=True).float().div_(255.0)  # [N,3,H,W]
-        mean = torch.as_tensor(t.image_mean, dtype=x.dtype, device=x.device)[None, :, None, None]
-        std = torch.as_tensor(t.image_std, dtype=x.dtype, device=x.device)[None, :, None, None]
-        x = (x - mean) / std
+        x = (x - self._norm[0]) / self._norm[1]
         h, w = x.shape[-2:]
         scale = min(t.min_size[-1] / min(h, w), t.max_size / max(h, w))  # as torchvision's resize
         x = F.interpolate(x, size=None, scale_factor=scale, mode="bilinear",
@@ -227,88 +189,137 @@ class RegionExtractor:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, (int(rh), int(rw))
 
-    def _anchors_for(self, x: torch.Tensor, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Anchors [A, 4] of one image; the same for every frame of the batch (cached by shape)."""
-        from torchvision.models.detection.image_list import ImageList
-
-        key = (tuple(x.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feats), x.device)
-        if key not in self._anchors:
-            self._anchors[key] = self.detector.rpn.anchor_generator(ImageList(x[:1], [size]), feats)[0]
-        return self._anchors[key]
+    def layout(self, x: torch.Tensor, levels: list[torch.Tensor], size: tuple[int, int],
+               per_level: list[int]) -> Layout:
+        key = (tuple(x.shape[-2:]), size, tuple(tuple(f.shape[-2:]) for f in levels), x.device)
+        if key not in self._layouts:
+            self._layouts[key] = Layout(self, x, levels, size, per_level)
+        return self._layouts[key]
 
     def proposals(self, x: torch.Tensor, feats: dict[str, torch.Tensor], size: tuple[int, int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RPN proposals of all frames -> (boxes [P, 4] image-major, image index [P])."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+        """RPN proposals of all frames: (boxes [N, P, 4] fp32, valid [N, P], layout), the
+        stock RPN's filtering done per (frame, level) row at once."""
         from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-        rpn = self.detector.rpn
-        n = x.shape[0]
+        rpn, n = self.detector.rpn, x.shape[0]
+        self.level_names = list(feats.keys())
         levels = list(feats.values())
         objectness, deltas = rpn.head(levels)  # lists per level: [N, A, h, w], [N, 4A, h, w]
-        per_level = [o[0].numel() for o in objectness]
-        anchors = self._anchors_for(x, levels, size)  # [A_tot, 4]
+        lay = self.layout(x, levels, size, [int(o[0].numel()) for o in objectness])
         obj, dlt = concat_box_prediction_layers(objectness, deltas)  # [N*A_tot, 1], [N*A_tot, 4]
-        obj, dlt = obj.float(), dlt.float()
-        boxes = rpn.box_coder.decode_single(dlt, anchors.float().repeat(n, 1)).view(n, -1, 4)  # [N, A_tot, 4]
-        obj = obj.view(n, -1)  # [N, A_tot]
+        obj, dlt = obj.float().view(n, -1), dlt.float().view(n, -1, 4)  # [N, A_tot], [N, A_tot, 4]
+        top, offset = [], 0
+        for count, k in zip(lay.per_level, lay.top_n):  # top-n anchors per level, as the stock RPN
+            top.append(obj[:, offset:offset + count].topk(k, dim=1).indices + offset)
+            offset += count
+        top = torch.cat(top, dim=1)  # [N, S]
+        boxes = rpn.box_coder.decode_single(gather_rows(dlt, top).reshape(-1, 4), lay.anchors[top].reshape(-1, 4))
+        boxes = clip_boxes(boxes.view(n, -1, 4), size)  # [N, S, 4]
+        prob = torch.sigmoid(obj.gather(1, top))  # [N, S]
+        ok = big_enough(boxes, rpn.min_size) & (prob >= rpn.score_thresh)
+        num_levels, width = lay.slots.shape
+        b, p = boxes[:, lay.slots], prob[:, lay.slots]  # [N, L, n, 4], [N, L, n]: one row per (frame, level)
+        v = ok[:, lay.slots] & lay.real
+        kept = cluster_nms(b.view(-1, width, 4), p.view(-1, width), v.view(-1, width), rpn.nms_thresh)
+        idx, real = top_kept(p.view(n, -1), kept.view(n, -1), rpn.post_nms_top_n())  # [N, P]
+        return gather_rows(b.view(n, -1, 4), idx), real, lay
 
-        top = rpn._get_top_n_idx(obj, per_level)  # [N, S] top-n per level
-        lvl = torch.cat([torch.full((c,), i, device=x.device, dtype=torch.int64) for i, c in enumerate(per_level)])
-        rows = torch.arange(n, device=x.device)[:, None]
-        boxes, obj, lvl = boxes[rows, top], obj[rows, top], lvl[top]  # [N, S, 4], [N, S], [N, S]
-        prob = torch.sigmoid(obj)
-        h, w = size
-        boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
-                             boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
-        wh = boxes[..., 2:] - boxes[..., :2]
-        ok = (wh >= rpn.min_size).all(-1) & (prob >= rpn.score_thresh)  # [N, S]
-        img = rows.expand_as(ok)[ok]  # [P']
-        num_levels = len(per_level)
-        keep = batched_nms(boxes[ok], prob[ok], img * num_levels + lvl[ok], rpn.nms_thresh)
-        img_k = img[keep]
-        rank = rank_within_groups(img_k, n)
-        sel = rank < rpn.post_nms_top_n()
-        keep, img_k, rank = keep[sel], img_k[sel], rank[sel]
-        order = torch.argsort(img_k, stable=True)  # image-major, score-descending inside
-        return boxes[ok][keep[order]], img_k[order]
+    def roi_features(self, levels32: list[torch.Tensor], lay: Layout, boxes: torch.Tensor,
+                     extra: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Box-head features [N*M, 1024] of boxes [N, M, 4] (frame pixels), RoIs grouped by
+        FPN level as torchvision's ``MultiScaleRoIAlign`` assigns them (one host read of
+        the per-level counts, with ``extra`` read alongside and returned)."""
+        from torchvision.ops import roi_align
 
-    def box_features(self, feats: dict[str, torch.Tensor], boxes: torch.Tensor, image_idx: torch.Tensor,
-                     n: int, size: tuple[int, int]) -> torch.Tensor:
-        """Box-head RoI features [M, 1024] of image-major boxes [M, 4]."""
-        roi = self.detector.roi_heads
-        pooled = roi.box_roi_pool(feats, _split_by_image(boxes, image_idx, n), [size] * n)  # [M, C, 7, 7]
-        return roi.box_head(pooled)
+        n, m = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4).float()  # [R, 4]
+        frame = torch.arange(n, device=boxes.device, dtype=flat.dtype).repeat_interleave(m)  # [R]
+        s0, lvl0 = lay.canonical
+        area = ((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1])).sqrt()
+        lvl = torch.floor(lvl0 + torch.log2(area / s0) + 1e-6).clamp(lay.k_min, lay.k_max).long() - lay.k_min
+        num = len(levels32)
+        counts = (lvl[None] == torch.arange(num, device=lvl.device)[:, None]).sum(1)  # [L]
+        read = host_ints(counts if extra is None else torch.cat([counts, extra.reshape(-1).long()]))
+        order = torch.argsort(lvl, stable=True)  # [R] level-major
+        rois = torch.cat([frame[:, None], flat], dim=1)[order]  # [R, 5]
+        pooled = [roi_align(f, r, lay.output_size, spatial_scale=sc, sampling_ratio=lay.sampling_ratio)
+                  for f, r, sc in zip(levels32, rois.split(read[:num]), lay.scales)]
+        out = torch.empty((rois.shape[0], *pooled[0].shape[1:]), dtype=pooled[0].dtype, device=rois.device)
+        out[order] = torch.cat(pooled)  # [R, C, 7, 7] back in box order
+        return self.detector.roi_heads.box_head(out), read[num:]
+
+    def _class_scores(self, rep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, reg = self.detector.roi_heads.box_predictor(rep)  # [N*P, C], [N*P, 4C]
+        c = logits.shape[-1]
+        return F.softmax(logits.float(), -1).view(n, -1, c), reg.float().view(n, -1, c, 4)
+
+    def select_region(self, prob: torch.Tensor, reg: torch.Tensor, props: torch.Tensor, pvalid: torch.Tensor,
+                      size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """``region`` rule: max non-background class per proposal, class-agnostic NMS, top K.
+        -> boxes [N, K', 4], scores [N, K'], labels [N, K'], real [N, K']."""
+        n, p = pvalid.shape
+        conf, cls = prob[..., 1:].max(-1)  # [N, P]
+        label = cls + 1
+        deltas = reg.gather(2, label[..., None, None].expand(n, p, 1, 4)).squeeze(2)  # [N, P, 4]
+        coder = self.detector.roi_heads.box_coder
+        boxes = clip_boxes(coder.decode_single(deltas.reshape(-1, 4), props.reshape(-1, 4)).view(n, p, 4), size)
+        valid = pvalid & (conf > self.score_thresh) & big_enough(boxes, MIN_BOX)
+        kept = cluster_nms(boxes, conf, valid, self.nms_thresh)
+        idx, real = top_kept(conf, kept, self.num_regions)
+        return gather_rows(boxes, idx), gather_rows(conf, idx), gather_rows(label, idx), real
+
+    def select_stock(self, prob: torch.Tensor, reg: torch.Tensor, props: torch.Tensor, pvalid: torch.Tensor,
+                     size: tuple[int, int], window: int) -> tuple[torch.Tensor, ...]:
+        """``stock`` rule (``postprocess_detections``): every (proposal, class) candidate, per-class
+        NMS, top K, among each frame's ``window`` best candidates. Returns the ``region`` outputs
+        plus ``short`` [] bool: some frame kept < K while it had more candidates than the window."""
+        n, p, c = prob.shape
+        coder = self.detector.roi_heads.box_coder
+        boxes = coder.decode_single(reg.reshape(n * p, -1), props.reshape(-1, 4)).view(n, p, c, 4)
+        boxes = clip_boxes(boxes[:, :, 1:], size).reshape(n, -1, 4)  # [N, P*(C-1), 4]
+        scores = prob[..., 1:].reshape(n, -1)  # [N, P*(C-1)]
+        labels = torch.arange(1, c, device=prob.device).repeat(p)[None].expand(n, -1)
+        valid = (pvalid[..., None].expand(n, p, c - 1).reshape(n, -1) & (scores > self.score_thresh)
+                 & big_enough(boxes, MIN_BOX))
+        window = min(window, scores.shape[1])
+        cand, _ = top_kept(scores, valid, window)  # [N, W] the best candidates
+        b, s, lab, v = (gather_rows(t, cand) for t in (boxes, scores, labels, valid))
+        kept = cluster_nms(b, s, v, self.nms_thresh, labels=lab)
+        idx, real = top_kept(s, kept, self.num_regions)
+        short = ((real.sum(1) < self.num_regions) & (valid.sum(1) > window)).any()
+        return gather_rows(b, idx), gather_rows(s, idx), gather_rows(lab, idx), real, short
 
     def regions(self, x: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Preprocessed frames [N,3,H',W'] -> regions padded to K per frame (see class doc)."""
         n, k = x.shape[0], self.num_regions
-        roi = self.detector.roi_heads
         feats = self.detector.backbone(x)  # dict of [N, C, h, w]
-        props, pimg = self.proposals(x, feats, size)  # [P, 4], [P]
-
-        rep = self.box_features(feats, props, pimg, n, size)  # [P, 1024]
-        logits, reg = roi.box_predictor(rep)  # [P, C], [P, 4C]
-        prob = F.softmax(logits.float(), -1)
-        conf, cls = prob[:, 1:].max(-1)  # [P]: confidence = max non-background probability
-        label = cls + 1
-        num_classes = logits.shape[-1]
-        deltas = reg.float().view(reg.shape[0], num_classes, 4)[torch.arange(reg.shape[0], device=reg.device), label]
-        boxes = roi.box_coder.decode_single(deltas, props)  # [P, 4] the box regressed for that class
+        props, pvalid, lay = self.proposals(x, feats, size)  # [N, P, 4], [N, P]
+        # RoIAlign input: each pooled level as contiguous fp32, once for both RoI stages
+        levels32 = [feats[self.level_names[i]].float().contiguous() for i in lay.pool_levels]
+        rep, _ = self.roi_features(levels32, lay, props)
+        prob, reg = self._class_scores(rep, n)  # [N, P, C], [N, P, C, 4]
+        window = 8 * k
+        while True:
+            if self.selection == "stock":
+                fb, score, label, real, short = self.select_stock(prob, reg, props, pvalid, size, window)
+            else:
+                (fb, score, label, real), short = self.select_region(prob, reg, props, pvalid, size), None
+            ffeat, flag = self.roi_features(levels32, lay, fb, extra=short)  # features of the FINAL boxes
+            if not flag or not flag[0]:
+                break
+            window *= 4  # rare: a frame ran out of candidates inside the window; widen it (exact result)
         h, w = size
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=-1)
-
-        keep, slot = select_topk(boxes, conf, pimg, n, k, self.nms_thresh, self.score_thresh)
-        fb, fimg = boxes[keep], pimg[keep]  # [M, 4], [M]
-        ffeat = self.box_features(feats, fb, fimg, n, size).float()  # [M, 1024] features of the FINAL boxes
-        norm = torch.tensor([w, h, w, h], dtype=fb.dtype, device=fb.device)
-        return {
-            "region_feats": pad_to_k(ffeat, fimg, slot, n, k),  # [N, K, 1024]
-            "region_boxes": pad_to_k((fb / norm).clamp_(0, 1), fimg, slot, n, k),  # [N, K, 4]
-            "region_mask": pad_to_k(torch.ones_like(fimg, dtype=torch.bool), fimg, slot, n, k, False),
-            "region_labels": pad_to_k(label[keep], fimg, slot, n, k),  # [N, K]
-            "region_scores": pad_to_k(conf[keep], fimg, slot, n, k),  # [N, K]
+        m = real[..., None]
+        norm = torch.stack([fb[..., 0] / w, fb[..., 1] / h, fb[..., 2] / w, fb[..., 3] / h], -1).clamp_(0, 1)
+        out = {
+            "region_feats": ffeat.float().view(n, -1, ffeat.shape[-1]) * m,  # [N, K', 1024]
+            "region_boxes": norm * m,  # [N, K', 4]
+            "region_mask": real,
+            "region_labels": label * real,
+            "region_scores": score * real,
         }
+        return {key: pad_slots(v, k) for key, v in out.items()}
 
     def __call__(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames uint8 [B,T,3,H,W] (or [N,3,H,W]) -> region dict with leading [B,T] (or [N])."""
@@ -333,12 +344,20 @@ class RegionExtractor:
         return out
 
 
+def pad_slots(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, K', ...] -> [N, k, ...], zero (False) filled when K' < k (fewer proposals than K)."""
+    missing = k - values.shape[1]
+    if missing <= 0:
+        return values
+    return torch.cat([values, values.new_zeros((values.shape[0], missing, *values.shape[2:]))], dim=1)
+
+
 def build_extractor(cfg: Any) -> RegionExtractor:
     """The frozen extractor for ``cfg.model.detector`` (not an nn.Module; call ``.to(device)``)."""
     from regionvlp.regions.detector import build_detector, detector_kwargs
 
     d = cfg.model.detector
-    det = build_detector(d.arch, d.weights, **detector_kwargs(d))
+    det = build_detector(d.arch, d.weights, **detector_kwargs(d, size=int(cfg.data.size)))
     return RegionExtractor(det, num_regions=d.num_regions, nms_thresh=d.nms_thresh,
-                           score_thresh=d.score_thresh, autocast=d.autocast,
+                           score_thresh=d.score_thresh, autocast=d.autocast, selection=str(d.selection),
                            channels_last=d.channels_last, arch=d.arch, weights=str(d.weights))

@@ -240,7 +240,7 @@ def fit_detector(
     # fewer sampled RPN proposals / RoIs per training image than torchvision's defaults: the
     # box head dominates a step at these sizes and a few objects per frame need few samples
     train_kw = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64}
-    model = build_detector(d.arch, d.weights, num_classes=num_classes, **{**detector_kwargs(d), **train_kw})
+    model = build_detector(d.arch, d.weights, num_classes=num_classes, **{**detector_kwargs(d, size=int(cfg.data.size)), **train_kw})
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
