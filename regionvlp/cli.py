@@ -297,11 +297,13 @@ def _cmd_bench_regions(args: argparse.Namespace) -> dict:
     from regionvlp.regions.bench import bench_regions
 
     return bench_regions(args.arch, size=args.size, batch=args.batch, device=args.device, dtype=args.dtype,
-                         num_regions=args.num_regions, weights=args.weights, iters=args.iters, warmup=args.warmup)
+                         num_regions=args.num_regions, weights=args.weights, iters=args.iters, warmup=args.warmup,
+                         selection=args.selection)
 
 
 def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("regions", help="frames/s: backbone only vs region extractor vs stock model(images)+RoI pool")
+    p = bsub.add_parser("regions", help="frames/s: backbone+RPN head vs region extractor vs stock model(images)+RoI "
+                                        "pool; box_agreement with stock")
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn")
     p.add_argument("--size", type=_positive_int, default=384, help="square frame side; the detector runs at this size")
     p.add_argument("--batch", type=_positive_int, default=64, help="frames per call")
@@ -309,6 +311,8 @@ def _add_bench_regions(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--num-regions", type=_positive_int, default=30, help="K boxes per frame")
     p.add_argument("--weights", default="none", help="detector weights (none | DEFAULT | enum name | local path)")
+    p.add_argument("--selection", choices=("region", "stock"), default="region",
+                   help="the extractor's box selection (model.detector.selection; default region, as shipped)")
     p.add_argument("--iters", type=_positive_int, default=5, help="timed calls per variant (best; variants interleaved)")
     p.add_argument("--warmup", type=_count, default=1)
     p.set_defaults(func=_cmd_bench_regions)

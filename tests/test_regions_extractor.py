@@ -248,3 +248,15 @@ def test_bench_regions_reports_variants_and_baseline(capsys):
         assert res[f"{variant}_per_s"] > 0
     assert res["rpn_tuned"] == {"pre_nms_top_n": 150, "post_nms_top_n": 100}
     assert res["size"] == 64 and res["batch"] == 2 and res["num_regions"] == 30
+    assert 0.0 <= res["box_agreement"] <= 1.0 and res["selection"] == "region"
+    assert res["box_agreement_stock_selection"] > 0.0  # same proposals' classes: mostly stock's boxes
+    assert 0 < res["real_regions_per_frame"] <= 30
+
+
+def test_box_agreement_counts_matches_at_iou_09():
+    from regionvlp.regions.bench import box_agreement
+
+    regions = {"region_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0]]]),
+               "region_mask": torch.tensor([[True, True, False]])}
+    stock = [{"boxes": torch.tensor([[0.0, 0.0, 50.0, 50.0], [60.0, 60.0, 100.0, 100.0]])}]
+    assert box_agreement(regions, stock, 100) == 0.5  # the second box has IoU 0.64 with its nearest
