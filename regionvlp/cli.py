@@ -568,7 +568,8 @@ def _cmd_detector_fit(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, overrides)
     return fit_detector(cfg, urls, out=args.out, val_urls=args.val_urls, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, num_frames=args.frames,
-                        max_clips=args.max_clips, val_clips=args.val_clips, num_classes=args.num_classes)
+                        max_clips=args.max_clips, val_clips=args.val_clips, num_classes=args.num_classes,
+                        trainable_layers=args.trainable_layers)
 
 
 def _add_detector(sub: argparse._SubParsersAction) -> None:
@@ -593,6 +594,9 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--val-clips", type=_positive_int, default=None, help="measure recall on at most N val clips")
     fit.add_argument("--num-classes", type=_positive_int, default=None,
                      help="classes incl. background (default: largest label in the shards + 1)")
+    fit.add_argument("--trainable-layers", type=int, default=3,
+                     help="from pretrained weights: backbone stages that train, last first (torchvision's rule; "
+                          "default 3 of ResNet's 5); the backbone's BatchNorm is frozen. Ignored for weights none")
     fit.set_defaults(func=_cmd_detector_fit)
 
 

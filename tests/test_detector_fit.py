@@ -112,3 +112,53 @@ def test_cli_unlabelled_shards_are_a_clear_error(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no labelled frames" in err and "no_boxes" in err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_freeze_rule_matches_torchvision_resnet_fpn_backbone():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from regionvlp.regions.detector import build_detector, freeze_for_finetune
+
+    for layers in (0, 3, 5):
+        model = build_detector("fasterrcnn_resnet50_fpn", "none")
+        freeze_for_finetune(model, "fasterrcnn_resnet50_fpn", layers)
+        ref = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=layers)
+        ours = {n: p.requires_grad for n, p in model.backbone.body.named_parameters()}
+        theirs = {n: p.requires_grad for n, p in ref.body.named_parameters()}
+        assert ours == theirs, layers
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
+        assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules()) == \
+            sum(isinstance(m, FrozenBatchNorm2d) for m in ref.body.modules())
+    with pytest.raises(UserError, match="trainable-layers"):
+        freeze_for_finetune(build_detector("fasterrcnn_tiny", "none"), "fasterrcnn_tiny", 5)
+
+
+def test_fit_from_pretrained_keeps_frozen_batchnorm_and_stages(world, tmp_path):
+    from regionvlp.regions.detector import build_detector, save_detector
+
+    torch.manual_seed(1)
+    start = build_detector("fasterrcnn_tiny", "none", num_classes=6)
+    with torch.no_grad():  # non-trivial statistics, as a pretrained detector has
+        for m in start.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    pre = save_detector(start, "fasterrcnn_tiny", tmp_path / "pre.pt")
+    out = tmp_path / "fit.pt"
+    cfg = _cfg(world, f"model.detector.weights={pre}", "data.val.urls=[]")
+    summary = fit_detector(cfg, list(cfg.data.train.urls), out=out, steps=3, batch_size=4, lr=1e-2,
+                           warmup_steps=1, num_classes=6, max_clips=4, trainable_layers=1, progress=False)
+    assert summary["backbone"]["frozen_batchnorm"] and summary["backbone"]["trainable_layers"] == 1
+    before = start.state_dict()
+    after = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    body = "backbone.body."
+    for key, value in before.items():
+        if not key.startswith(body) or key.endswith("num_batches_tracked"):
+            continue
+        if "running_" in key or not key.startswith(body + "layer3."):  # frozen stats and frozen stages
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(after[body + "layer3.0.weight"], before[body + "layer3.0.weight"])  # the trainable stage
+    assert not torch.equal(after["rpn.head.conv.0.0.weight"], before["rpn.head.conv.0.0.weight"])
+    loaded = build_detector("fasterrcnn_tiny", str(out))  # a FrozenBatchNorm2d checkpoint loads into BatchNorm2d
+    assert torch.equal(loaded.state_dict()[body + "stem.0.1.running_mean"], before[body + "stem.0.1.running_mean"])

@@ -246,6 +246,58 @@ def build_detector(
     return model
 
 
+# backbone stages, last first, per arch family: the units torchvision's trainable-layers rule counts
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+TINY_STAGES = ("layer3", "layer2", "layer1", "stem")
+
+
+def backbone_stages(model: nn.Module, arch: str) -> list[str]:
+    """Name prefixes (inside ``backbone.body``) of the backbone's stages, last stage first.
+
+    ResNet: layer4 .. conv1 (5, as ``_resnet_fpn_extractor``); MobileNetV3: the feature
+    blocks split where torchvision's ``_mobilenet_extractor`` splits them (6); tiny: 4."""
+    if arch.startswith("fasterrcnn_resnet50"):
+        return list(RESNET_STAGES)
+    if arch == TINY_ARCH:
+        return list(TINY_STAGES)
+    blocks = list(model.backbone.body.named_children())  # MobileNetV3 features "0".."16"
+    starts = [0] + [i for i, (_, b) in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+    ends = starts[1:] + [len(blocks)]
+    stages = [tuple(name for name, _ in blocks[a:b]) for a, b in zip(starts, ends)]
+    return [",".join(stage) for stage in reversed(stages)]
+
+
+def freeze_for_finetune(model: nn.Module, arch: str, trainable_layers: int = 3) -> dict[str, int]:
+    """What torchvision does to a detector built on pretrained weights: every BatchNorm of the
+    backbone body becomes a ``FrozenBatchNorm2d`` with the same statistics (batch statistics
+    of a few frames would drift the features), and only the last ``trainable_layers``
+    backbone stages train (ResNet: 3 of 5 by default, as ``fasterrcnn_resnet50_fpn(weights=...)``).
+    FPN, RPN and box heads always train. Returns counts of frozen / trainable parameters."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    stages = backbone_stages(model, arch)
+    if not 0 <= trainable_layers <= len(stages):
+        raise UserError(f"--trainable-layers {trainable_layers}: {arch} has {len(stages)} backbone stages "
+                        f"(use 0..{len(stages)})")
+    body = model.backbone.body
+    for name, module in list(body.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(module, key).detach())
+            parent = body.get_submodule(name.rpartition(".")[0]) if "." in name else body
+            setattr(parent, name.rpartition(".")[2], frozen)
+    train_prefixes = [p for stage in stages[:trainable_layers] for p in stage.split(",")]
+    if trainable_layers == len(stages) and stages == list(RESNET_STAGES):
+        train_prefixes.append("bn1")
+    counts = {"frozen": 0, "trainable": 0}
+    for name, p in body.named_parameters():
+        train = any(name == pre or name.startswith(pre + ".") for pre in train_prefixes)
+        p.requires_grad_(train)
+        counts["trainable" if train else "frozen"] += p.numel()
+    return counts
+
+
 def save_detector(model: nn.Module, arch: str, path: str | Path, **extra: Any) -> Path:
     """Write ``{"arch", "num_classes", "state_dict", **extra}`` (loadable by :func:`build_detector`)."""
     path = Path(path)

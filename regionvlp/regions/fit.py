@@ -204,14 +204,19 @@ def fit_detector(
     val_clips: int | None = None,
     num_classes: int | None = None,
     seed: int | None = None,
+    trainable_layers: int = 3,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fit ``cfg.model.detector.arch`` (starting from ``cfg.model.detector.weights``) on the
     box labels of ``urls``, save it to ``out`` and measure box recall on ``val_urls``
-    (default ``cfg.data.val.urls``). Returns the JSON summary."""
+    (default ``cfg.data.val.urls``). Returns the JSON summary.
+
+    From pretrained weights (a name or a file), the backbone's BatchNorm is frozen and only
+    its last ``trainable_layers`` stages train (:func:`~regionvlp.regions.detector.freeze_for_finetune`,
+    torchvision's rule); from ``none`` everything trains with batch statistics."""
     from tqdm import tqdm
 
-    from regionvlp.regions.detector import build_detector, detector_kwargs, save_detector
+    from regionvlp.regions.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
     from regionvlp.regions.extractor import build_extractor
 
     if steps < 1 or batch_size < 1:
@@ -241,6 +246,8 @@ def fit_detector(
     # box head dominates a step at these sizes and a few objects per frame need few samples
     train_kw = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64}
     model = build_detector(d.arch, d.weights, num_classes=num_classes, **{**detector_kwargs(d, size=int(cfg.data.size)), **train_kw})
+    pretrained = str(d.weights).strip().lower() not in ("none", "", "null", "random")
+    frozen = freeze_for_finetune(model, str(d.arch), trainable_layers) if pretrained else None
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -295,6 +302,8 @@ def fit_detector(
         "final_loss": sum(losses[-window:]) / window,
         "fit_seconds": round(fit_seconds, 2),
         "skipped": dict(train.skipped),
+        "backbone": ({"frozen_batchnorm": True, "trainable_layers": trainable_layers, **frozen} if frozen
+                     else {"frozen_batchnorm": False, "trainable_layers": "all"}),
     }
 
     # box recall through the frozen extractor, loading the checkpoint just written
