@@ -26,9 +26,9 @@ def _batch(b=2, t=3, k=5, f=16, seed=0):
     }
 
 
-def _model(frame_local: bool, f=16):
+def _model(frame_local: bool, f=16, layers=2):
     torch.manual_seed(0)
-    return RegionTransformer(feature_dim=f, hidden=32, layers=2, heads=4, dropout=0.1, max_frames=4,
+    return RegionTransformer(feature_dim=f, hidden=32, layers=layers, heads=4, dropout=0.1, max_frames=4,
                              frame_local=frame_local, embed_dim=24).eval()
 
 
@@ -68,7 +68,8 @@ def test_frame_local_keeps_regions_within_their_frame():
     batch["region_mask"][:] = True
     poked = {k: v.clone() for k, v in batch.items()}
     poked["region_feats"][:, 1] += 3.0  # change frame 1 only
-    local, glob = _model(True), _model(False)
+    # one layer: regions see [CLS] too, which only carries other frames from the second layer on
+    local, glob = _model(True, layers=1), _model(False, layers=1)
     a, b = local(batch), local(poked)
     k = batch["region_mask"].shape[-1]
     assert torch.allclose(a.regions[:, :k], b.regions[:, :k])  # frame 0 regions unchanged
@@ -128,3 +129,60 @@ def test_build_pathway_from_config():
     p = build_pathway(cfg)
     assert p.feature_dim == build_extractor(cfg).feature_dim == 1024
     assert p.proj.out_features == cfg.model.embed_dim
+
+
+def test_frame_local_regions_see_cls():
+    from regionvlp.regions.transformer import attention_mask
+
+    mask = torch.ones(1, 2, 3, dtype=torch.bool)
+    allowed = attention_mask(mask, frame_local=True)[0]  # [7, 7] tokens: CLS, frame 0 x3, frame 1 x3
+    assert allowed[0].all()  # [CLS] sees everything
+    assert allowed[1:, 0].all()  # every region sees [CLS]
+    assert allowed[1, 1:4].all() and not allowed[1, 4:].any()  # and only its own frame's regions
+
+
+def test_old_checkpoints_with_hand_written_blocks_load():
+    model = _model(False)
+    state = model.state_dict()
+    old = {k.replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3.")
+           .replace("temporal.pos_embed", "temporal").replace("cls.cls_token", "cls_token"): v
+           for k, v in state.items()}
+    assert "blocks.0.mlp.0.weight" in old and "temporal" in old
+    fresh = RegionTransformer(feature_dim=16, hidden=32, layers=2, heads=4, max_frames=4, embed_dim=24)
+    fresh.load_state_dict(old, strict=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_init_from_a_local_vit_file(tmp_path):
+    import timm
+
+    from regionvlp.errors import UserError
+
+    torch.manual_seed(3)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, num_classes=0, img_size=32)
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    base = [f"model.region_transformer.init={path}", "model.region_transformer.hidden=192",
+            "model.region_transformer.heads=3"]
+    model = build_pathway(load_config(TINY, base + ["model.region_transformer.layers=2"]))
+    for i in range(2):
+        for name, p in model.blocks[i].named_parameters():
+            assert torch.equal(p, vit.blocks[i].get_parameter(name)), (i, name)
+    assert torch.equal(model.norm.weight, vit.norm.weight)
+    with pytest.raises(UserError, match="has 3 blocks"):
+        build_pathway(load_config(TINY, base + ["model.region_transformer.layers=4"]))
+    with pytest.raises(UserError, match="hidden must be the ViT's width"):
+        build_pathway(load_config(TINY, base[:1] + ["model.region_transformer.hidden=64"]))
+    with pytest.raises(UserError, match="neither a file nor a timm model name"):
+        build_pathway(load_config(TINY, ["model.region_transformer.init=/no/such/vit.pth"]))
+
+
+def test_region_transformer_forward_makes_no_host_syncs():
+    from host_syncs import host_syncs
+
+    model = _model(True).train()
+    batch = _batch()
+    n, names = host_syncs(lambda: model(batch))
+    assert n == 0, names
+    assert torch.is_tensor(model(batch).logs["regions_per_frame"])

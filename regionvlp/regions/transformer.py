@@ -2,7 +2,8 @@
 
 Each region token = Linear(F->H)(RoI feature) + Linear(7->H)([x1,y1,x2,y2,w,h,w*h])
 + learned temporal embedding of its frame; a learned [CLS] is prepended; L pre-norm
-transformer layers follow. Padded regions (mask False) are never attended to and their
+transformer layers follow (timm's ViT ``Block``; ``init`` loads them from a ViT, as
+DemoVLP initialises its region transformer from ViT-B/16). Padded regions (mask False) are never attended to and their
 outputs are zeroed, so their content cannot change anything. With ``frame_local`` a
 region attends only to the regions of its own frame while [CLS] attends to all.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from regionvlp.errors import UserError
@@ -32,40 +32,16 @@ def box_vector(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes, wh, wh[..., :1] * wh[..., 1:]], dim=-1)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise UserError(f"model.region_transformer.hidden ({dim}) must be divisible by heads ({heads})")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
+def make_block(dim: int, heads: int, mlp_ratio: float, dropout: float) -> nn.Module:
+    """timm's pre-norm ViT ``Block`` (qkv bias, GELU MLP, LayerNorm eps 1e-6): the same layer,
+    and the same parameter names, as a ViT's blocks, so ``init`` loads them one to one. The
+    padding/frame mask goes in as its boolean ``attn_mask`` (True = may attend). Dropout:
+    on attention weights, after the attention projection, inside and after the MLP."""
+    from timm.models.vision_transformer import Block
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape  # [B, N, H]
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, h, N, d]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
-        )  # [B, h, N, d]
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer layer."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), allowed))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    if dim % heads:
+        raise UserError(f"model.region_transformer.hidden ({dim}) must be divisible by heads ({heads})")
+    return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
 
 
 def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor:
@@ -73,7 +49,8 @@ def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor
 
     Keys: [CLS] and real regions only. Every query also sees itself, so a row is never
     empty (no NaN even when no region survived). ``frame_local``: a region query only
-    sees regions of its own frame; [CLS] sees everything real.
+    sees [CLS] and the regions of its own frame (DemoVLP's per-frame attention); [CLS]
+    sees everything real.
     """
     b, t, k = region_mask.shape
     dev = region_mask.device
@@ -82,8 +59,8 @@ def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor
     if frame_local:
         frame = torch.cat([torch.full((1,), -1, device=dev), torch.arange(t, device=dev).repeat_interleave(k)])
         same = frame[:, None] == frame[None, :]  # [N, N]
-        is_cls_q = frame[:, None] == -1  # [N, 1]
-        allowed = allowed & (same | is_cls_q)[None]
+        is_cls_q, is_cls_k = frame[:, None] == -1, frame[None, :] == -1  # [N, 1], [1, N]
+        allowed = allowed & (same | is_cls_q | is_cls_k)[None]
     eye = torch.eye(1 + t * k, dtype=torch.bool, device=dev)[None]
     return allowed | eye
 
@@ -111,7 +88,9 @@ class ClsToken(nn.Module):
 
 
 # top-level parameter names of older checkpoints -> their submodule names now
-_RENAMED = {"temporal": "temporal.pos_embed", "cls_token": "cls.cls_token"}
+RENAMED = {"temporal": "temporal.pos_embed", "cls_token": "cls.cls_token"}
+# inside each block: the hand-written MLP of older checkpoints -> timm's Mlp
+RENAMED_IN_BLOCK = {"mlp.0.": "mlp.fc1.", "mlp.3.": "mlp.fc2."}
 
 
 class RegionTransformer(nn.Module):
@@ -131,16 +110,21 @@ class RegionTransformer(nn.Module):
         self.cls = ClsToken(hidden)  # cls.cls_token [1, 1, H]
         self.input_norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(make_block(hidden, heads, mlp_ratio, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, embed_dim)
         nn.init.trunc_normal_(self.temporal.pos_embed, std=0.02)  # last, as before: same init per seed
         nn.init.trunc_normal_(self.cls.cls_token, std=0.02)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for old, new in _RENAMED.items():  # checkpoints written before the submodules existed
+        """Checkpoint adaptation (as timm's ``checkpoint_filter_fn``): older names load."""
+        for old, new in RENAMED.items():  # checkpoints written before the submodules existed
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
+        for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
+            for old, new in RENAMED_IN_BLOCK.items():  # the hand-written blocks before timm's
+                if f".{old}" in key:
+                    state_dict[key.replace(f".{old}", f".{new}")] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: dict[str, Any]) -> VideoOutput:
@@ -166,8 +150,9 @@ class RegionTransformer(nn.Module):
         x = self.cls(x.reshape(b, t * k, -1))  # [B, 1+T*K, H]
         x = self.drop(self.input_norm(x))
         allowed = attention_mask(mask, self.frame_local)  # [B, N, N]
+        allowed = allowed[:, None]  # [B, 1, N, N] for every head
         for blk in self.blocks:
-            x = blk(x, allowed)
+            x = blk(x, attn_mask=allowed)
         x = self.proj(self.norm(x))  # [B, 1+T*K, D]
         region_mask = mask.reshape(b, t * k)  # [B, T*K]
         regions = x[:, 1:] * region_mask[..., None].to(x.dtype)  # padded outputs are zero
@@ -179,10 +164,62 @@ class RegionTransformer(nn.Module):
         )
 
 
+def vit_state(source: str) -> dict[str, torch.Tensor]:
+    """A ViT's weights: a timm model name (timm's pretrained weights from the local cache; never
+    downloaded when offline) or a local file (``.safetensors``/``.pth``/``.bin``, timm-readable)."""
+    from pathlib import Path
+
+    import timm
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        from timm.models import load_state_dict
+
+        try:
+            return dict(load_state_dict(str(path)))
+        except Exception as err:
+            raise UserError(f"model.region_transformer.init: cannot read {path}: {' '.join(str(err).split())[:200]}"
+                            ) from None
+    if not timm.is_model(source):
+        raise UserError(f"model.region_transformer.init: '{source}' is neither a file nor a timm model name "
+                        "(e.g. vit_base_patch16_224, or none)")
+    try:
+        return timm.create_model(source, pretrained=True, num_classes=0).state_dict()
+    except Exception as err:  # offline, not cached
+        raise UserError(f"model.region_transformer.init: no weights for '{source}' on this machine "
+                        f"({type(err).__name__}); put them in the timm/HF cache or pass a local file") from None
+
+
+def init_from_vit(model: RegionTransformer, source: str) -> list[str]:
+    """Load ViT blocks 0..L-1 (and the ViT's final ``norm``) into the region transformer's
+    ``blocks`` / ``norm``, strictly: every parameter of those must come from the ViT with the
+    same shape (hidden = the ViT's width; set ``heads`` to the ViT's too). Returns the keys."""
+    state = vit_state(source)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(("blocks.", "norm."))}
+    vit_blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if vit_blocks < len(model.blocks):
+        raise UserError(f"model.region_transformer.init: {source} has {vit_blocks} blocks but "
+                        f"model.region_transformer.layers is {len(model.blocks)}; use layers <= {vit_blocks}")
+    missing = [k for k in own if k not in state]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or shapes:
+        detail = "; ".join(p for p in (f"missing: {', '.join(missing[:4])}" if missing else "",
+                                       f"shape (ViT vs here): {', '.join(shapes[:3])}" if shapes else "") if p)
+        raise UserError(f"model.region_transformer.init: {source} does not fit the region transformer "
+                        f"(hidden must be the ViT's width): {detail}")
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+    return sorted(own)
+
+
 def build_pathway(cfg: Any) -> RegionTransformer:
-    """The detector pathway's trainable part (reads region_feats/boxes/mask from the batch)."""
+    """The detector pathway's trainable part (reads region_feats/boxes/mask from the batch);
+    blocks from a ViT when ``model.region_transformer.init`` names one."""
     r = cfg.model.region_transformer
-    return RegionTransformer(
+    model = RegionTransformer(
         feature_dim=r.feature_dim, hidden=r.hidden, layers=r.layers, heads=r.heads, mlp_ratio=r.mlp_ratio,
         dropout=r.dropout, max_frames=r.max_frames, frame_local=r.frame_local, embed_dim=cfg.model.embed_dim,
     )
+    if str(r.init).strip().lower() not in ("none", "", "null"):
+        init_from_vit(model, str(r.init))
+    return model
