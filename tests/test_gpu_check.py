@@ -1,0 +1,51 @@
+"""launch/gpu_check.sh: every command it would run on a GPU parses with the real CLI, and a
+CPU-sized run writes one JSON line per check (a failure becomes an error line, not a gap)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from regionvlp.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "gpu_check.sh"
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_gpu_commands_parse_with_the_cli():
+    proc = _run("--print")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 5
+    benches = []
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[1:3] == ["-m", "regionvlp"]
+        args = build_parser().parse_args(argv[3:])  # a wrong flag exits here
+        benches.append(argv[4])
+        assert getattr(args, "device") == "cuda"
+    assert benches == ["regions", "learner", "train", "train", "loss"]
+    assert "--size 384 --batch 64 --dtype bf16" in lines[0] and "--batch 256" in lines[4]
+
+
+def test_small_run_writes_one_json_line_per_check(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    proc = _run("--small", "--only", "loss", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = out.read_text().splitlines()
+    result = json.loads(line)
+    assert result["batch"] == 16 and result["device"].startswith("cpu") and "error" not in result
+    # a check that fails is recorded as such
+    proc = _run("--small", "--only", "loss", "--out", str(out), env={"CHECK_TIMEOUT": "0.01"})
+    bad = json.loads(out.read_text().splitlines()[-1])
+    assert bad["bench"] == "loss" and bad["rc"] == 124 and "timed out" in bad["error"]
+    assert _run("--bogus").returncode == 2
