@@ -110,7 +110,7 @@ def test_gradients_reach_masks_interaction_and_backbone(extra):
     params = dict(model.named_parameters())
     names = ["learner.masks.conv.weight",  # masks
              "learner.pre_quant.1.weight",  # through the straight-through estimator
-             "learner.interaction.layers.0.qkv.weight", "learner.interaction.layers.1.mlp.0.weight",
+             "learner.interaction.layers.0.attn.qkv.weight", "learner.interaction.layers.1.mlp.fc1.weight",
              "learner.interaction.time_embed",
              "vit.blocks.0.attn.qkv.weight", "vit.patch_embed.proj.weight", "time_embed.weight",
              "region_head.weight", "cls_head.weight", "region_pool.weight"]
@@ -374,6 +374,22 @@ def test_save_then_load_into_other_frame_count_keeps_every_learner_weight(tmp_pa
     assert sorted(info["resized"]) == ["learner.interaction.time_embed", "time_embed.weight"]
     assert torch.equal(fine.learner.quantizer.embed, pre.learner.quantizer.embed)
     assert torch.equal(fine.time_embed.weight[:1], pre.time_embed.weight) and not fine.time_embed.weight[1:].any()
+
+
+def test_checkpoint_with_hand_written_interaction_layers_loads():
+    src = tiny_pathway("model.learner.interaction_layers=2", seed=4)
+    names = {".attn.qkv.": ".qkv.", ".attn.proj.": ".proj.", ".mlp.fc1.": ".mlp.0.", ".mlp.fc2.": ".mlp.3."}
+    old = {}
+    for key, value in src.state_dict().items():
+        if "interaction.layers." in key:
+            for new, was in names.items():
+                key = key.replace(new, was)
+        old[f"pathway.{key}"] = value
+    assert "pathway.learner.interaction.layers.1.mlp.3.weight" in old
+    target = tiny_pathway("model.learner.interaction_layers=2", seed=5)
+    load_pathway_state(target, old)
+    for key, value in src.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
 
 
 def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path):

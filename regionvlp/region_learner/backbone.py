@@ -112,7 +112,10 @@ class TemporalAttention(nn.Module):
     """Pre-norm self-attention across frames at each token position (divided space-time).
 
     The output projection starts at zero, so a fresh block is the identity and a
-    pretrained image ViT computes exactly what it did per frame.
+    pretrained image ViT computes exactly what it did per frame. Hand-written rather than
+    timm's ``Attention`` because it differs: it carries its own pre-norm and residual,
+    attends over the T frames at each token position (a [B*S, T] sequence, not the block's
+    tokens) and zero-initialises its projection. The pathway skips it when T = 1.
     """
 
     def __init__(self, dim: int, heads: int) -> None:

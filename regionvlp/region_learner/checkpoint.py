@@ -14,6 +14,8 @@ differences are adapted instead of refused:
 
 The checkpoint may be the pathway's own ``state_dict`` or a whole model's (the
 pathway's keys are found by their common prefix, e.g. ``pathway.`` or ``module.``).
+Interaction layers saved before they were timm Blocks load under their new names
+(:func:`regionvlp.region_learner.interaction.adapt_state`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp.errors import UserError
+from regionvlp.region_learner.interaction import adapt_state
 
 TEMPORAL_RESIZE = ("interpolate", "zeros")
 _ANCHOR = "learner.quantizer.embed"  # a key only a RegionLearner pathway has
@@ -94,7 +97,7 @@ def pathway_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise UserError(f"the checkpoint holds several RegionLearner pathways ({', '.join(anchors)}); "
                         "extract one state dict first")
     prefix = anchors[0][: -len(_ANCHOR)]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return adapt_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def _short_list(keys: list[str], limit: int = 12) -> str:

@@ -15,31 +15,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
-class InteractionLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"interaction dim {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.dropout = dropout
+def interaction_layer(dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> nn.Module:
+    """One pre-norm layer ``x + attn(LN(x))``, ``x + mlp(LN(x))``: timm's ViT ``Block``
+    (qkv bias, GELU MLP), the same layer the hand-written ``InteractionLayer`` of earlier
+    checkpoints was (their names load through :func:`adapt_state`)."""
+    from timm.models.vision_transformer import Block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, S, C] -> [B, S, C]."""
-        B, S, C = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(B, S, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, S, C/h]
-        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.proj(attn.transpose(1, 2).reshape(B, S, C))
-        return x + self.mlp(self.norm2(x))
+    if dim % heads:
+        raise ValueError(f"interaction dim {dim} is not divisible by {heads} heads")
+    return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
+
+
+# parameter names of the hand-written interaction layers -> timm Block's
+OLD_LAYER_NAMES = {".qkv.": ".attn.qkv.", ".proj.": ".attn.proj.", ".mlp.0.": ".mlp.fc1.", ".mlp.3.": ".mlp.fc2."}
+
+
+def adapt_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint adaptation (as timm's ``checkpoint_filter_fn``): interaction-layer keys
+    written before the layers were timm Blocks get today's names; other keys pass."""
+    out = {}
+    for key, value in state.items():
+        if "interaction.layers." in key and ".attn." not in key:
+            for old, new in OLD_LAYER_NAMES.items():
+                if old in key:
+                    key = key.replace(old, new)
+                    break
+        out[key] = value
+    return out
 
 
 class RegionInteraction(nn.Module):
@@ -55,7 +59,7 @@ class RegionInteraction(nn.Module):
         # "pos_embed" in the name keeps it out of weight decay (engine.NO_DECAY_NAMES)
         self.slot_pos_embed = nn.Parameter(torch.zeros(num_regions, dim))  # [R, C]
         nn.init.trunc_normal_(self.slot_pos_embed, std=0.02)
-        self.layers = nn.ModuleList(InteractionLayer(dim, heads, mlp_ratio) for _ in range(layers))
+        self.layers = nn.ModuleList(interaction_layer(dim, heads, mlp_ratio) for _ in range(layers))
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """regions [B, T, R, C] -> [B, T, R, C]."""

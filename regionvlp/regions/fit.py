@@ -188,6 +188,94 @@ def _augment(frames: torch.Tensor, boxes: list[torch.Tensor], flip: torch.Tensor
     return frames, out
 
 
+def _num_classes(train: FrameSet, num_classes: int | None) -> int:
+    present = int(max(int(lab.max()) if lab.numel() else 0 for lab in train.labels))
+    if num_classes is None:
+        return present + 1
+    if num_classes <= present:
+        raise UserError(f"detector fit: --num-classes {num_classes} but the shards use class id {present}")
+    return num_classes
+
+
+def _build_model(cfg: Any, num_classes: int, trainable_layers: int) -> tuple[torch.nn.Module, dict | None]:
+    """The detector to fit, and the freeze counts when it starts from pretrained weights."""
+    from regionvlp.regions.detector import build_detector, detector_kwargs, freeze_for_finetune
+
+    d = cfg.model.detector
+    # fewer sampled RPN proposals / RoIs per training image than torchvision's defaults: the
+    # box head dominates a step at these sizes and a few objects per frame need few samples
+    train_kw = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64}
+    kw = {**detector_kwargs(d, size=int(cfg.data.size)), **train_kw}
+    model = build_detector(d.arch, d.weights, num_classes=num_classes, **kw)
+    pretrained = str(d.weights).strip().lower() not in ("none", "", "null", "random")
+    frozen = freeze_for_finetune(model, str(d.arch), trainable_layers) if pretrained else None
+    return model.train(), frozen
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, steps: int):
+    """AdamW (no decay on 1-d parameters), linear warmup then cosine to 5 %."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(steps - warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _train(model: torch.nn.Module, train: FrameSet, *, steps: int, batch_size: int, lr: float,
+           weight_decay: float, warmup_steps: int, seed: int, progress: bool) -> list[float]:
+    """The fitting loop (random frames with a box, horizontal flips); the loss per step."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    opt, sched = _optimizer(model, lr, weight_decay, warmup_steps, steps)
+    # frames with at least one box (torchvision accepts empty targets, but they teach little here)
+    usable = [i for i, b in enumerate(train.boxes) if b.shape[0] > 0]
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="detector fit", unit="step", file=sys.stderr, disable=not progress)
+    for step in bar:
+        pick = [usable[rng.randrange(len(usable))] for _ in range(batch_size)]
+        flip = torch.rand(len(pick), generator=gen) < 0.5  # [n]
+        frames, boxes = _augment(train.frames[pick], [train.boxes[i] for i in pick], flip)
+        images = list(frames.float().div_(255.0))  # the detector's own transform normalises
+        terms = model(images, [{"boxes": b, "labels": train.labels[i]} for b, i in zip(boxes, pick)])
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"detector fit: non-finite loss at step {step}: {({k: float(v) for k, v in terms.items()})}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    bar.close()
+    return losses
+
+
+def _recall(cfg: Any, out: Path, val_urls: list[str], num_frames: int, val_clips: int | None) -> dict[str, Any]:
+    """Box recall through the frozen extractor, loading the checkpoint just written."""
+    from regionvlp.regions.extractor import build_extractor
+
+    if not val_urls:
+        log.warning("detector fit: no val shards (--val-urls or data.val.urls): box recall not measured")
+        return {"box_recall": None}
+    val = load_frames(val_urls, cfg, num_frames=num_frames, max_clips=val_clips, desc="val")
+    ecfg = copy.deepcopy(cfg)
+    ecfg.model.detector.weights = str(out)
+    rec = measure_recall(build_extractor(ecfg), val)
+    print(f"detector fit: box recall @ IoU 0.5 = {rec['box_recall']:.3f} ({rec['boxes_found']}/{rec['boxes_total']} "
+          f"boxes, top-{cfg.model.detector.num_regions} per frame)", file=sys.stderr)
+    return {"box_recall": rec["box_recall"], "val": {**rec, "clips": val.clips, "skipped": val.skipped}}
+
+
 def fit_detector(
     cfg: Any,
     urls: Sequence[str],
@@ -214,10 +302,7 @@ def fit_detector(
     From pretrained weights (a name or a file), the backbone's BatchNorm is frozen and only
     its last ``trainable_layers`` stages train (:func:`~regionvlp.regions.detector.freeze_for_finetune`,
     torchvision's rule); from ``none`` everything trains with batch statistics."""
-    from tqdm import tqdm
-
-    from regionvlp.regions.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
-    from regionvlp.regions.extractor import build_extractor
+    from regionvlp.regions.detector import save_detector
 
     if steps < 1 or batch_size < 1:
         raise UserError("detector fit: --steps and --batch-size must be >= 1")
@@ -225,100 +310,29 @@ def fit_detector(
         raise UserError("detector fit: give the training shards (URLS)")
     seed = int(cfg.seed if seed is None else seed)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
     num_frames = int(num_frames or cfg.data.num_frames)
-    d = cfg.model.detector
+    arch = cfg.model.detector.arch
     out = Path(out) if out is not None else Path(cfg.run.out_dir) / "detector.pt"
-    val_urls = list(val_urls) if val_urls else list(cfg.data.val.urls)
     start = time.perf_counter()
 
     train = load_frames(urls, cfg, num_frames=num_frames, max_clips=max_clips, desc="train")
-    present = int(max(int(lab.max()) if lab.numel() else 0 for lab in train.labels))
-    if num_classes is None:
-        num_classes = present + 1
-    elif num_classes <= present:
-        raise UserError(f"detector fit: --num-classes {num_classes} but the shards use class id {present}")
+    num_classes = _num_classes(train, num_classes)
     print(f"detector fit: {len(train)} frames of {train.clips} clips, {num_classes - 1} classes, "
           f"{sum(len(b) for b in train.boxes)} boxes", file=sys.stderr)
-
-    # fewer sampled RPN proposals / RoIs per training image than torchvision's defaults: the
-    # box head dominates a step at these sizes and a few objects per frame need few samples
-    train_kw = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64}
-    model = build_detector(d.arch, d.weights, num_classes=num_classes, **{**detector_kwargs(d, size=int(cfg.data.size)), **train_kw})
-    pretrained = str(d.weights).strip().lower() not in ("none", "", "null", "random")
-    frozen = freeze_for_finetune(model, str(d.arch), trainable_layers) if pretrained else None
-    model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def schedule(step: int) -> float:  # linear warmup, cosine to 5%
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(steps - warmup_steps, 1)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    # frames with at least one box (torchvision accepts empty targets, but they teach little here)
-    usable = [i for i, b in enumerate(train.boxes) if b.shape[0] > 0]
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="detector fit", unit="step", file=sys.stderr, disable=not progress)
-    for step in bar:
-        pick = [usable[rng.randrange(len(usable))] for _ in range(batch_size)]
-        frames = train.frames[pick]  # [n, 3, S, S] uint8
-        flip = torch.rand(len(pick), generator=gen) < 0.5  # [n]
-        frames, boxes = _augment(frames, [train.boxes[i] for i in pick], flip)
-        images = list(frames.float().div_(255.0))  # the detector's own transform normalises
-        targets = [{"boxes": b, "labels": train.labels[i]} for b, i in zip(boxes, pick)]
-        terms = model(images, targets)
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"detector fit: non-finite loss at step {step}: {({k: float(v) for k, v in terms.items()})}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-    bar.close()
+    model, frozen = _build_model(cfg, num_classes, trainable_layers)
+    losses = _train(model, train, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    warmup_steps=warmup_steps, seed=seed, progress=progress)
     fit_seconds = time.perf_counter() - start
-
-    save_detector(model, d.arch, out, classes=list(range(num_classes)), steps=steps, seed=seed)
+    save_detector(model, arch, out, classes=list(range(num_classes)), steps=steps, seed=seed)
     window = max(1, min(20, steps // 5))
     summary: dict[str, Any] = {
-        "checkpoint": str(out),
-        "arch": d.arch,
-        "num_classes": num_classes,
-        "steps": steps,
-        "batch_size": batch_size,
-        "train_frames": len(train),
-        "train_clips": train.clips,
-        "first_loss": sum(losses[:window]) / window,
-        "final_loss": sum(losses[-window:]) / window,
-        "fit_seconds": round(fit_seconds, 2),
-        "skipped": dict(train.skipped),
+        "checkpoint": str(out), "arch": arch, "num_classes": num_classes, "steps": steps,
+        "batch_size": batch_size, "train_frames": len(train), "train_clips": train.clips,
+        "first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+        "fit_seconds": round(fit_seconds, 2), "skipped": dict(train.skipped),
         "backbone": ({"frozen_batchnorm": True, "trainable_layers": trainable_layers, **frozen} if frozen
                      else {"frozen_batchnorm": False, "trainable_layers": "all"}),
     }
-
-    # box recall through the frozen extractor, loading the checkpoint just written
-    if val_urls:
-        val = load_frames(val_urls, cfg, num_frames=num_frames, max_clips=val_clips, desc="val")
-        ecfg = copy.deepcopy(cfg)
-        ecfg.model.detector.weights = str(out)
-        extractor = build_extractor(ecfg)
-        rec = measure_recall(extractor, val)
-        summary.update({"box_recall": rec["box_recall"], "val": {**rec, "clips": val.clips, "skipped": val.skipped}})
-        print(f"detector fit: box recall @ IoU 0.5 = {rec['box_recall']:.3f} "
-              f"({rec['boxes_found']}/{rec['boxes_total']} boxes, top-{d.num_regions} per frame)", file=sys.stderr)
-    else:
-        summary["box_recall"] = None
-        log.warning("detector fit: no val shards (--val-urls or data.val.urls): box recall not measured")
+    summary.update(_recall(cfg, out, list(val_urls) if val_urls else list(cfg.data.val.urls), num_frames, val_clips))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
-
