@@ -110,8 +110,8 @@ class QAModel(DualEncoder):
             total = total + value
             out[f"aux_{name}"] = value
         out["loss"] = total
-        for name, value in video.logs.items():
-            out.setdefault(name, torch.as_tensor(float(value)))
+        for name, value in video.logs.items():  # 0-d tensors stay on the device (no host sync)
+            out.setdefault(name, value.detach() if torch.is_tensor(value) else torch.as_tensor(float(value)))
         return out
 
     @torch.no_grad()
