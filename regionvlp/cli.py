@@ -594,7 +594,7 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--val-clips", type=_positive_int, default=None, help="measure recall on at most N val clips")
     fit.add_argument("--num-classes", type=_positive_int, default=None,
                      help="classes incl. background (default: largest label in the shards + 1)")
-    fit.add_argument("--trainable-layers", type=int, default=3,
+    fit.add_argument("--trainable-layers", type=_count, default=3,
                      help="from pretrained weights: backbone stages that train, last first (torchvision's rule; "
                           "default 3 of ResNet's 5); the backbone's BatchNorm is frozen. Ignored for weights none")
     fit.set_defaults(func=_cmd_detector_fit)
