@@ -122,8 +122,8 @@ def check_manifest(tag_dir: Path, run_ckpt_dir: Path) -> None:
                         "checkpoint); it cannot be resumed, use train.init_from=PATH for its weights") from None
     present = {p.name for p in tag_dir.iterdir() if p.is_file() and p.name not in _UNLISTED}
     changed = sorted(present ^ set(listed))
-    changed += [n for n in sorted(present & set(listed))
-                if (tag_dir / n).stat().st_size != listed[n].get("bytes") or _sha256(tag_dir / n) != listed[n].get("sha256")]
+    changed += [n for n in sorted(present & set(listed)) if (tag_dir / n).stat().st_size != listed[n].get("bytes")
+                or _sha256(tag_dir / n) != listed[n].get("sha256")]
     if changed:
         raise UserError(f"train.resume: {tag_dir} changed since this run wrote it ({', '.join(changed[:5])}); "
                         "refusing to unpickle it; resume an earlier checkpoint or use train.init_from=PATH")

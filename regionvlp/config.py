@@ -55,8 +55,8 @@ class DataConfig:
     tokenizer: Optional[str] = None  # None: the text tower's model.text.name
     retries: int = 3  # transient read errors per shard
     retry_backoff: float = 0.5  # seconds, doubled each retry
-    max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members, checked from the header; larger: skipped (oversize)
-    max_image_pixels: int = 4096 * 4096  # width x height of a still image, checked before decoding; larger: skipped (oversize)
+    max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members (from the headers); larger: skipped, oversize
+    max_image_pixels: int = 4096 * 4096  # a still image's width x height, before decoding; larger: skipped, oversize
     max_caption_chars: int = 2000  # longer captions are cut (counted as captions_cut)
 
 

@@ -449,3 +449,19 @@ def test_regions_extract_safe_keys_and_cut_captions(tmp_path: Path) -> None:
     for name, data in members.items():
         if name.endswith((".txt", ".json")):
             assert len(data) < 2000, (name, len(data))  # never the uncut caption
+
+
+def test_stored_frame_pixel_bombs_are_oversize() -> None:
+    from PIL import Image
+
+    from regionvlp.data.decode import DecodeError, open_jpeg
+    from regionvlp.data.jpeg_batch import pick_jpegs
+
+    buf = io.BytesIO()
+    Image.new("L", (4200, 4200)).save(buf, format="JPEG")  # > 4096² pixels, a few KB
+    big = buf.getvalue()
+    with pytest.raises(DecodeError, match="oversize"):
+        pick_jpegs([big], 2, training=False)  # the GPU path would decode it whole
+    assert open_jpeg(big, 32).size[0] <= 4200 // 8 + 1  # the CPU path decodes it at 1/8 scale
+    with pytest.raises(DecodeError, match="oversize"):
+        open_jpeg(_png(4200, 4200, mode="1"), 32)  # not a JPEG: no reduced decode, so bounded

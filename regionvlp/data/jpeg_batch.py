@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from regionvlp.data.decode import DecodeError, sample_indices
+from regionvlp.data.decode import MAX_IMAGE_PIXELS, DecodeError, sample_indices
 
 DECODE_DEVICES = ("cpu", "cuda")
 
@@ -44,6 +44,9 @@ def pick_jpegs(blobs: Sequence[bytes], num_frames: int, *, training: bool,
             with Image.open(io.BytesIO(blobs[i])) as im:  # reads the header, decodes nothing
                 if im.format != "JPEG":
                     raise DecodeError("corrupt_media", f"stored frame {i} is {im.format}, not JPEG")
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # decoded whole on the GPU: bound it here
+                    raise DecodeError("oversize",
+                                      f"stored frame {i}: {im.width}x{im.height} > {MAX_IMAGE_PIXELS} pixels")
                 sizes.add(im.size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise DecodeError("corrupt_media", f"jpeg: {str(err).splitlines()[0][:200]}") from None
