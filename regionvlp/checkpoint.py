@@ -17,16 +17,25 @@ pathway) as ``model.batch_transform`` (``None`` for the learned pathway).
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from regionvlp import dist
+from regionvlp.config import load_config, to_yaml
 from regionvlp.data.qa import VOCAB_FILE, load_vocab
+from regionvlp.detector.weights import WEIGHTS_FILE, load_extractor_weights
 from regionvlp.errors import UserError
+from regionvlp.model import DualEncoder, build_batch_transform, build_model
+
 
 # The only non-tensor, non-container types DeepSpeed's checkpoint files hold (its ZeRO
 # optimizer states: the loss scaler, the stage enum, fragment addresses). Model states
@@ -40,8 +49,6 @@ DEEPSPEED_SAFE_GLOBALS = (
 
 
 def _deepspeed_globals() -> list[Any]:
-    import importlib
-
     found = []
     for dotted in DEEPSPEED_SAFE_GLOBALS:
         module, _, name = dotted.rpartition(".")
@@ -56,8 +63,6 @@ def load_torch_file(path: str | Path, *, deepspeed_types: bool = False, mmap: bo
     """``torch.load`` without pickle code: tensors, plain containers and (with
     ``deepspeed_types``) :data:`DEEPSPEED_SAFE_GLOBALS` only. Anything else (a pickled
     callable, a class that could run code) is a :class:`UserError`; nothing runs."""
-    import pickle
-
     path = Path(path)
     allowed = _deepspeed_globals() if deepspeed_types else []
     try:
@@ -86,8 +91,6 @@ _UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the 
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -129,9 +132,44 @@ def check_manifest(tag_dir: Path, run_ckpt_dir: Path) -> None:
                         "refusing to unpickle it; resume an earlier checkpoint or use train.init_from=PATH")
 
 
-def _find_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str]:
-    from regionvlp.engine import list_tags, resolve_resume
+TAG_PATTERN = re.compile(r"^step(\d+)$")
 
+
+# ------------------------------------------------------------------- tag folders
+def tag_for(step: int) -> str:
+    """The checkpoint folder name of optimizer step ``step``."""
+    return f"step{step:08d}"
+
+
+def list_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints (those DeepSpeed finished writing), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)
+            and (p / "client_state.done").exists()]
+    return sorted(tags, key=lambda t: int(TAG_PATTERN.match(t).group(1)))
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """``none`` → None; ``auto`` → the newest complete checkpoint in the run (or None);
+    ``PATH`` → a tag folder (…/step00000100) or a checkpoint folder holding ``latest``."""
+    if resume in ("", "none", None):
+        return None
+    if resume == "auto":
+        tags = list_tags(ckpt_dir)
+        return (ckpt_dir, tags[-1]) if tags else None
+    path = Path(resume).expanduser()
+    if (path / "latest").is_file() and not list(path.glob("*model_states.pt")):
+        return path, (path / "latest").read_text().strip()
+    if path.is_dir() and list(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise UserError(f"train.resume={resume}: not a checkpoint (expected a folder with 'latest' or "
+                    f"*_model_states.pt); use auto, none or a path under RUN_DIR/checkpoints")
+
+
+def find_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str]:
+    """``(checkpoints folder, tag)`` of a run dir (newest complete tag unless ``tag``), a
+    checkpoints folder or one tag folder."""
     if (run_dir / "checkpoints").is_dir():
         ckpt_dir = run_dir / "checkpoints"
         if tag is None:
@@ -158,9 +196,7 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     ``zero_to_fp32`` (the fp32 master copy), ZeRO 0 from the module state."""
     tag_dir = ckpt_dir / tag
     if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from regionvlp.engine import setup_accelerator_env
-
-        setup_accelerator_env()
+        dist.setup_accelerator_env()
         verify_checkpoint_files(tag_dir)  # zero_to_fp32 unpickles these files
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -176,32 +212,54 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
 
 
-def _read_config(path: Path):
-    from regionvlp.config import load_config
-
+def read_config(path: Path):
+    """The run/export config at ``path``, with a clear error when it is missing."""
     if not path.is_file():
         raise UserError(f"{path} not found; pass a run directory written by `regionvlp train`")
     return load_config(path)
 
 
-def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
-    """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out``."""
-    from safetensors.torch import save_file
+def attach_extractor(model: DualEncoder, cfg: Any, weights_dir: Path, device: str | torch.device) -> DualEncoder:
+    """``model.config`` and ``model.batch_transform`` (the frozen extractor on ``device``
+    with the weights file of ``weights_dir`` when there is one, or None) as plain
+    attributes: never child modules, never in the state dict."""
+    transform = build_batch_transform(cfg)
+    if transform is not None:
+        load_extractor_weights(transform, weights_dir)
+        transform.to(device)
+    model.__dict__["batch_transform"] = transform
+    model.__dict__["config"] = cfg
+    return model
 
-    from regionvlp.config import to_yaml
-    from regionvlp.model import build_model
 
-    run_dir, out = Path(run_dir), Path(out)
-    ckpt_dir, tag = _find_checkpoint(run_dir, tag)
-    cfg_file = run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else ckpt_dir.parent / "config.yaml"
-    cfg = _read_config(cfg_file)
-    state = consolidated_state_dict(ckpt_dir, tag)
-
+def load_run_model(path: str | Path, device: str | torch.device = "cpu", tag: str | None = None, *,
+                   extractor: bool = True) -> tuple[DualEncoder, Path]:
+    """A training run dir (newest complete checkpoint unless ``tag``), its checkpoints
+    folder or one tag folder → ``(model in eval mode on device, tag folder)``; the model
+    carries ``.config`` and ``.batch_transform`` like :func:`load_model`'s (the frozen
+    extractor is built only when ``extractor``; else ``.batch_transform`` is None)."""
+    ckpt_dir, tag = find_checkpoint(Path(path), tag)
+    run_dir = ckpt_dir.parent
+    cfg = read_config(run_dir / "config.yaml")
+    state = consolidated_state_dict(ckpt_dir, tag)  # refuses an unsafe file before any model is built
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt_dir / tag} does not match the run config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+        raise UserError(f"checkpoint {ckpt_dir / tag} does not match {run_dir / 'config.yaml'}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    attach_qa_vocab(model, run_dir)
+    if not extractor:
+        model.__dict__.update(batch_transform=None, config=cfg)
+        return model, ckpt_dir / tag
+    return attach_extractor(model, cfg, run_dir, device), ckpt_dir / tag
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
+    """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    model, tag_dir = load_run_model(run_dir, "cpu", tag, extractor=False)
+    ckpt_dir, tag, cfg = tag_dir.parent, tag_dir.name, model.config
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; every tensor gets its own copy
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
@@ -212,21 +270,21 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict
         if getattr(text, "tokenizer", None) is not None:
             text.tokenizer.save_pretrained(str(out / "text"))
         cfg.model.text.name = "text"  # relative to OUT; load_model resolves it
-    if (run_dir / "extractor.safetensors").exists():
-        shutil.copyfile(run_dir / "extractor.safetensors", out / "extractor.safetensors")
+    if (ckpt_dir.parent / WEIGHTS_FILE).exists():
+        shutil.copyfile(ckpt_dir.parent / WEIGHTS_FILE, out / WEIGHTS_FILE)
     if cfg.qa.enabled:  # the answer vocabulary travels with a QA model
-        shutil.copyfile(qa_vocab_file(run_dir), out / VOCAB_FILE)
+        shutil.copyfile(qa_vocab_file(ckpt_dir.parent), out / VOCAB_FILE)
         cfg.qa.vocab = VOCAB_FILE  # relative to OUT; load_model resolves it
     cfg.train.resume = "none"
     (out / "config.yaml").write_text(to_yaml(cfg))
-    info = {"out": str(out), "source": str(ckpt_dir / tag), "step": _step_of(ckpt_dir, tag),
-            "parameters": sum(v.numel() for v in state.values()), "regions": str(cfg.model.regions),
+    info = {"out": str(out), "source": str(ckpt_dir / tag), "step": step_of(ckpt_dir, tag),
+            "parameters": sum(v.numel() for v in model.state_dict().values()), "regions": str(cfg.model.regions),
             "dtype": "float32"}
     (out / "export.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def _step_of(ckpt_dir: Path, tag: str) -> int | None:
+def step_of(ckpt_dir: Path, tag: str) -> int | None:
     done = ckpt_dir / tag / "client_state.done"
     return int(done.read_text()) if done.exists() else None
 
@@ -247,19 +305,15 @@ def attach_qa_vocab(model: torch.nn.Module, folder: Path) -> None:
         model.__dict__["qa_vocab_file"] = path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
     """An exported folder → a ready :class:`~regionvlp.model.DualEncoder` in eval mode,
     with ``.config`` and ``.batch_transform`` (the frozen extractor or ``None``). A QA
     export gives a :class:`~regionvlp.model.QAModel` with its vocabulary:
     ``model.answer(batch) -> list[str]``."""
-    from safetensors.torch import load_file
-
-    from regionvlp.model import build_batch_transform, build_model
-
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise UserError(f"{path}: no model.safetensors; create it with `regionvlp export RUN_DIR {path}`")
-    cfg = _read_config(path / "config.yaml")
+    cfg = read_config(path / "config.yaml")
     if not Path(str(cfg.model.text.name)).is_absolute() and (path / str(cfg.model.text.name)).is_dir():
         cfg.model.text.name = str(path / str(cfg.model.text.name))
     if cfg.qa.enabled:
@@ -268,12 +322,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     model.to(device).eval()
     attach_qa_vocab(model, path)
-    transform = build_batch_transform(cfg)
-    if transform is not None:
-        from regionvlp.train import load_extractor_weights
-
-        load_extractor_weights(transform, path)
-        transform.to(device)
-    model.__dict__["batch_transform"] = transform  # a plain attribute: never a child module
-    model.__dict__["config"] = cfg
-    return model
+    return attach_extractor(model, cfg, path, device)

@@ -12,25 +12,11 @@ heavy libraries they need themselves so ``regionvlp --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 from regionvlp.errors import UserError
-
-
-def print_json(obj: Any) -> None:
-    """One JSON line on stdout (the machine-readable result)."""
-    sys.stdout.write(json.dumps(obj, sort_keys=False, default=_json_default) + "\n")
-    sys.stdout.flush()
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+from regionvlp.runtime import print_json
 
 
 # ------------------------------------------------------------------ flag checks
@@ -244,7 +230,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> dict:
-    from regionvlp.bench import bench_data
+    from regionvlp.bench.data import bench_data
 
     return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
                       repeats=args.repeats, draws=args.draws, keep_frames=args.keep_frames,
@@ -273,7 +259,7 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------- regions
 def _cmd_regions_extract(args: argparse.Namespace) -> dict:
     from regionvlp.config import load_config
-    from regionvlp.regions.extract import extract_regions
+    from regionvlp.detector.extract import extract_regions
 
     cfg = load_config(args.config, args.overrides or [])
     return extract_regions(cfg, args.urls, args.out, batch_size=args.batch, device=args.device)
@@ -294,7 +280,7 @@ def _add_regions(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_regions(args: argparse.Namespace) -> dict:
-    from regionvlp.regions.bench import bench_regions
+    from regionvlp.detector.bench import bench_regions
 
     return bench_regions(args.arch, size=args.size, batch=args.batch, device=args.device, dtype=args.dtype,
                          num_regions=args.num_regions, weights=args.weights, iters=args.iters, warmup=args.warmup,
@@ -351,7 +337,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> dict:
-    from regionvlp.train_bench import bench_train
+    from regionvlp.bench.train import bench_train
 
     return bench_train(args.config, regions=args.regions, device=args.device, batch=args.batch,
                        frames=args.frames, size=args.size, steps=args.steps, warmup=args.warmup,
@@ -380,7 +366,7 @@ def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
 # Each benchmark adds ``_add_bench_<name>(bench_sub)`` and lists it here; the
 # measuring code lives in regionvlp/bench.py (or the module it measures).
 def _cmd_bench_synth(args: argparse.Namespace) -> dict:
-    from regionvlp.bench import bench_synth
+    from regionvlp.bench.synth import bench_synth
 
     return bench_synth(clips=args.clips, size=args.size, frames=args.frames, fps=args.fps, workers=args.workers)
 
@@ -396,7 +382,7 @@ def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_learner(args: argparse.Namespace) -> dict:
-    from regionvlp.region_learner.bench import FLAG_KEYS, bench_learner
+    from regionvlp.bench.learner import FLAG_KEYS, bench_learner
 
     flags = {k: getattr(args, k) for k in FLAG_KEYS if k != "embed_dim"}
     return bench_learner(args.config, batch=args.batch, device=args.device, dtype=args.dtype, iters=args.iters,
@@ -429,7 +415,7 @@ def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_loss(args: argparse.Namespace) -> dict:
-    from regionvlp.bench import bench_loss
+    from regionvlp.bench.loss import bench_loss
 
     return bench_loss(args.batch, args.regions, args.words, args.dim, chunk=args.chunk, device=args.device,
                       repeats=args.repeats)
@@ -475,7 +461,7 @@ def _eval_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict | None:
-    from regionvlp.evaluate import run_eval
+    from regionvlp.evaluation import run_eval
 
     # options may follow the key=value overrides (`eval CONFIG --checkpoint DIR k=v`): the
     # overrides positional takes the rest of the line, its options are parsed here
@@ -562,7 +548,7 @@ def _split_urls_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def _cmd_detector_fit(args: argparse.Namespace) -> dict:
     from regionvlp.config import load_config
-    from regionvlp.regions.fit import fit_detector
+    from regionvlp.detector.fit import fit_detector
 
     urls, overrides = _split_urls_overrides(args.urls)
     cfg = load_config(args.config, overrides)

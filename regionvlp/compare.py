@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -30,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from omegaconf import OmegaConf
+
+from regionvlp import dist
+from regionvlp.config import default_config, load_config, saved_container
 from regionvlp.errors import UserError
+from regionvlp.evaluation import evaluate_model, load_eval_model
+from regionvlp.runtime import device_name, local_device, peak_bytes, resolve_device
+from regionvlp.show import report_figures
+from regionvlp.train import train
+
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +122,6 @@ def _run_regions(run_dir: Path) -> str | None:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         return None
-    from omegaconf import OmegaConf
 
     try:
         return str(OmegaConf.select(OmegaConf.load(cfg_file), "model.regions"))
@@ -194,8 +203,6 @@ def _plot_cost(runs: Sequence[RunResult], path: Path) -> None:
 def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") -> dict[str, str]:
     """``regions.png`` + ``retrieval.png`` of the runs' checkpoints (:mod:`regionvlp.show`);
     when they cannot be drawn (e.g. a run without a checkpoint), ``{"note": why}``."""
-    from regionvlp.show import report_figures
-
     try:
         return report_figures({r.name: r.run_dir for r in runs}, out, device=device)
     except UserError as err:
@@ -305,8 +312,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
 
 # ------------------------------------------------------------------ training
 def _select(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     node = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
@@ -321,27 +326,12 @@ def check_same_budget(cfgs: Mapping[str, Any]) -> None:
                         f"set them equal (shared key=value overrides apply to both)")
 
 
-def _peak_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
 def _train_child(cfg_container: dict[str, Any], result_file: str) -> None:
     """Runs in a fresh process: train one pathway, record wall-clock and peak memory."""
-    from omegaconf import OmegaConf
-
-    from regionvlp.config import default_config
-    from regionvlp.train import train
-
     cfg = OmegaConf.merge(default_config(), cfg_container)
     start = time.perf_counter()
     summary = train(cfg)
-    seconds, peak = time.perf_counter() - start, _peak_bytes()
+    seconds, peak = time.perf_counter() - start, peak_bytes()
     final = final_eval(cfg)
     result = {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final}
     Path(result_file).write_text(json.dumps(result, default=str))
@@ -350,9 +340,7 @@ def _train_child(cfg_container: dict[str, Any], result_file: str) -> None:
 def final_eval(cfg: Any) -> dict[str, Any]:
     """Full eval metrics of the newest checkpoint in ``cfg.run.out_dir`` (the trainer's
     periodic validation logs only R@1/R@5/MedR)."""
-    from regionvlp.evaluate import _eval_device, evaluate_model, load_eval_model
-
-    device = _eval_device(cfg)
+    device = local_device(str(cfg.run.device))
     model, transform, _, _ = load_eval_model(cfg.run.out_dir, device)
     return evaluate_model(model, cfg, "val", batch_transform=transform, device=device)
 
@@ -361,10 +349,6 @@ def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
     """``regionvlp.train.train(cfg)`` in a spawned process (clean peak-memory reading,
     no state shared between the two pathways); returns its summary plus
     ``train_seconds`` and ``peak_bytes``."""
-    import multiprocessing as mp
-
-    from regionvlp.config import saved_container
-
     result_file.unlink(missing_ok=True)
     proc = mp.get_context("spawn").Process(target=_train_child, args=(saved_container(cfg), str(result_file)))
     proc.start()
@@ -378,11 +362,9 @@ def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
 def train_in_process(cfg: Any) -> dict[str, Any]:
     """:func:`train_isolated` without the process: faster to start, but the second
     pathway's CPU peak memory reading includes the first's (ru_maxrss never falls)."""
-    from regionvlp.train import train
-
     start = time.perf_counter()
     summary = train(cfg)
-    seconds, peak = time.perf_counter() - start, _peak_bytes()
+    seconds, peak = time.perf_counter() - start, peak_bytes()
     return {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final_eval(cfg)}
 
 
@@ -421,7 +403,6 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
     first = next(iter(cfgs.values()))
     setup = {k: _select(first, k) for k in ("seed", "train.max_steps", "data.batch_size", "data.num_frames",
                                             "data.size", "data.train.urls", "data.val.urls", "loss")}
-    from regionvlp.bench import device_name, resolve_device
 
     device = resolve_device(str(first.run.device))
     return write_report(runs, out, setup=setup, device=device_name(device),
@@ -432,7 +413,6 @@ def _clips_per_s(cfg: Any, run: RunResult) -> float | None:
     """Fallback throughput: clips seen / training wall-clock (validation included)."""
     if not run.steps or not run.train_seconds:
         return None
-    from regionvlp import dist
 
     clips = run.steps * int(cfg.data.batch_size) * int(cfg.train.grad_accum) * dist.world_size()
     return clips / run.train_seconds
@@ -448,7 +428,6 @@ def compare_main(out: str | os.PathLike, detector: str | None = None, learned: s
         return compare_runs(runs, out)
     if not (detector and learned):
         raise UserError("compare: give --detector CONFIG and --learned CONFIG to train both, or --runs RUN_A RUN_B")
-    from regionvlp.config import load_config
 
     cfgs = {"detector": load_config(detector, overrides), "learned": load_config(learned, overrides)}
     for name, cfg in cfgs.items():

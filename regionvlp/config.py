@@ -14,12 +14,14 @@ differs.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -295,8 +297,6 @@ def package_dir(name: str) -> str:
     point at assets that packages ship, e.g. a bundled text model). Nothing is imported:
     only a top-level name is accepted, whose spec the path finders give without running
     any package code (a dotted name would import its parents)."""
-    import importlib.util
-
     name = str(name).strip().replace("-", "_")
     if not _TOP_LEVEL_NAME.match(name):
         raise ConfigError(f"${{pkgdir:{name}}}: give the top-level name of an installed package "
@@ -558,6 +558,4 @@ def to_container(cfg: DictConfig | ListConfig) -> Any:
 def saved_container(cfg: DictConfig) -> Any:
     """Plain dicts and lists to store in a file (checkpoints, reports): like
     :func:`to_yaml`, environment reads stay ``${oc.env:…}`` and copied values are masked."""
-    import yaml
-
     return yaml.safe_load(to_yaml(cfg))

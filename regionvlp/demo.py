@@ -18,12 +18,20 @@ downloaded.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from regionvlp.compare import compare
+from regionvlp.config import load_config
+from regionvlp.data.synth import CLASSES, synth
+from regionvlp.detector.fit import fit_detector
 from regionvlp.errors import UserError
 
 R1_TARGET_X_CHANCE = 5.0
@@ -61,9 +69,6 @@ def default_config_dir() -> Path:
 
 def load_settings(path: Path | None, overrides: Sequence[str] = ()) -> Any:
     """:class:`DemoSettings` ← ``demo.yaml`` ← ``demo.key=value`` overrides (unknown keys are errors)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         s = OmegaConf.structured(DemoSettings)
         if path is not None and path.is_file():
@@ -85,11 +90,6 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the JSON summary (``detector``, ``learned``,
     ``chance_r1``, ``detector_box_recall``, ``report``, ``targets``, ...)."""
-    from regionvlp.compare import compare
-    from regionvlp.config import load_config
-    from regionvlp.data.synth import CLASSES, synth
-    from regionvlp.regions.fit import fit_detector
-
     start = time.perf_counter()
     cdir = Path(config_dir) if config_dir is not None else default_config_dir()
     if not (cdir / "detector.yaml").is_file() or not (cdir / "learned.yaml").is_file():
@@ -165,8 +165,6 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
 def _clear_previous_runs(report_dir: Path) -> None:
     """A demo re-run into the same ``--out`` starts its trainings afresh: the previous demo's
     run dirs (recognised by their metrics.jsonl / config.yaml) are replaced, nothing else."""
-    import shutil
-
     for name in ("detector", "learned"):
         run = report_dir / name
         if run.is_dir() and ((run / "metrics.jsonl").exists() or (run / "config.yaml").exists()):

@@ -1,20 +1,24 @@
-"""Rank and world size, whether or not torch.distributed is initialised.
+"""Rank and world size, the process group, and every collective the package uses.
 
 Launchers (deepspeed, torchrun) set RANK / WORLD_SIZE / LOCAL_RANK before the process
-starts; the data pipeline needs them before any process group exists.
+starts; the data pipeline needs them before any process group exists. The collectives
+are no-ops without an initialised process group of more than one rank.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as tdist
 
 
-def _initialized() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return False
-    return dist.is_available() and dist.is_initialized()
+def initialized() -> bool:
+    """True when a torch.distributed process group exists in this process."""
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def rank() -> int:
@@ -22,20 +26,16 @@ def rank() -> int:
     group), else the process group's rank, else 0."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    if _initialized():
-        import torch.distributed as dist
-
-        return dist.get_rank()
+    if initialized():
+        return tdist.get_rank()
     return 0
 
 
 def world_size() -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if _initialized():
-        import torch.distributed as dist
-
-        return dist.get_world_size()
+    if initialized():
+        return tdist.get_world_size()
     return 1
 
 
@@ -47,12 +47,83 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# ---------------------------------------------------------------- process group
+def setup_accelerator_env() -> None:
+    """Before ``import deepspeed``: pick DeepSpeed's CPU accelerator when no GPU is
+    present. Called right before each deepspeed import, never at module import."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a 1-process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """A process group for every run: the launcher's env vars, or a 1-process group on loopback."""
+    setup_accelerator_env()
+    import deepspeed  # heavy; only runs that train need it
+
+    if initialized():  # a group from an earlier run in this process: DeepSpeed reads the env
+        os.environ.setdefault("RANK", str(tdist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(tdist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """:func:`init_distributed` for one run. Without a launcher this starts a 1-process
+    group and sets RANK / WORLD_SIZE / MASTER_* for it; afterwards those env vars are
+    restored, so later code in the process (a data loader simulating ranks, a library
+    caller) sees the real environment. The group itself stays: DeepSpeed caches its
+    groups per process, so a later run in the same process reuses it."""
+    saved = {key: os.environ.get(key) for key in GROUP_ENV}
+    init_distributed()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def init_launched_group() -> bool:
+    """A plain process group (no DeepSpeed) when a launcher started several processes
+    (evaluation); False when there is one process or a group exists already."""
+    if initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    return True
+
+
 # ------------------------------------------------------------------ collectives
-# Used by the losses to make negatives batch-global. All are no-ops without an
-# initialised process group of more than one rank.
 def gather_active() -> bool:
-    """True when a process group with more than one rank is running."""
-    return _initialized() and world_size() > 1
+    """True when a process group with more than one rank is running (the group's own
+    size: a data loader may simulate ranks through WORLD_SIZE without a group)."""
+    return initialized() and tdist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where collective buffers live: the current GPU under NCCL, else the CPU."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_sizes(n: int) -> list[int]:
@@ -64,68 +135,45 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     """Every rank's list of ints (same length on every rank), in rank order."""
     if not gather_active():
         return [list(values)]
-    import torch
-    import torch.distributed as dist
-
-    local = torch.tensor(values, dtype=torch.long, device=_collective_device())
-    out = [torch.zeros_like(local) for _ in range(world_size())]
-    dist.all_gather(out, local)
+    local = torch.tensor(values, dtype=torch.long, device=collective_device())
+    out = [torch.zeros_like(local) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(out, local)
     return [[int(x) for x in o.tolist()] for o in out]
 
 
-def _collective_device():
-    import torch
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_cat(t, sizes: list[int]):
-    """Concatenate every rank's ``t`` along dim 0; local sizes may differ (padded to the max)."""
-    import torch
-    import torch.distributed as dist
-
+def all_gather_cat(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``t`` [n_r, ...] concatenated along dim 0 in rank order; ``sizes`` are
+    the n_r (they may differ, 0 included: padded to the max for the collective)."""
     if t.dtype == torch.bool:  # not every backend gathers bool
-        return _all_gather_cat(t.to(torch.uint8), sizes).bool()
+        return all_gather_cat(t.to(torch.uint8), sizes).bool()
     longest = max(sizes)
     if t.shape[0] < longest:
         pad = t.new_zeros((longest - t.shape[0],) + tuple(t.shape[1:]))
         t = torch.cat([t, pad])
     parts = [torch.empty_like(t) for _ in sizes]
-    dist.all_gather(parts, t.contiguous())
+    tdist.all_gather(parts, t.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def _make_gather_fn():
-    import torch
-    import torch.distributed as dist
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the global gradient over ranks (every rank's
+    loss may use every row) and returns this rank's own slice."""
 
-    class _GatherWithGrad(torch.autograd.Function):
-        """all_gather forward; backward sums the global gradient over ranks (every rank's
-        loss may use every row) and returns this rank's own slice."""
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes = sizes
+        ctx.first = sum(sizes[: tdist.get_rank()])
+        return all_gather_cat(t, sizes)
 
-        @staticmethod
-        def forward(ctx, t, sizes):
-            ctx.sizes = sizes
-            ctx.first = sum(sizes[: dist.get_rank()])
-            return _all_gather_cat(t, sizes)
-
-        @staticmethod
-        def backward(ctx, grad):
-            grad = grad.contiguous().clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            n = ctx.sizes[dist.get_rank()]
-            return grad[ctx.first : ctx.first + n], None
-
-    return _GatherWithGrad
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
+        n = ctx.sizes[tdist.get_rank()]
+        return grad[ctx.first : ctx.first + n], None
 
 
-_GATHER_FN = None
-
-
-def gather_with_grad(t, sizes: list[int] | None = None):
+def gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """``t`` [b, ...] from every rank concatenated to [B, ...] (rank order).
 
     The gradient flows back into each rank's own slice: backward all-reduces (sums)
@@ -134,30 +182,53 @@ def gather_with_grad(t, sizes: list[int] | None = None):
     not distributed. ``sizes`` (every rank's local size, from :func:`all_sizes`)
     saves one small collective when the caller already has them.
     """
-    global _GATHER_FN
     if not gather_active():
         return t
-    if _GATHER_FN is None:
-        _GATHER_FN = _make_gather_fn()
-    return _GATHER_FN.apply(t, sizes or all_sizes(t.shape[0]))
+    return GatherWithGrad.apply(t, sizes or all_sizes(t.shape[0]))
 
 
-def gather_nograd(t, sizes: list[int] | None = None):
-    """Like :func:`gather_with_grad` without autograd (masks, labels)."""
+def gather_nograd(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Like :func:`gather_with_grad` without autograd (masks, labels, eval embeddings).
+    The buffers go through :func:`collective_device`; the result is on ``t``'s device."""
     if not gather_active():
         return t
-    import torch
-
     with torch.no_grad():
-        return _all_gather_cat(t, sizes or all_sizes(t.shape[0]))
+        out = all_gather_cat(t.to(collective_device()), sizes or all_sizes(t.shape[0]))
+    return out.to(t.device)
 
 
-def all_reduce_sum(t):
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, …]`` (picklable objects from our own ranks);
+    ``[obj]`` on 1 rank."""
+    if not gather_active():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks (a new tensor; ``t`` itself is left alone)."""
     if not gather_active():
         return t
-    import torch.distributed as dist
-
     out = t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any rank (one all-reduce)."""
+    if not gather_active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums of every rank's ``counts`` (e.g. data skips by reason)."""
+    total: dict[str, int] = {}
+    for c in gather_objects(dict(counts)):
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total

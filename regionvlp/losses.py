@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from regionvlp import dist
 from regionvlp.errors import UserError
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 
 
 # ----------------------------------------------------------- region-word scores

@@ -15,10 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regionvlp.detector import build_extractor
 from regionvlp.errors import UserError
 from regionvlp.losses import AlignmentLoss, check_loss_config, region_word_scores
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.qa.head import QAHead, predict, qa_loss
+from regionvlp.runtime import to_device
+from regionvlp.text import TextTower
 
 
 class DualEncoder(nn.Module):
@@ -145,7 +148,7 @@ def build_pathway(cfg) -> nn.Module:
     """The video pathway ``cfg.model.regions`` names (imported lazily)."""
     kind = cfg.model.regions
     if kind == "detector":
-        from regionvlp.regions import build_pathway as build
+        from regionvlp.detector import build_pathway as build
     elif kind == "learned":
         from regionvlp.region_learner import build_pathway as build
     else:
@@ -156,8 +159,6 @@ def build_pathway(cfg) -> nn.Module:
 def build_model(cfg) -> DualEncoder:
     """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32; with
     ``qa.enabled`` a :class:`QAModel` (+ the QA head)."""
-    from regionvlp.text import TextTower
-
     check_loss_config(cfg.loss)  # before the (slow) towers are built
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))
@@ -173,17 +174,22 @@ def build_batch_transform(cfg) -> Callable[[torch.Tensor], dict[str, torch.Tenso
     """The frozen region extractor (detector pathway) or None (learned pathway)."""
     if cfg.model.regions != "detector":
         return None
-    from regionvlp.regions import build_extractor
 
     return build_extractor(cfg)
 
 
-def prepare_batch(batch: dict[str, Any], transform: Callable | None) -> dict[str, Any]:
-    """Apply the batch transform when the batch has ``frames`` and no ``region_feats``:
-    adds ``region_feats`` [B, T, K, F], ``region_boxes`` [B, T, K, 4], ``region_mask``
-    [B, T, K] (and the extractor's labels / scores). Returns the same dict."""
-    if transform is None or "region_feats" in batch or "frames" not in batch:
-        return batch
+def prepare_batch(batch: dict[str, Any], transform: Callable | None, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The one way a loader batch reaches a model: tensors moved to ``device`` (floating
+    ones cast to ``dtype`` when given), then the batch transform (the frozen region
+    extractor) when the batch has ``frames`` and no precomputed ``region_feats``: it adds
+    ``region_feats`` [B, T, K, F], ``region_boxes`` [B, T, K, 4], ``region_mask`` [B, T, K]
+    (and the extractor's labels / scores). Without ``device`` the batch itself is updated
+    and returned; with one, a new dict on the device."""
+    out = to_device(batch, device, dtype) if device is not None else batch
+    if transform is None or "region_feats" in out or "frames" not in out:
+        return out
     with torch.no_grad():
-        batch.update(transform(batch["frames"]))
-    return batch
+        regions = transform(out["frames"])
+    out.update(to_device(regions, device, dtype) if device is not None else regions)
+    return out

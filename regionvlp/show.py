@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import random
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,8 +30,16 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from regionvlp import data
+from regionvlp.data import SkipCounter, collate, decode_sample, iter_samples, parse_specs, register_webdataset_handlers
+from regionvlp.data.decode import DecodeError
+from regionvlp.data.pipeline import decode_spec, tar_samples, tokenizer_name
 from regionvlp.errors import UserError
+from regionvlp.evaluation import embed_local, load_eval_model
+from regionvlp.evaluation.embed import similarity_matrix
+from regionvlp.model import prepare_batch
 
 MAX_PNG_BYTES = 500_000
 PATHWAYS = ("detector", "learned")
@@ -82,8 +91,6 @@ class ClipView:
 # ------------------------------------------------------------------ loading
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """A run directory or export folder of either pathway; anything else is a UserError."""
-    from regionvlp.evaluate import load_eval_model
-
     path = Path(checkpoint)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} but no GPU is visible; use --device cpu")
@@ -117,9 +124,6 @@ def pick_clips(urls: Sequence[str], cfg: Any, n: int, seed: int, *, pool: int = 
     """``n`` clips with frames, fixed by ``seed``, among the first ``pool`` samples of
     ``urls`` (sorted by key); decoded with ``cfg.data`` eval settings. Returns the
     clips and the skip counts (reason -> count) of the samples that could not be shown."""
-    from regionvlp.data import SkipCounter, parse_specs, register_webdataset_handlers
-    from regionvlp.data.pipeline import tar_samples
-
     if n < 1:
         raise UserError(f"--clips must be >= 1, got {n}")
     d = cfg.data
@@ -148,12 +152,6 @@ def _neg(hexdigest: str) -> str:
 
 
 def _decode_clips(raws: Sequence[dict[str, Any]], cfg: Any, n: int, counter: Any) -> list[Clip]:
-    import random
-
-    from regionvlp.data import decode_sample
-    from regionvlp.data.decode import DecodeError
-    from regionvlp.data.pipeline import decode_spec
-
     spec = decode_spec(cfg, training=False)
     clips: list[Clip] = []
     for raw in raws:
@@ -189,8 +187,6 @@ def class_names(dcfg: Any) -> list[str] | None:
 @torch.no_grad()
 def detector_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[DetectorView]:
     """frames uint8 [B, T, 3, H, W] -> per clip the extractor's real boxes of frame ``t``."""
-    from regionvlp.model import prepare_batch
-
     expect_pathway(loaded, "detector")
     batch = prepare_batch({"frames": frames.to(loaded.transform.device)}, loaded.transform)
     H, W = frames.shape[-2:]
@@ -327,8 +323,6 @@ class Retrieved:
 
 def _thumb(frames: torch.Tensor, side: int) -> np.ndarray:
     """frames uint8 [T, 3, H, W] -> the middle frame as [side, side, 3] uint8."""
-    import torch.nn.functional as F
-
     x = frames[frames.shape[0] // 2].float()[None]  # [1, 3, H, W]
     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -338,8 +332,6 @@ def _batches(urls: Sequence[str], cfg: Any, thumbs: dict[str, np.ndarray], side:
              skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Eval-decoded batches of ``urls``; the middle frame of every clip lands in ``thumbs``,
     samples without frames are counted in ``skipped``."""
-    from regionvlp.data import collate, iter_samples
-
     size = max(1, int(cfg.data.batch_size))
     buf: list[dict[str, Any]] = []
     stream = iter_samples(list(urls), cfg, training=False)
@@ -357,9 +349,6 @@ def _batches(urls: Sequence[str], cfg: Any, thumbs: dict[str, np.ndarray], side:
 
 
 def _tokenizer(cfg: Any):
-    from regionvlp import data
-    from regionvlp.data.pipeline import tokenizer_name
-
     tok = data.load_tokenizer(tokenizer_name(cfg))
     max_words = int(cfg.data.max_words)
 
@@ -374,8 +363,6 @@ def rank_clips(loaded: Loaded, urls: Sequence[str], *, max_clips: int = 1000, si
                ) -> tuple[Any, torch.Tensor, dict[str, np.ndarray]]:
     """(embeddings, similarity [Nv, Nt], thumbnails by key) of the first ``max_clips``
     clips of ``urls``, scored as ``regionvlp eval`` scores them."""
-    from regionvlp.evaluate import embed_local, similarity_matrix
-
     thumbs: dict[str, np.ndarray] = {}
     no_frames: dict[str, int] = {}
     device = next(loaded.model.parameters()).device

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from regionvlp.errors import UserError
-from regionvlp.pathway import TextOutput
+from regionvlp.outputs import TextOutput
 
 _TRUE = {"1", "true", "yes", "on"}
 

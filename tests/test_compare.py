@@ -62,12 +62,12 @@ def test_compare_runs_writes_report_with_both_pathways(tmp_path):
 
 
 def test_a_drawing_failure_costs_the_report_only_its_pictures(tmp_path, monkeypatch):
-    from regionvlp import show
+    from regionvlp import compare as compare_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(show, "report_figures", broken)
+    monkeypatch.setattr(compare_mod, "report_figures", broken)
     a = fake_run(tmp_path / "runs" / "det", "detector", [10.0, 25.0], 2.0)
     b = fake_run(tmp_path / "runs" / "learn", "learned", [5.0, 15.0], 1.0)
     summary = compare_runs([a, b], tmp_path / "report")

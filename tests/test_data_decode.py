@@ -11,6 +11,7 @@ import torch
 
 from data_shards import encode_clip, encode_image, frame_index
 from regionvlp.data import decode as dec
+from regionvlp.data import regions as regions_fmt
 from regionvlp.data.text import pick_caption, sample_captions, tokenize
 
 # decord has x86_64 wheels only; elsewhere `auto` is PyAV and the decord cases skip
@@ -134,13 +135,13 @@ def test_regions_npz_roundtrip():
     buf = io.BytesIO()
     np.savez(buf, feats=np.ones((t, k, f), np.float16), boxes=np.full((t, k, 4), 0.5, np.float32),
              mask=np.ones((t, k), bool), labels=np.arange(t * k).reshape(t, k), scores=np.ones((t, k), np.float32))
-    r = dec.decode_regions(buf.getvalue())
+    r = regions_fmt.decode_regions(buf.getvalue())
     assert r["region_feats"].dtype == torch.float32 and r["region_feats"].shape == (t, k, f)
     assert r["region_mask"].dtype == torch.bool and r["region_boxes"].shape == (t, k, 4)
-    two = dec.select_region_frames(r, 2, "uniform")
+    two = regions_fmt.select_region_frames(r, 2, "uniform")
     assert two["region_labels"].shape == (2, k)
     with pytest.raises(dec.DecodeError) as err:
-        dec.decode_regions(b"nope")
+        regions_fmt.decode_regions(b"nope")
     assert err.value.reason == "corrupt_regions"
 
 

@@ -14,7 +14,7 @@ import torch
 from regionvlp.cli import main
 from regionvlp.config import load_config
 from regionvlp.errors import UserError
-from regionvlp.regions.fit import box_recall, fit_detector, frame_boxes, load_frames, measure_recall
+from regionvlp.detector.fit import box_recall, fit_detector, frame_boxes, load_frames, measure_recall
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_box_recall_counts_matches_at_iou_half():
 
 
 def test_fit_learns_and_extractor_loads_checkpoint(world, tmp_path):
-    from regionvlp.regions import build_extractor
+    from regionvlp.detector import build_extractor
 
     cfg = _cfg(world)
     out = tmp_path / "det.pt"
@@ -118,7 +118,7 @@ def test_freeze_rule_matches_torchvision_resnet_fpn_backbone():
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from regionvlp.regions.detector import build_detector, freeze_for_finetune
+    from regionvlp.detector.detector import build_detector, freeze_for_finetune
 
     for layers in (0, 3, 5):
         model = build_detector("fasterrcnn_resnet50_fpn", "none")
@@ -135,7 +135,7 @@ def test_freeze_rule_matches_torchvision_resnet_fpn_backbone():
 
 
 def test_fit_from_pretrained_keeps_frozen_batchnorm_and_stages(world, tmp_path):
-    from regionvlp.regions.detector import build_detector, save_detector
+    from regionvlp.detector.detector import build_detector, save_detector
 
     torch.manual_seed(1)
     start = build_detector("fasterrcnn_tiny", "none", num_classes=6)

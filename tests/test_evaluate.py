@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regionvlp.config import load_config
-from regionvlp.evaluate import (
+from regionvlp.evaluation import (
     evaluate_model,
     mc_accuracy,
     rank_metrics,
@@ -22,7 +22,7 @@ from regionvlp.evaluate import (
     t2v_ranks,
     v2t_ranks,
 )
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 
 # 3 videos x 4 captions; captions 0,1 belong to video 0, caption 2 to video 1, 3 to video 2
 SIM = torch.tensor([
@@ -289,13 +289,13 @@ def test_real_loader_split_over_ranks_counts_each_clip_once(val_shards, minilm_d
     """The data pipeline's rank split (3 shards over 2 ranks) merged as
     gather_embeddings does == 1 rank."""
     from regionvlp.data import build_loader
-    from regionvlp.evaluate import _Tokenize, embed_local, merge_embeddings, metrics_from_embeddings
+    from regionvlp.evaluation import Tokenize, embed_local, merge_embeddings, metrics_from_embeddings
 
     model = FrameDual()
     ref = evaluate_model(model, shard_cfg(val_shards, str(minilm_dir), workers=0), "val", device="cpu", progress=False)
     assert ref["num_videos"] == N_SAMPLES and ref["num_texts"] >= 2 * N_SAMPLES  # several captions each
     cfg = shard_cfg(val_shards, str(minilm_dir), workers=0)
-    tok = _Tokenize(cfg)
+    tok = Tokenize(cfg)
     import regionvlp.dist
 
     parts = []

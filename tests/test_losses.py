@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from regionvlp.config import LossConfig
 from regionvlp.losses import AlignmentLoss, region_word_scores
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -285,10 +285,10 @@ def test_two_gloo_ranks_equal_one_process(two_rank_results, case):
 def test_bench_baseline_is_the_same_loss_and_bad_sizes_are_user_errors(capsys):
     """`bench loss` compares like with like: its dense baseline computes the chunked loss's value
     and gradients; bad sizes end in a one-line error (exit 2) before any subprocess starts."""
-    from regionvlp.bench import _loss_inputs, dense_alignment_loss
+    from regionvlp.bench.loss import dense_alignment_loss, loss_inputs
     from regionvlp.cli import main
 
-    (v_cls, t_cls, r, t), rm, tm = _loss_inputs(12, 5, 6, 8, torch.device("cpu"))
+    (v_cls, t_cls, r, t), rm, tm = loss_inputs(12, 5, 6, 8, torch.device("cpu"))
     out = AlignmentLoss(OmegaConf.structured(LossConfig(chunk_size=5)))(
         VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm))["loss"]
     grads = torch.autograd.grad(out, (v_cls, t_cls, r, t))

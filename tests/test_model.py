@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from regionvlp.config import LossConfig, TextConfig, load_config
 from regionvlp.model import DualEncoder, build_batch_transform, build_model, prepare_batch
 from regionvlp.losses import AlignmentLoss, region_word_scores
-from regionvlp.pathway import VideoOutput
+from regionvlp.outputs import VideoOutput
 from regionvlp.text import TextTower
 
 
@@ -138,7 +138,7 @@ def test_build_model_dispatches_on_regions(tiny_bert_dir):
     assert type(learned.pathway).__module__.startswith("regionvlp.region_learner")
     assert build_batch_transform(load_config(None, overrides + ["model.regions=learned"])) is None
     detector = build_model(load_config(None, overrides + ["model.regions=detector"]))
-    assert type(detector.pathway).__module__.startswith("regionvlp.regions")
+    assert type(detector.pathway).__module__.startswith("regionvlp.detector")
     with pytest.raises(Exception, match="chunk_size"):
         build_model(load_config(None, overrides + ["loss.chunk_size=0"]))
 

@@ -131,7 +131,7 @@ def test_qa_step_adds_no_host_sync(minilm_dir):
     (the head and its loss none), and no more scalars for the loop to read."""
     from regionvlp.model import build_model
     from regionvlp.qa.head import QAHead, qa_loss
-    from regionvlp.pathway import TextOutput, VideoOutput
+    from regionvlp.outputs import TextOutput, VideoOutput
 
     head = QAHead(32, 16, layers=2, heads=2, dropout=0.1)
     video = VideoOutput(cls=torch.randn(3, 32), regions=torch.randn(3, 6, 32),
@@ -214,7 +214,7 @@ def test_export_load_model_answer_matches_eval(qa_runs, qa_shards, tmp_path):
     from regionvlp import load_model
     from regionvlp.checkpoint import export
     from regionvlp.data import build_loader
-    from regionvlp.evaluate import load_eval_model, run_eval
+    from regionvlp.evaluation import load_eval_model, run_eval
     from regionvlp.qa.evaluate import answer_local
 
     run, summary = qa_runs["detector"]
@@ -250,7 +250,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, world: int, port: int, run: str, urls: str, out_dir: str) -> None:
     import torch.distributed as tdist
 
-    from regionvlp.evaluate import run_eval
+    from regionvlp.evaluation import run_eval
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -265,7 +265,7 @@ def _rank_main(rank: int, world: int, port: int, run: str, urls: str, out_dir: s
 def test_eval_two_ranks_every_pair_exactly_once(qa_runs, qa_shards, tmp_path):
     """3 val shards over 2 gloo ranks == 1 rank: every QA pair answered exactly once."""
     from regionvlp.data import iter_samples
-    from regionvlp.evaluate import run_eval
+    from regionvlp.evaluation import run_eval
 
     run, _ = qa_runs["learned"]
     urls = _urls(qa_shards / "val_set" / "val", 3)

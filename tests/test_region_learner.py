@@ -429,7 +429,7 @@ def test_bench_learner_cli_prints_one_json_line(capsys):
 
 
 def test_bench_learner_defaults_to_the_shipped_pretraining_config():
-    from regionvlp.region_learner.bench import SHIPPED_CONFIG, bench_config
+    from regionvlp.bench.learner import SHIPPED_CONFIG, bench_config
 
     shipped = load_config(SHIPPED_CONFIG)
     cfg = bench_config()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from regionvlp.errors import UserError
-from regionvlp.regions.detector import build_detector, hub_checkpoint_path, save_detector
+from regionvlp.detector.detector import build_detector, hub_checkpoint_path, save_detector
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -11,8 +11,8 @@ import torch
 
 from regionvlp.config import load_config
 from regionvlp.data import build_loader, iter_samples
-from regionvlp.regions import build_extractor, build_pathway
-from regionvlp.regions.extract import extract_regions
+from regionvlp.detector import build_extractor, build_pathway
+from regionvlp.detector.extract import extract_regions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml"
 

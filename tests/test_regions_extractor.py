@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, boxes as box_ops, nms
 
-from regionvlp.regions.detector import build_detector
-from regionvlp.regions.extractor import RegionExtractor
-from regionvlp.regions.select import cluster_nms, top_kept
+from regionvlp.detector.detector import build_detector
+from regionvlp.detector.extractor import RegionExtractor
+from regionvlp.detector.select import cluster_nms, top_kept
 
 
 def _frames(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -165,7 +165,7 @@ def test_stock_selection_equals_torchvision_model_call(arch, hw, tiny_detector):
 def test_extractor_makes_at_most_four_host_syncs(tiny_detector):
     from host_syncs import host_syncs
 
-    from regionvlp.regions.select import HOST_SYNC
+    from regionvlp.detector.select import HOST_SYNC
 
     frames = _frames(4, 64, 64, seed=2).view(2, 2, 3, 64, 64)
     for selection in ("region", "stock"):
@@ -254,7 +254,7 @@ def test_bench_regions_reports_variants_and_baseline(capsys):
 
 
 def test_box_agreement_counts_matches_at_iou_09():
-    from regionvlp.regions.bench import box_agreement
+    from regionvlp.detector.bench import box_agreement
 
     regions = {"region_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0]]]),
                "region_mask": torch.tensor([[True, True, False]])}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from regionvlp.config import load_config
-from regionvlp.regions import build_extractor, build_pathway
-from regionvlp.regions.transformer import RegionTransformer
+from regionvlp.detector import build_extractor, build_pathway
+from regionvlp.detector.transformer import RegionTransformer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml"
 
@@ -132,7 +132,7 @@ def test_build_pathway_from_config():
 
 
 def test_frame_local_regions_see_cls():
-    from regionvlp.regions.transformer import attention_mask
+    from regionvlp.detector.transformer import attention_mask
 
     mask = torch.ones(1, 2, 3, dtype=torch.bool)
     allowed = attention_mask(mask, frame_local=True)[0]  # [7, 7] tokens: CLS, frame 0 x3, frame 1 x3

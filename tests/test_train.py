@@ -159,7 +159,8 @@ def test_learned_trains_loss_falls(shards, tmp_path):
 def test_frame_curriculum_and_epochs(shards, tmp_path):
     """T follows the curriculum (loader rebuilt), epochs roll over when the shards run dry."""
     from regionvlp.config import load_config
-    from regionvlp.train import frames_at, train
+    from regionvlp.train import train
+    from regionvlp.train.data import frames_at
 
     assert frames_at(0, [[0, 1], [500, 4]], 8) == 1 and frames_at(499, [[0, 1], [500, 4]], 8) == 1
     assert frames_at(500, [[0, 1], [500, 4]], 8) == 4 and frames_at(3, [], 8) == 8

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from regionvlp import engine as E
+from regionvlp import checkpoint as C
+from regionvlp.train import engine as E
 from regionvlp.config import LossConfig, load_config
 from regionvlp.errors import UserError
 from regionvlp.losses import AlignmentLoss
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "learned.yaml"
 
@@ -100,15 +101,15 @@ def test_toy_engine_checkpoint_keep_last_and_resume(tmp_path):
         eng.backward(loss)
         eng.step()
         ck.save(eng, step, {"train_state": {"step": step}})
-    assert E.list_tags(ck.dir) == ["step00000003", "step00000004"]
-    assert E.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
-    assert E.resolve_resume("none", ck.dir) is None
-    assert E.resolve_resume(str(ck.dir / "step00000003"), ck.dir) == (ck.dir, "step00000003")
+    assert C.list_tags(ck.dir) == ["step00000003", "step00000004"]
+    assert C.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
+    assert C.resolve_resume("none", ck.dir) is None
+    assert C.resolve_resume(str(ck.dir / "step00000003"), ck.dir) == (ck.dir, "step00000003")
     with pytest.raises(UserError, match="not a checkpoint"):
-        E.resolve_resume(str(tmp_path / "nowhere"), ck.dir)
+        C.resolve_resume(str(tmp_path / "nowhere"), ck.dir)
     # a torn save (no done marker) is never resumed from
     (ck.dir / "step00000009").mkdir()
-    assert E.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
+    assert C.resolve_resume("auto", ck.dir) == (ck.dir, "step00000004")
 
     want = {k: v.clone() for k, v in eng.module.state_dict().items()}
     lr = opt.param_groups[0]["lr"]
@@ -207,13 +208,13 @@ def test_stop_flag_catches_sigterm():
 
 def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
     """The real loop on the tiny learned config with a model whose loss is NaN on chosen calls."""
-    import regionvlp.model as model_mod
+    import regionvlp.train.loop as loop_mod
     from regionvlp.data.synth import synth
     from regionvlp.train import train
 
     synth(str(tmp_path / "s"), videos=4, seed=1, val_videos=1, size=64, frames=2, fps=8, shard_size=4, workers=1,
           compositional=False)
-    real_build = model_mod.build_model
+    real_build = loop_mod.build_model
     bad_calls: set[int] = {2, 3}
     calls = {"n": 0}
 
@@ -231,7 +232,7 @@ def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
         m.forward = forward
         return m
 
-    monkeypatch.setattr(model_mod, "build_model", build)
+    monkeypatch.setattr(loop_mod, "build_model", build)
     base = ["data.train.urls=[" + str(tmp_path / "s/train/000000.tar") + "]", "data.val.urls=[]",
             "data.batch_size=2", "train.ckpt_every=100", "train.max_nonfinite=3"]
     cfg = load_config(CONFIG, base + ["train.max_steps=3", f"run.out_dir={tmp_path}/a"])

@@ -11,7 +11,7 @@ import torch
 from regionvlp.config import load_config
 from regionvlp.errors import UserError
 from regionvlp.model import build_model
-from regionvlp.train import load_init_state
+from regionvlp.train.finetune import load_init_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 

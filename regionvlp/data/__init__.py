@@ -21,6 +21,7 @@ from regionvlp.data.pipeline import (
 from regionvlp.data.sources import parse_specs, register_webdataset_handlers
 from regionvlp.data.text import load_tokenizer, sample_captions, tokenize
 
+
 __all__ = [
     "SKIP_REASONS",
     "SampleStream",

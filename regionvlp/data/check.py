@@ -4,10 +4,16 @@ bad keys (with the shard and what went wrong)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any, Optional, Sequence
 
+from tqdm import tqdm
+
+from regionvlp.config import load_config
+from regionvlp.data import iter_samples
+from regionvlp.data.sources import read_bytes
 from regionvlp.errors import UserError
 
 
@@ -16,11 +22,6 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
                  progress: bool = True) -> dict[str, Any]:
     """Stream ``urls`` through :func:`regionvlp.data.iter_samples` (same tar reading,
     skip rules, frame sampling and resize as the training loader, single process)."""
-    from tqdm import tqdm
-
-    from regionvlp.config import load_config
-    from regionvlp.data import iter_samples
-
     if not urls:
         raise UserError("shards check: give one or more shard URLs")
     cfg = load_config(config, list(overrides))
@@ -76,10 +77,6 @@ def check_shards(urls: Sequence[str], *, config: Optional[str] = None, overrides
 def _compare_sizes(urls: Sequence[str], per_shard: dict[str, int], *, allow_pipe: bool) -> dict[str, Any]:
     """Do the ``sizes.json`` files beside the shards (what the loader uses for the epoch
     length) agree with the samples found? ``missing`` lists folders without one."""
-    import json
-
-    from regionvlp.data.sources import read_bytes
-
     by_dir: dict[str, list[str]] = {}
     for url in urls:
         if url.startswith("pipe:"):

@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from tqdm import tqdm
+
+from regionvlp.data.decode import VIDEO_EXTS
 from regionvlp.data.output import local_output, safe_key
+from regionvlp.data.pipeline import SkipCounter, tar_samples
+from regionvlp.data.sources import parse_specs
 from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options, finish_outputs
 from regionvlp.errors import UserError
 
@@ -43,8 +48,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
     """One raw sample → its frame-shard members; raises :class:`SkipItem`."""
-    from regionvlp.data.decode import VIDEO_EXTS
-
     video = next((k for k in raw if not k.startswith("__") and k.rpartition(".")[2] in VIDEO_EXTS), None)
     if video is None or not raw[video]:
         raise SkipItem("no_video", f"members: {', '.join(k for k in raw if not k.startswith('__'))}")
@@ -64,8 +67,6 @@ def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
 
 
 def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> dict[str, Any]:
-    from regionvlp.data.pipeline import SkipCounter, tar_samples
-
     counter = SkipCounter()
     stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
     tmp = dest.with_name(dest.name + ".tmp")
@@ -94,10 +95,6 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
                    max_side: Optional[int] = None, jpeg_quality: int = 90, allow_pipe: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Convert every shard of ``urls`` into ``out``; resume where a previous run stopped."""
-    from tqdm import tqdm
-
-    from regionvlp.data.sources import parse_specs
-
     if keep_frames < 1:
         raise UserError("shards convert: --keep-frames must be >= 1")
     check_frame_options(keep_frames, drop_video, jpeg_quality, "shards convert")

@@ -15,16 +15,15 @@ import math
 import random
 import re
 from bisect import bisect_right
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REGION_EXT = "regions.npz"
 FRAME_EXT = re.compile(r"frame(\d{3,6})\.jpg")  # frame shards: {key}.frame000.jpg, {key}.frame001.jpg, ...
 SAMPLINGS = ("random_segment", "uniform", "first", "keyframe")
 MAX_IMAGE_PIXELS = 4096 * 4096  # default still-image limit (data.max_image_pixels), checked before decoding
@@ -496,77 +495,3 @@ def resize_crop(frames: np.ndarray, size: int, *, training: bool, rng: Optional[
     if training and rng.random() < 0.5:
         clip = clip.flip(-1)
     return clip.contiguous()  # [T, 3, size, size]
-
-
-# ---------------------------------------------------------------- region shards
-REGION_ARRAYS = {"feats": np.float16, "boxes": np.float32, "mask": np.bool_, "labels": np.int64, "scores": np.float32}
-
-
-@dataclass
-class RegionShape:
-    """What a region sample must look like: K regions per frame, F-dim features, float
-    features/boxes/scores, a bool mask and integer labels."""
-
-    num_regions: int  # K
-    feature_dim: int  # F
-
-    @classmethod
-    def of(cls, regions: dict[str, torch.Tensor]) -> "RegionShape":
-        return cls(int(regions["region_feats"].shape[1]), int(regions["region_feats"].shape[2]))
-
-    def check(self, regions: dict[str, torch.Tensor]) -> None:
-        """Raise ``region_shape`` for a sample of another K / F (it would break the batch)."""
-        _, k, f = regions["region_feats"].shape
-        if (k, f) != (self.num_regions, self.feature_dim):
-            raise DecodeError("region_shape", f"regions.npz has K={k}, F={f}; expected K={self.num_regions} "
-                                              f"(model.detector.num_regions), F={self.feature_dim} "
-                                              "(model.region_transformer.feature_dim)")
-
-
-def _check_region_dtypes(arrays: dict[str, np.ndarray]) -> None:
-    kinds = {"feats": "f", "boxes": "f", "scores": "f", "mask": "b", "labels": "iu"}
-    for name, arr in arrays.items():
-        if arr.dtype.kind not in kinds[name] or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
-            raise DecodeError("region_shape", f"regions.npz '{name}' has dtype {arr.dtype}; expected "
-                                              f"{np.dtype(REGION_ARRAYS[name]).name}")
-
-
-def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
-    """``regions.npz`` → ``region_feats`` float32 [T,K,F], ``region_boxes`` [T,K,4],
-    ``region_mask`` bool [T,K], ``region_labels`` int64 [T,K], ``region_scores`` [T,K]."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in REGION_ARRAYS if k in npz.files}
-    except Exception as err:
-        raise DecodeError("corrupt_regions", str(err).splitlines()[0][:200]) from None
-    for k in ("feats", "boxes", "mask"):
-        if k not in arrays:
-            raise DecodeError("corrupt_regions", f"regions.npz has no '{k}'")
-    feats, boxes, mask = arrays["feats"], arrays["boxes"], arrays["mask"]
-    if feats.ndim != 3 or boxes.shape != feats.shape[:2] + (4,) or mask.shape != feats.shape[:2]:
-        raise DecodeError(
-            "corrupt_regions",
-            f"shapes feats {feats.shape}, boxes {boxes.shape}, mask {mask.shape} do not match [T,K,F]/[T,K,4]/[T,K]",
-        )
-    _check_region_dtypes(arrays)
-    for name in ("labels", "scores"):
-        if name in arrays and arrays[name].shape != mask.shape:
-            raise DecodeError("corrupt_regions", f"regions.npz '{name}' has shape {arrays[name].shape}, not {mask.shape}")
-    t, k = mask.shape
-    out = {
-        "region_feats": torch.from_numpy(feats.astype(np.float32)),  # [T, K, F]
-        "region_boxes": torch.from_numpy(boxes.astype(np.float32)),  # [T, K, 4]
-        "region_mask": torch.from_numpy(mask.astype(np.bool_)),  # [T, K]
-        "region_labels": torch.from_numpy(arrays.get("labels", np.zeros((t, k), np.int64)).astype(np.int64)),
-        "region_scores": torch.from_numpy(arrays.get("scores", np.zeros((t, k), np.float32)).astype(np.float32)),
-    }
-    return out
-
-
-def select_region_frames(regions: dict[str, torch.Tensor], num_frames: int, mode: str, rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
-    """Sample T of the stored frames (repeat when fewer), the same way as video frames."""
-    t = regions["region_mask"].shape[0]
-    if t == num_frames:
-        return regions
-    idx = torch.tensor(sample_indices(t, num_frames, mode, rng))
-    return {k: v[idx] for k, v in regions.items()}

@@ -24,6 +24,7 @@ import torch
 
 from regionvlp.data.decode import MAX_IMAGE_PIXELS, DecodeError, sample_indices
 
+
 DECODE_DEVICES = ("cpu", "cuda")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 
 from regionvlp.errors import UserError
 
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 MAX_KEY_CHARS = 200

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import random
 import tarfile
 import time
@@ -26,16 +27,26 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
-from regionvlp.config import DataConfig, mask_secrets
+from regionvlp.config import DataConfig, default_config, mask_secrets
 from regionvlp.data import decode as dec
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips, pick_jpegs
 from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
-from regionvlp.data.sources import PROGRAMMING_ERRORS, ShardList, open_shard, parse_specs, read_sizes, register_webdataset_handlers
+from regionvlp.data.regions import REGION_EXT, RegionShape, decode_regions, select_region_frames
+from regionvlp.data.sources import (
+    PROGRAMMING_ERRORS,
+    ShardList,
+    open_shard,
+    parse_specs,
+    read_sizes,
+    register_webdataset_handlers,
+)
 from regionvlp.data.text import load_tokenizer, pick_caption, sample_captions, tokenize
 from regionvlp.errors import UserError
+
 
 log = logging.getLogger(__name__)
 
@@ -300,14 +311,14 @@ class DecodeSpec:
     decode_device: str = "cpu"  # cuda: frame-shard JPEGs travel compressed, decoded per batch on the GPU
     max_image_pixels: int = dec.MAX_IMAGE_PIXELS
     max_caption_chars: Optional[int] = None
-    regions: Optional[dec.RegionShape] = None  # None: the first region sample of the stream sets it
+    regions: Optional[RegionShape] = None  # None: the first region sample of the stream sets it
 
 
 def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None, region_shape: bool = True) -> DecodeSpec:
     """How to decode for ``cfg``; ``region_shape=False`` takes K and F from the stream's
     first region sample instead of the config (``shards check`` without ``--config``)."""
     d = cfg.data
-    regions = dec.RegionShape(int(cfg.model.detector.num_regions), int(cfg.model.region_transformer.feature_dim))
+    regions = RegionShape(int(cfg.model.detector.num_regions), int(cfg.model.region_transformer.feature_dim))
     return DecodeSpec(
         num_frames=int(num_frames or d.num_frames),
         size=int(d.size),
@@ -349,7 +360,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     if stored and video_key is not None and spec.num_frames > len(stored):
         stored = []
     image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None and not stored else None
-    region_key = dec.REGION_EXT if dec.REGION_EXT in raw else None
+    region_key = REGION_EXT if REGION_EXT in raw else None
     if video_key is None and image_key is None and region_key is None and not stored:
         raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
     captions = sample_captions(raw.get("txt"), meta)
@@ -370,11 +381,11 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         "captions_cut": cut,
     }
     if region_key is not None:
-        regions = dec.decode_regions(raw[region_key])
+        regions = decode_regions(raw[region_key])
         if spec.regions is None:
-            spec.regions = dec.RegionShape.of(regions)
+            spec.regions = RegionShape.of(regions)
         spec.regions.check(regions)
-        out.update(dec.select_region_frames(regions, spec.num_frames, spec.sampling, rng))
+        out.update(select_region_frames(regions, spec.num_frames, spec.sampling, rng))
         out["media"] = region_key
     else:
         if stored and spec.decode_device == "cuda":
@@ -421,7 +432,6 @@ class SampleStream:
 
     def __init__(self, urls: Sequence[str] | str, cfg=None, *, training: bool = False, num_frames: Optional[int] = None,
                  seed: Optional[int] = None, region_shape: bool = True) -> None:
-        from regionvlp.config import default_config
 
         self.cfg = cfg if cfg is not None else default_config()
         self.shards = parse_specs(urls, allow_pipe=bool(self.cfg.data.allow_pipe))
@@ -599,7 +609,6 @@ def resolve_num_workers(value: Any) -> int:
     from the deepspeed launcher)."""
     if str(value) != "auto":
         return int(value)
-    import os
 
     total = os.cpu_count() or 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
@@ -621,8 +630,6 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
     batch kept when ``training=False``). Resampled (``data.resampled`` and training):
     every rank yields exactly ``samples_per_epoch / (world × batch_size)`` batches.
     """
-    import webdataset as wds
-
     d = cfg.data
     split_cfg = _split_cfg(cfg, split)
     if not list(split_cfg.urls):

@@ -20,9 +20,10 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from regionvlp.errors import UserError
+
 
 QUESTION_TYPES: tuple[str, ...] = ("what", "who", "how", "when", "where", "other")
 VOCAB_FILE = "qa_vocab.json"  # beside config.yaml in a run dir and in an export

@@ -17,19 +17,25 @@ offset already read; a shard that still fails is skipped and counted by the call
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
+import braceexpand
+
 from regionvlp.config import mask_secrets
 from regionvlp.errors import UserError
+
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +63,6 @@ class ShardList:
 
 # ------------------------------------------------------------------------ specs
 def _braceexpand(spec: str) -> list[str]:
-    import braceexpand
-
     return list(braceexpand.braceexpand(spec))
 
 
@@ -166,9 +170,6 @@ def _open_s3(url: str, offset: int) -> IO[bytes]:
 
 
 def _open_http(url: str, offset: int, timeout: float) -> IO[bytes]:
-    import urllib.error
-    import urllib.request
-
     headers = {"User-Agent": "regionvlp"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -354,8 +355,6 @@ def gopen_gs(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]
 def register_webdataset_handlers() -> None:
     """Make ``webdataset.gopen`` (and so any ``wds.WebDataset``) read s3:// and gs://
     through boto3 / fsspec instead of shelling out to the aws / gsutil CLIs."""
-    import importlib
-
     wgopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function of that name)
     wgopen.gopen_schemes["s3"] = gopen_s3
     wgopen.gopen_schemes["gs"] = gopen_gs

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from regionvlp.errors import UserError
+
 
 # class ids: index in CLASSES; 0 is the background (torchvision detection convention)
 CLASSES: list[str] = ["__background__", "circle", "square", "triangle", "diamond", "cross"]
@@ -521,7 +523,6 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
 
 def _write_split(split_dir: Path, samples, n: int, split: str, summary: dict[str, Any],
                  failed: list[str], progress: bool) -> None:
-    from tqdm import tqdm
 
     split_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(split_dir.glob("*.tar")) + list(split_dir.glob("*.tar.tmp")):

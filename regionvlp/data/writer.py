@@ -33,9 +33,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
+from tqdm import tqdm
+
+from regionvlp.data.decode import DecodeError, decode_pyav
 from regionvlp.data.output import cut_captions, local_output
+from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
+from regionvlp.data.synth import write_sizes
 from regionvlp.errors import UserError
+
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
 CAPTION_COLS = ("caption", "text", "txt", "name", "title", "description")
@@ -71,8 +76,6 @@ def frame_members(data: bytes, num_frames: int, short_side: Optional[int], quali
     midpoints, as eval samples them), short side at most ``short_side``, as JPEG."""
     from PIL import Image
 
-    from regionvlp.data.decode import decode_pyav
-
     frames = decode_pyav(data, num_frames, "uniform", short_side=short_side)  # [N, H, W, 3]
     out = {}
     for i, frame in enumerate(frames):
@@ -85,8 +88,6 @@ def frame_members(data: bytes, num_frames: int, short_side: Optional[int], quali
 def add_frames(sample: dict[str, Any], video_ext: str, meta: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
     """A sample with ``opts.keep_frames`` stored frames added (and its video dropped with
     ``opts.drop_video``); raises :class:`SkipItem` when the video gives no frames."""
-    from regionvlp.data.decode import DecodeError
-
     try:
         frames = frame_members(sample[video_ext], opts.keep_frames, opts.max_side, opts.jpeg_quality)
     except DecodeError as err:
@@ -406,8 +407,6 @@ def finish_outputs(out: Path, stats_files: dict[str, Path], command: str
                    ) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]], int]:
     """Per-shard stats → ``sizes.json`` and ``skipped.jsonl`` in ``out``, skips printed on
     stderr; returns (sizes, skip counts by reason, skipped items, bytes written)."""
-    from regionvlp.data.synth import write_sizes
-
     sizes: dict[str, int] = {}
     skipped: dict[str, int] = {}
     items: list[dict[str, Any]] = []
@@ -459,8 +458,6 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     ``max_side``; the video left out with ``drop_video``). ``qa``: a QA annotation file
     joined to the inputs by video id (:func:`join_qa`). OUT must be a local folder;
     captions over ``max_caption_chars`` are cut (counted in ``captions_cut``)."""
-    from tqdm import tqdm
-
     if shard_size < 1 or workers < 0:
         raise UserError("shards write: --shard-size must be >= 1 and --workers >= 0")
     if (max_side is not None and max_side < 2) or (max_seconds is not None and max_seconds <= 0) \

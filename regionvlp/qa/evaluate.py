@@ -21,10 +21,12 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from regionvlp import dist
+from regionvlp.data import build_loader
 from regionvlp.data.qa import load_vocab, vocab_path
 from regionvlp.errors import UserError
-from regionvlp.evaluate import gather_objects
+from regionvlp.model import prepare_batch
 from regionvlp.qa.metrics import qa_metrics
+
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,6 @@ class QARecord:
     question: str
     answer: str
     prediction: str
-
-
-def apply_transform(transform: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """The frozen region extractor (it has ``.detector``) through ``prepare_batch``, or a
-    batch -> batch callable (the trainer's), or nothing."""
-    if transform is None:
-        return batch
-    if hasattr(transform, "detector"):
-        from regionvlp.model import prepare_batch
-
-        return prepare_batch(batch, transform)
-    return transform(batch)
 
 
 def unwrap(model: Any) -> Any:
@@ -70,8 +60,7 @@ def answer_local(model: Any, batches: Iterable[Mapping[str, Any]], *, batch_tran
             skipped[str(reason)] = skipped.get(str(reason), 0) + int(count)
         if limit is not None and n >= limit:
             continue  # drain the skip counts only
-        b = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        b = apply_transform(batch_transform, b)
+        b = prepare_batch(batch, batch_transform, device)
         ids = model.predict_ids(b).cpu().tolist()  # one transfer per batch
         records += [QARecord(k, int(i), q, a, model.answers[p]) for k, i, q, a, p in
                     zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids)]
@@ -101,8 +90,6 @@ def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any =
                         "regionvlp.load_model or from a run directory")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if loader is None:
-        from regionvlp.data import build_loader
-
         if not list(getattr(cfg.data, split).urls):
             raise UserError(f"data.{split}.urls is empty: set it to the QA eval shards (data.{split}.urls=[...])")
         loader = build_loader(cfg, split, training=False)
@@ -112,7 +99,7 @@ def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any =
         local, skipped = answer_local(model, loader, batch_transform=batch_transform, device=device, limit=limit)
     finally:
         model.train(was_training)
-    gathered = gather_objects((local, skipped))
+    gathered = dist.gather_objects((local, skipped))
     records, duplicates = merge_records(part for part, _ in gathered)
     total_skipped: dict[str, int] = {}
     for _, part in gathered:

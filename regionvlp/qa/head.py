@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from regionvlp.pathway import TextOutput, VideoOutput
+from regionvlp.outputs import TextOutput, VideoOutput
 
 
 class QAHead(nn.Module):

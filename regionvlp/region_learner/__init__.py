@@ -1,5 +1,5 @@
 """Learned regions: a RegionLearner (quantize -> mask -> aggregate -> interact) inside a
-timm ViT, giving the same :class:`~regionvlp.pathway.VideoOutput` as the detector pathway.
+timm ViT, giving the same :class:`~regionvlp.outputs.VideoOutput` as the detector pathway.
 
 ``build_pathway(cfg)`` is what :func:`regionvlp.model.build_model` calls for
 ``model.regions: learned``; :func:`load_checkpoint` starts a pathway from a saved one
@@ -8,26 +8,21 @@ timm ViT, giving the same :class:`~regionvlp.pathway.VideoOutput` as the detecto
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from regionvlp.errors import UserError
+from regionvlp.region_learner.checkpoint import TEMPORAL_RESIZE, load_checkpoint, load_pathway_state
+from regionvlp.region_learner.masks import MASK_NORMS
+from regionvlp.region_learner.pathway import RegionLearnerPathway
 
-if TYPE_CHECKING:  # pragma: no cover
-    from regionvlp.region_learner.pathway import RegionLearnerPathway
 
 __all__ = ["build_pathway", "load_checkpoint", "load_pathway_state"]
 
 
-def build_pathway(cfg) -> "RegionLearnerPathway":
+def build_pathway(cfg) -> RegionLearnerPathway:
     """The learned-regions pathway for ``cfg.model.learner`` with output dim ``cfg.model.embed_dim``.
 
     When ``model.learner.checkpoint`` names a saved pathway (or whole model), its weights
     are loaded strictly, temporal embeddings resized per ``model.learner.temporal_resize``.
     """
-    from regionvlp.region_learner.checkpoint import TEMPORAL_RESIZE, load_checkpoint
-    from regionvlp.region_learner.masks import MASK_NORMS
-    from regionvlp.region_learner.pathway import RegionLearnerPathway
-
     lcfg = cfg.model.learner
     if lcfg.mask_norm not in MASK_NORMS:
         raise UserError(f"model.learner.mask_norm is {lcfg.mask_norm!r}; choose one of {', '.join(MASK_NORMS)}")
@@ -49,17 +44,3 @@ def build_pathway(cfg) -> "RegionLearnerPathway":
     if str(lcfg.checkpoint) not in ("none", ""):
         load_checkpoint(pathway, lcfg.checkpoint, temporal=str(lcfg.temporal_resize))
     return pathway
-
-
-def load_checkpoint(model, path, *, temporal: str = "interpolate"):
-    """Strictly load a saved pathway (or whole model) file into ``model``; see
-    :mod:`regionvlp.region_learner.checkpoint`."""
-    from regionvlp.region_learner.checkpoint import load_checkpoint as _load
-
-    return _load(model, path, temporal=temporal)
-
-
-def load_pathway_state(model, state, *, temporal: str = "interpolate"):
-    from regionvlp.region_learner.checkpoint import load_pathway_state as _load
-
-    return _load(model, state, temporal=temporal)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+
 MASK_NORMS = ("softmax", "sigmoid")
 
 

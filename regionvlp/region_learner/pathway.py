@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from regionvlp.errors import UserError
-from regionvlp.pathway import VideoOutput
+from regionvlp.outputs import VideoOutput
 from regionvlp.region_learner.backbone import TemporalAttention, TemporalEmbedding, create_vit
 from regionvlp.region_learner.interaction import RegionInteraction
 from regionvlp.region_learner.masks import RegionMasks, aggregate

@@ -29,8 +29,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 _EMA_BUFFERS = ("embed", "embed_sum", "cluster_size")
 
@@ -45,8 +47,6 @@ class QuantizerOutput:
 
 
 def _dist_ready() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

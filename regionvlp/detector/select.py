@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+
 HOST_SYNC = "regionvlp::host_sync"  # profiler label of every deliberate device -> host read
 
 

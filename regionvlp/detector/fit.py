@@ -13,7 +13,7 @@ with ``training=False``: ``data.eval_sampling``, short side resized to ``data.si
 a centre crop), and the boxes go through the same frame selection, resize and crop.
 
 Box recall is measured the way the pathway sees boxes: the fitted checkpoint is loaded
-into the frozen :class:`~regionvlp.regions.RegionExtractor` (``model.detector.*``:
+into the frozen :class:`~regionvlp.detector.RegionExtractor` (``model.detector.*``:
 top-K per frame after class-agnostic NMS) and a labelled box counts as found when one of
 the K boxes overlaps it with IoU >= 0.5.
 """
@@ -31,8 +31,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
+from regionvlp.data import iter_samples
+from regionvlp.data.decode import sample_indices
+from regionvlp.detector.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
+from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
+
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +95,6 @@ def frame_boxes(meta: dict[str, Any], indices: Sequence[int], size: int,
 def load_frames(urls: Sequence[str], cfg: Any, *, num_frames: int, max_clips: int | None = None,
                 desc: str = "frames") -> FrameSet:
     """Every labelled frame of up to ``max_clips`` clips (``num_frames`` per clip)."""
-    from tqdm import tqdm
-
-    from regionvlp.data import iter_samples
-    from regionvlp.data.decode import sample_indices
-
     stream = iter_samples(list(urls), cfg, training=False, num_frames=num_frames)
     frames: list[torch.Tensor] = []
     boxes: list[torch.Tensor] = []
@@ -159,8 +160,6 @@ def box_recall(pred_boxes: torch.Tensor, pred_mask: torch.Tensor, gt_boxes: Sequ
 @torch.no_grad()
 def measure_recall(extractor: Any, data: FrameSet, *, batch_size: int = 64, iou_thresh: float = 0.5) -> dict[str, Any]:
     """Box recall of the extractor's top-K boxes on ``data``'s frames."""
-    from tqdm import tqdm
-
     found = total = 0
     kept = 0
     size = data.frames.shape[-1]
@@ -199,8 +198,6 @@ def _num_classes(train: FrameSet, num_classes: int | None) -> int:
 
 def _build_model(cfg: Any, num_classes: int, trainable_layers: int) -> tuple[torch.nn.Module, dict | None]:
     """The detector to fit, and the freeze counts when it starts from pretrained weights."""
-    from regionvlp.regions.detector import build_detector, detector_kwargs, freeze_for_finetune
-
     d = cfg.model.detector
     # fewer sampled RPN proposals / RoIs per training image than torchvision's defaults: the
     # box head dominates a step at these sizes and a few objects per frame need few samples
@@ -231,8 +228,6 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_st
 def _train(model: torch.nn.Module, train: FrameSet, *, steps: int, batch_size: int, lr: float,
            weight_decay: float, warmup_steps: int, seed: int, progress: bool) -> list[float]:
     """The fitting loop (random frames with a box, horizontal flips); the loss per step."""
-    from tqdm import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     opt, sched = _optimizer(model, lr, weight_decay, warmup_steps, steps)
@@ -262,8 +257,6 @@ def _train(model: torch.nn.Module, train: FrameSet, *, steps: int, batch_size: i
 
 def _recall(cfg: Any, out: Path, val_urls: list[str], num_frames: int, val_clips: int | None) -> dict[str, Any]:
     """Box recall through the frozen extractor, loading the checkpoint just written."""
-    from regionvlp.regions.extractor import build_extractor
-
     if not val_urls:
         log.warning("detector fit: no val shards (--val-urls or data.val.urls): box recall not measured")
         return {"box_recall": None}
@@ -300,10 +293,8 @@ def fit_detector(
     (default ``cfg.data.val.urls``). Returns the JSON summary.
 
     From pretrained weights (a name or a file), the backbone's BatchNorm is frozen and only
-    its last ``trainable_layers`` stages train (:func:`~regionvlp.regions.detector.freeze_for_finetune`,
+    its last ``trainable_layers`` stages train (:func:`~regionvlp.detector.detector.freeze_for_finetune`,
     torchvision's rule); from ``none`` everything trains with batch statistics."""
-    from regionvlp.regions.detector import save_detector
-
     if steps < 1 or batch_size < 1:
         raise UserError("detector fit: --steps and --batch-size must be >= 1")
     if not urls:

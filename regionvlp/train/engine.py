@@ -1,7 +1,7 @@
 """DeepSpeed engine: optimizer parameter groups, LR schedule, initialisation, checkpoints.
 
 Everything here takes a plain ``nn.Module`` and the run config, so it is tested with
-toy modules; :mod:`regionvlp.train` wires it to the dual encoder and the data.
+toy modules; :mod:`regionvlp.train.loop` wires it to the dual encoder and the data.
 
 - :func:`param_groups`: AdamW groups, no weight decay on biases / norms / embeddings /
   temperature, a learning-rate multiplier per tower (``text_tower.*`` vs the rest).
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import signal
-import socket
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,7 +29,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from regionvlp import dist
+from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manifest
+from regionvlp.config import to_container
 from regionvlp.errors import UserError
+
 
 # ------------------------------------------------------------------ environment
 NO_DECAY_NAMES = ("temperature", "logit_scale", "pos_embed", "cls_token", "time_embed",
@@ -44,66 +45,10 @@ if hasattr(nn, "RMSNorm"):
     NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
 
 
-def setup_accelerator_env() -> None:
-    """Before ``import deepspeed``: pick the CPU accelerator when no GPU is present."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """A process group for every run: the launcher's env vars, or a 1-process group on loopback."""
-    setup_accelerator_env()
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # a group from an earlier run in this process: DeepSpeed reads the env
-        os.environ.setdefault("RANK", str(dist.get_rank()))
-        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-        os.environ.setdefault("LOCAL_RANK", "0")
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
-
-_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextmanager
-def process_group():
-    """:func:`init_distributed` for one run. Without a launcher this starts a 1-process
-    group and sets RANK / WORLD_SIZE / MASTER_* for it; afterwards those env vars are
-    restored, so later code in the process (a data loader simulating ranks, a library
-    caller) sees the real environment. The group itself stays: DeepSpeed caches its
-    groups per process, so a later run in the same process reuses it."""
-    saved = {key: os.environ.get(key) for key in _GROUP_ENV}
-    init_distributed()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def train_device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.initialized():
+        torch.distributed.barrier()
 
 
 # -------------------------------------------------------------- optimizer groups
@@ -188,8 +133,6 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
     = train.grad_accum and ``gradient_clipping`` = optim.grad_clip are always set; the
     section may repeat them only with the same value.
     """
-    from regionvlp.config import to_container
-
     ds = dict(to_container(cfg.deepspeed)) if cfg.deepspeed else {}
     owned = {"train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
              "gradient_accumulation_steps": int(cfg.train.grad_accum),
@@ -234,8 +177,8 @@ def initialize(model: nn.Module, cfg: Any) -> tuple[Any, torch.optim.Optimizer, 
     Returns ``(engine, optimizer, scheduler, ds_config)``; DeepSpeed steps the scheduler
     at each accumulation boundary and stores both in its checkpoints.
     """
-    init_distributed()
-    import deepspeed
+    dist.init_distributed()
+    import deepspeed  # heavy; imported by the runs that train, after the accelerator env is set
 
     ds = deepspeed_config(cfg)
     opt, sched = build_optimizer(model, cfg)
@@ -249,39 +192,6 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ checkpoints
-_TAG = re.compile(r"^step(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def list_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoints (those DeepSpeed finished writing), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name)
-            and (p / "client_state.done").exists()]
-    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
-
-
-def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """``none`` → None; ``auto`` → the newest complete checkpoint in the run (or None);
-    ``PATH`` → a tag folder (…/step00000100) or a checkpoint folder holding ``latest``."""
-    if resume in ("", "none", None):
-        return None
-    if resume == "auto":
-        tags = list_tags(ckpt_dir)
-        return (ckpt_dir, tags[-1]) if tags else None
-    path = Path(resume).expanduser()
-    if (path / "latest").is_file() and not list(path.glob("*model_states.pt")):
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and list(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise UserError(f"train.resume={resume}: not a checkpoint (expected a folder with 'latest' or "
-                    f"*_model_states.pt); use auto, none or a path under RUN_DIR/checkpoints")
-
-
 class Checkpointer:
     """DeepSpeed checkpoints under ``run_dir/checkpoints/stepNNNNNNNN``, newest K kept.
 
@@ -295,26 +205,18 @@ class Checkpointer:
         self.keep_last = max(1, int(keep_last))
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
-        import torch.distributed as dist
-
         tag = tag_for(step)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
-        if dist.is_initialized():
-            dist.barrier()
-        if int(os.environ.get("RANK", 0)) == 0 or not dist.is_initialized() or dist.get_rank() == 0:
-            from regionvlp.checkpoint import write_manifest
-
+        barrier()
+        if dist.is_main():
             write_manifest(self.dir / tag)  # resume trusts only files listed here
             (self.dir / tag / "client_state.done").write_text(str(step))
             for old in list_tags(self.dir)[:-self.keep_last]:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         return self.dir / tag
 
     def load(self, engine: Any, where: tuple[Path, str]) -> dict[str, Any]:
-        from regionvlp.checkpoint import check_manifest
-
         load_dir, tag = where
         check_manifest(Path(load_dir) / tag, self.dir)  # DeepSpeed (and the RNG file) unpickle freely
         path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
@@ -322,29 +224,6 @@ class Checkpointer:
         if path is None:
             raise UserError(f"could not load checkpoint {load_dir}/{tag}; pass train.resume=none to start over")
         return client or {}
-
-
-def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ------------------------------------------------------------ signals, failures
@@ -380,17 +259,6 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any rank (one all-reduce)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class NonFiniteLossError(UserError):

@@ -12,7 +12,6 @@ when complete, so a rerun skips finished shards (resume) and redoes a cut-off on
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -20,26 +19,20 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
+from regionvlp.data import iter_samples
+from regionvlp.data.output import SampleTarWriter, local_output
+from regionvlp.data.regions import regions_npz
+from regionvlp.data.sources import parse_specs
+from regionvlp.data.synth import write_sizes
+from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
+from regionvlp.runtime import resolve_device
+
 
 MANIFEST = "extract.json"
-
-
-def regions_npz(regions: dict[str, torch.Tensor]) -> bytes:
-    """One sample's region tensors ([T,K,...]) -> ``regions.npz`` bytes in the agreed dtypes."""
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        feats=regions["region_feats"].to(torch.float16).cpu().numpy(),
-        boxes=regions["region_boxes"].float().cpu().numpy(),
-        mask=regions["region_mask"].bool().cpu().numpy(),
-        labels=regions["region_labels"].long().cpu().numpy(),
-        scores=regions["region_scores"].float().cpu().numpy(),
-    )
-    return buf.getvalue()
 
 
 def _shard_name(url: str) -> str:
@@ -77,15 +70,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
                     device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
-    from tqdm import tqdm
-
-    from regionvlp.bench import resolve_device
-    from regionvlp.data import iter_samples
-    from regionvlp.data.output import SampleTarWriter, local_output
-    from regionvlp.data.sources import parse_specs
-    from regionvlp.data.synth import write_sizes
-    from regionvlp.regions.extractor import build_extractor
-
     out = local_output(out, "regions extract")
     shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe)).urls
     if not shards:

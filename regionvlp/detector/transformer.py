@@ -17,13 +17,14 @@ re-gathered for backward). Checkpoints with the older top-level names (``tempora
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from regionvlp.errors import UserError
-from regionvlp.pathway import VideoOutput
+from regionvlp.outputs import VideoOutput
 
 
 def box_vector(boxes: torch.Tensor) -> torch.Tensor:
@@ -167,8 +168,6 @@ class RegionTransformer(nn.Module):
 def vit_state(source: str) -> dict[str, torch.Tensor]:
     """A ViT's weights: a timm model name (timm's pretrained weights from the local cache; never
     downloaded when offline) or a local file (``.safetensors``/``.pth``/``.bin``, timm-readable)."""
-    from pathlib import Path
-
     import timm
 
     path = Path(source).expanduser()

@@ -32,8 +32,12 @@ from typing import Any
 
 import torch
 
-from regionvlp.bench import device_name, resolve_device, synchronize
+from regionvlp.config import DetectorConfig
+from regionvlp.detector.detector import build_detector, detector_kwargs
+from regionvlp.detector.extractor import RegionExtractor
 from regionvlp.errors import UserError
+from regionvlp.runtime import device_name, resolve_device, synchronize
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,9 +86,6 @@ def _resolve(device: str, dtype: str) -> tuple[torch.device, str]:
 def _detectors(arch: str, weights: str, size: int, k: int, dev: torch.device) -> dict[str, torch.nn.Module]:
     """``stock`` (K detections, score threshold 0), ``tuned`` (the extractor's RPN defaults) and
     ``stock_rpn`` (the arch's RPN settings), all with the same weights, eval, on ``dev``."""
-    from regionvlp.config import DetectorConfig
-    from regionvlp.regions.detector import build_detector, detector_kwargs
-
     base_kw = {"min_size": size, "max_size": size}
     stock = build_detector(arch, weights, box_score_thresh=0.0, box_detections_per_img=k, **base_kw)
     stock.eval().requires_grad_(False).to(dev)
@@ -158,7 +159,6 @@ def _ratios(result: dict[str, Any], best_cpu: dict[str, float], dev: torch.devic
 def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch: int = 64, device: str = "auto",
                   dtype: str = "auto", num_regions: int = 30, weights: str = "none", iters: int = 3,
                   warmup: int = 1, seed: int = 0, selection: str = "region") -> dict[str, Any]:
-    from regionvlp.regions.extractor import RegionExtractor
 
     dev, dtype = _resolve(device, dtype)
     torch.manual_seed(seed)

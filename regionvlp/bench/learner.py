@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from regionvlp.bench import device_name, interleaved_times, resolve_device, synchronize
+from regionvlp.bench.common import interleaved_times
+from regionvlp.config import load_config
 from regionvlp.errors import UserError
+from regionvlp.region_learner import build_pathway
+from regionvlp.runtime import device_name, resolve_device, synchronize
+
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain_learned.yaml"
 # CLI flag -> config key it overrides (None flags keep the config's value)
@@ -55,8 +60,6 @@ def _step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device
 def bench_config(config: str | Path | None = None, overrides: Sequence[str] = (), **flags: Any):
     """The run config the bench measures: ``config`` (default the shipped pre-training one),
     then every flag that is not None, random init, ``max_frames`` fitting the clip."""
-    from regionvlp.config import load_config
-
     unknown = sorted(set(flags) - set(FLAG_KEYS))
     if unknown:
         raise TypeError(f"unknown bench_learner settings: {', '.join(unknown)}")
@@ -84,8 +87,6 @@ def _variants(cfg: Any, dev: torch.device, batch: int, torch_dtype: torch.dtype
               ) -> tuple[dict[str, Callable[[], None]], int]:
     """The two training steps (baseline ``vit`` first) and the ViT depth."""
     import timm
-
-    from regionvlp.region_learner import build_pathway
 
     lcfg, frames, img = cfg.model.learner, int(cfg.data.num_frames), int(cfg.model.learner.img_size)
     torch.manual_seed(0)
@@ -130,8 +131,6 @@ def _warm_and_peaks(steps: dict[str, Callable[[], None]], dev: torch.device, war
 
 def _gflop(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
     """Matmul/conv/attention GFLOPs of one step of each variant: independent of load."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     out: dict[str, float] = {}
     for name, step in steps.items():
         counter = FlopCounterMode(display=False)

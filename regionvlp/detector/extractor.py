@@ -18,7 +18,7 @@ Two selection rules (``model.detector.selection``):
   ``box_detections_per_img`` = K (several labels may sit on one object).
 
 The RPN stage is the stock one (same top-n per level, clipping, min size, NMS per level,
-post-NMS top-n). NMS is :func:`regionvlp.regions.select.cluster_nms` (exact greedy NMS as
+post-NMS top-n). NMS is :func:`regionvlp.detector.select.cluster_nms` (exact greedy NMS as
 batched matrix work); RoIAlign gets each FPN level converted to contiguous fp32 once per
 call, and RoIs are grouped by level after one read of the per-level counts. Host syncs
 per call: one NMS convergence read per NMS stage, one level-count read per RoI stage (4);
@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regionvlp.detector.detector import build_detector, detector_kwargs
+from regionvlp.detector.select import cluster_nms, host_ints, top_kept
 from regionvlp.errors import UserError
-from regionvlp.regions.select import cluster_nms, host_ints, top_kept
+
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")
 SELECTIONS = ("region", "stock")
@@ -354,8 +356,6 @@ def pad_slots(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def build_extractor(cfg: Any) -> RegionExtractor:
     """The frozen extractor for ``cfg.model.detector`` (not an nn.Module; call ``.to(device)``)."""
-    from regionvlp.regions.detector import build_detector, detector_kwargs
-
     d = cfg.model.detector
     det = build_detector(d.arch, d.weights, **detector_kwargs(d, size=int(cfg.data.size)))
     return RegionExtractor(det, num_regions=d.num_regions, nms_thresh=d.nms_thresh,

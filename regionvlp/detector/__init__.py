@@ -2,9 +2,10 @@
 (:func:`build_extractor`), a trainable region transformer turns them into the video
 tokens the shared losses take (:func:`build_pathway`)."""
 
-from regionvlp.regions.detector import ARCHS, build_detector, save_detector
-from regionvlp.regions.extractor import RegionExtractor, build_extractor
-from regionvlp.regions.transformer import RegionTransformer, build_pathway
+from regionvlp.detector.detector import ARCHS, build_detector, save_detector
+from regionvlp.detector.extractor import RegionExtractor, build_extractor
+from regionvlp.detector.transformer import RegionTransformer, build_pathway
+
 
 __all__ = [
     "ARCHS",

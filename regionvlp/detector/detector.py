@@ -23,11 +23,13 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from regionvlp.errors import UserError
+
 
 TORCHVISION_ARCHS = (
     "fasterrcnn_resnet50_fpn",
@@ -126,8 +128,6 @@ def _resolve_enum(arch: str, weights: str):
 
 def hub_checkpoint_path(url: str) -> Path:
     """Where torchvision's ``load_state_dict_from_url`` caches ``url``."""
-    from urllib.parse import urlparse
-
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 

@@ -1,0 +1,1 @@
+"""``regionvlp bench …``: one module per benchmark, timing helpers in :mod:`regionvlp.bench.common`."""

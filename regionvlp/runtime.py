@@ -1,0 +1,121 @@
+"""Process-level helpers every layer may use: device choice, moving a batch, autocast,
+peak memory, and the one JSON result line a command prints last.
+
+Nothing here reads a config section or imports another regionvlp module, so anything in
+the package can import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from contextlib import nullcontext
+from typing import Any, Mapping
+
+import torch
+
+from regionvlp.errors import UserError
+
+
+# ------------------------------------------------------------------------ devices
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the local GPU when one is visible, else the CPU; otherwise ``name``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def local_device(want: str = "auto") -> torch.device:
+    """This process's device under a launcher: ``cuda:LOCAL_RANK`` (made current) when a
+    GPU is wanted and visible, else the CPU. ``want`` is ``auto`` | ``cuda`` | ``cpu``."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no GPU is visible; use run.device=cpu")
+    if want != "cpu" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------ batches
+def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Tensors to ``device``; floating tensors also to ``dtype`` when given (the engine
+    dtype for region features/boxes). Other values pass through."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if dtype is not None and v.is_floating_point() and v.dtype != dtype:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device``; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (fp32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+# ------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss_bytes() -> int:
+    """The CPU high-water mark of this process (ru_maxrss is KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_bytes(device: torch.device | None = None) -> int:
+    """Peak memory of this process: CUDA max allocated on ``device`` (or on the current
+    GPU when ``device`` is None and CUDA is in use), else the CPU max resident set."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return max_rss_bytes()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# ---------------------------------------------------------------------- JSON line
+def json_default(obj: Any) -> Any:
+    """Tensors and numpy scalars/arrays as plain numbers/lists; anything else as text."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON line on stdout (the machine-readable result), flushed."""
+    sys.stdout.write(json.dumps(obj, sort_keys=False, default=json_default) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,57 @@
+"""``train.init_from``: start a run from another run's weights (no optimizer, no step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from regionvlp.checkpoint import consolidated_state_dict, find_checkpoint
+from regionvlp.errors import UserError
+from regionvlp.region_learner import load_pathway_state
+from regionvlp.region_learner.checkpoint import is_learner_state
+
+
+def init_weights(model: torch.nn.Module, source: Path) -> None:
+    """``train.init_from``: weights only (no optimizer, no step) from an export folder,
+    a run dir or a checkpoint; loaded before DeepSpeed wraps the model, so any ZeRO stage."""
+    if (source / "model.safetensors").is_file():
+        state = load_file(str(source / "model.safetensors"))
+    elif source.is_dir():
+        state = consolidated_state_dict(*find_checkpoint(source, None))
+    else:
+        raise UserError(f"train.init_from={source}: not an export folder or run directory")
+    load_init_state(model, state, str(source))
+
+
+def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict weights-only load for finetuning. A RegionLearner pathway goes through its own
+    loader (temporal embeddings resized to the new frame count, identity-initialised
+    temporal attention kept); every other key must match by name and shape, so no
+    pretrained weight is silently dropped. Mismatches are one UserError naming the keys."""
+    own = model.state_dict()
+    rest = dict(state)
+    if not any(k.startswith("qa_head.") for k in rest):  # a retrieval checkpoint: the QA head starts fresh
+        own = {k: v for k, v in own.items() if not k.startswith("qa_head.")}
+    if model_pathway_is_learned(model):
+        load_pathway_state(model.pathway, state)
+        rest = {k: v for k, v in state.items() if not k.startswith("pathway.")}
+        own = {k: v for k, v in own.items() if not k.startswith("pathway.")}
+    missing = [k for k in own if k not in rest]
+    unexpected = [k for k in rest if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+                  for k, v in rest.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{name}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
+        raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
+                        "use a checkpoint of the same pathway, text model and sizes")
+    model.load_state_dict(rest, strict=False)  # strict by the checks above; pathway keys loaded already
+
+
+def model_pathway_is_learned(model: torch.nn.Module) -> bool:
+    return is_learner_state(model.state_dict(), prefix="pathway.")
+
+

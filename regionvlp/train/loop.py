@@ -1,0 +1,385 @@
+"""The training loop: one loop for both pathways, single process or under a launcher.
+
+Run it as ``regionvlp train CONFIG [k=v …]``, ``deepspeed --num_gpus N --module
+regionvlp.train CONFIG [k=v …]`` or ``torchrun --nproc_per_node N -m regionvlp.train
+CONFIG [k=v …]``. Library use: ``regionvlp.train.train(cfg) -> dict``.
+
+A *step* is one optimizer step (``train.grad_accum`` micro-batches per rank). Every rank
+runs the same number of steps: ranks agree each micro-batch whether all of them still
+have data, and all roll over to the next epoch together. Checkpoints hold the step,
+epoch, position in the epoch (the number of micro-batches consumed, replayed without
+training on resume), every rank's RNG state, the config and recent losses.
+
+The loop reads like the algorithm (:func:`train_step`); what happens every N steps —
+logging, validation, checkpointing, stop handling — lives in small functions called
+after each step (:func:`after_step`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from regionvlp import dist
+from regionvlp.checkpoint import list_tags, resolve_resume, tag_for
+from regionvlp.config import check_out_dir, saved_container, to_yaml
+from regionvlp.detector.weights import load_extractor_weights, save_extractor_weights
+from regionvlp.errors import UserError
+from regionvlp.model import build_batch_transform, build_model, prepare_batch
+from regionvlp.qa.vocab import prepare_run_vocab
+from regionvlp.runtime import autocast_for, local_device, peak_bytes
+from regionvlp.train import engine as E
+from regionvlp.train.data import BatchFeed
+from regionvlp.train.finetune import init_weights
+from regionvlp.train.state import MetricsLog, TrainState, add_counts, mean_finite, read_rng, set_rng_state, write_rng
+from regionvlp.train.validate import validate
+
+
+log = logging.getLogger("regionvlp.train")
+
+
+# -------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`setup_run`."""
+
+    cfg: Any
+    run_dir: Path
+    device: torch.device
+    world: int
+    engine: Any  # the DeepSpeed engine around the DualEncoder
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype  # the engine's compute dtype
+    zero_stage: int
+    extractor: Any | None  # the frozen region extractor (detector pathway), never an engine child
+    ckpt: E.Checkpointer
+    state: TrainState
+    guard: E.NonFiniteGuard
+    metrics: MetricsLog
+    resumed_from: str | None = None
+    pending_rng: dict[str, Any] | None = None  # restored once the data position is reached
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.cfg.train.max_steps)
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch on the device in the engine dtype, with regions extracted."""
+        return prepare_batch(batch, self.extractor, self.device, self.dtype)
+
+
+@dataclass
+class Meter:
+    """Loss terms, clips and data wait: of the current optimizer step, of the logging
+    window, and of the whole run segment."""
+
+    step_terms: dict[str, float] = field(default_factory=dict)
+    step_micro: int = 0
+    win_terms: dict[str, float] = field(default_factory=dict)
+    win_steps: int = 0
+    win_t0: float = field(default_factory=time.perf_counter)
+    win_wait: float = 0.0
+    win_clips: int = 0
+    total_t0: float = field(default_factory=time.perf_counter)
+    total_wait: float = 0.0
+    total_clips: int = 0
+
+    def waited(self, seconds: float) -> None:
+        self.win_wait += seconds
+        self.total_wait += seconds
+
+    def add_micro(self, out: dict[str, Any], clips: int) -> None:
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                self.step_terms[k] = self.step_terms.get(k, 0.0) + float(v.detach().float())
+        self.step_micro += 1
+        self.win_clips += clips
+        self.total_clips += clips
+
+    def end_step(self) -> tuple[dict[str, float], int]:
+        """The step's mean loss terms and its micro-batch count; starts the next step."""
+        terms = {k: v / self.step_micro for k, v in self.step_terms.items()}
+        micro = self.step_micro
+        for k, v in terms.items():
+            self.win_terms[k] = self.win_terms.get(k, 0.0) + v
+        self.win_steps += 1
+        self.step_terms, self.step_micro = {}, 0
+        return terms, micro
+
+    def window(self) -> dict[str, float]:
+        """Mean terms and rates since the last call; starts a new window."""
+        elapsed = max(1e-9, time.perf_counter() - self.win_t0)
+        out = {k: v / max(1, self.win_steps) for k, v in self.win_terms.items()}
+        out.update(clips_per_s=self.win_clips / elapsed, data_wait_frac=self.win_wait / elapsed)
+        self.win_terms, self.win_steps = {}, 0
+        self.win_t0, self.win_wait, self.win_clips = time.perf_counter(), 0.0, 0
+        return out
+
+    def elapsed(self) -> float:
+        return max(1e-9, time.perf_counter() - self.total_t0)
+
+
+# ---------------------------------------------------------------------- setup
+def write_run_config(cfg: Any, run_dir: Path) -> None:
+    """Rank 0 creates the run folder and writes ``config.yaml`` (and a QA run's answer
+    vocabulary); every rank waits."""
+    if dist.is_main():
+        check_out_dir(run_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
+            prepare_run_vocab(cfg, run_dir)
+    E.barrier()
+
+
+def build_extractor_for(cfg: Any, run_dir: Path, device: torch.device) -> Any | None:
+    """The frozen extractor on ``device`` with the run's own random weights (saved on a
+    fresh run, loaded on resume); None on the learned pathway."""
+    extractor = build_batch_transform(cfg)
+    if extractor is None:
+        return None
+    load_extractor_weights(extractor, run_dir)
+    extractor.to(device)
+    if dist.is_main():
+        save_extractor_weights(extractor, run_dir)
+    return extractor
+
+
+def setup_run(cfg: Any) -> Run:
+    """Model, extractor, DeepSpeed engine and run folder; resumed when asked to."""
+    run_dir = Path(cfg.run.out_dir)
+    device = local_device()
+    write_run_config(cfg, run_dir)
+    torch.manual_seed(int(cfg.seed))  # same init on every rank
+    extractor = build_extractor_for(cfg, run_dir, device)
+    model = build_model(cfg)
+    ckpt = E.Checkpointer(run_dir, int(cfg.train.keep_last))
+    where = resolve_resume(str(cfg.train.resume), ckpt.dir)
+    if where is None and list_tags(ckpt.dir):
+        raise UserError(f"{ckpt.dir} already holds checkpoints of another run; continue it with "
+                        "train.resume=auto, or pick a new run.out_dir")
+    if where is None and str(cfg.train.init_from) not in ("", "none"):
+        init_weights(model, Path(str(cfg.train.init_from)))
+    engine, optimizer, _, ds = E.initialize(model, cfg)
+    run = Run(cfg=cfg, run_dir=run_dir, device=device, world=dist.world_size(), engine=engine,
+              optimizer=optimizer, dtype=E.engine_dtype(ds),
+              zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)), extractor=extractor,
+              ckpt=ckpt, state=TrainState(), guard=E.NonFiniteGuard(int(cfg.train.max_nonfinite)),
+              metrics=MetricsLog(run_dir, False, None))
+    if where is not None:
+        resume(run, where)
+    run.guard.total = run.state.nonfinite
+    run.metrics = MetricsLog(run_dir, dist.is_main(), run.state.step if run.resumed_from else None)
+    return run
+
+
+def resume(run: Run, where: tuple[Path, str]) -> None:
+    """Engine, optimizer, schedule and train state from checkpoint ``where``; the RNG
+    state is kept pending until the data position has been replayed."""
+    client = run.ckpt.load(run.engine, where)
+    saved = client.get("train_state")
+    if saved is None:
+        raise UserError(f"checkpoint {where[0]}/{where[1]} has no regionvlp train state; "
+                        "it was not written by regionvlp train")
+    run.state = TrainState(**saved)
+    run.pending_rng = read_rng(Path(where[0]) / where[1], dist.rank())
+    run.resumed_from = str(Path(where[0]) / where[1])
+    if dist.is_main():
+        log.info("resumed from %s at step %d", run.resumed_from, run.state.step)
+
+
+# ----------------------------------------------------------------------- step
+def loss_is_finite(run: Run, loss: torch.Tensor) -> bool:
+    """All ranks agree whether the micro-batch's loss is finite; a non-finite one is
+    counted (and aborts after ``train.max_nonfinite`` in a row)."""
+    finite = not dist.any_rank(not bool(torch.isfinite(loss.detach()).all()), run.device)
+    if run.guard.check(finite, run.state.step):
+        return True
+    run.state.nonfinite = run.guard.total
+    if dist.is_main():
+        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
+                    run.state.step, run.guard.in_a_row)
+    return False
+
+
+def train_step(run: Run, feed: BatchFeed, meter: Meter) -> None:
+    """One optimizer step: ``train.grad_accum`` micro-batches of forward and backward,
+    then the engine's optimizer step (DeepSpeed steps at the accumulation boundary)."""
+    while True:
+        batch, waited = feed.next_batch()
+        meter.waited(waited)
+        add_counts(run.state.skipped, batch.get("skipped"))
+        with autocast_for(run.device, run.dtype):
+            out = run.engine(run.prepare(batch))
+        if not loss_is_finite(run, out["loss"]):
+            continue
+        boundary = run.engine.is_gradient_accumulation_boundary()
+        run.engine.backward(out["loss"])
+        run.engine.step()
+        meter.add_micro(out, clips=len(batch["__key__"]) * run.world)
+        if boundary:
+            return
+
+
+def end_step(run: Run, meter: Meter) -> None:
+    """Count the finished optimizer step in the train state."""
+    state = run.state
+    terms, micro = meter.end_step()
+    state.step += 1
+    state.samples += int(run.cfg.data.batch_size) * run.world * micro
+    loss = terms.get("loss", float("nan"))
+    state.recent_losses = (state.recent_losses + [loss])[-5:]
+    if len(state.first_losses) < 5:
+        state.first_losses.append(loss)
+
+
+# ---------------------------------------------------------------- every N steps
+def due(step: int, every: int, last: int) -> bool:
+    """True on every ``every``-th step and on the last one."""
+    return (every > 0 and step % every == 0) or step == last
+
+
+def log_step(run: Run, meter: Meter, frames: int | None, pbar: Any) -> None:
+    """One ``metrics.jsonl`` record of the window since the last log, and the bar's figures."""
+    state = run.state
+    record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "frames": frames}
+    record.update(meter.window())
+    record.update({f"lr_{k}": v for k, v in E.current_lrs(run.optimizer).items()})
+    grad_norm = run.engine.get_global_grad_norm()
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        record["grad_norm"] = float(grad_norm)
+    record.update(nonfinite_skipped=run.guard.total, elapsed=state.elapsed + meter.elapsed(),
+                  time=time.time(), skipped=sum(state.skipped.values()))
+    run.metrics.write(record)
+    if pbar is not None:
+        shown = {k: f"{record[k]:.3g}" for k in ("loss", "global", "local", "clips_per_s", "data_wait_frac")
+                 if k in record}
+        pbar.set_postfix(shown | {"lr": f"{float(run.optimizer.param_groups[0]['lr']):.2e}"}, refresh=False)
+
+
+def validate_step(run: Run, meter: Meter, frames: int, fallback: dict[str, Any]) -> None:
+    """Validation metrics into the train state and ``metrics.jsonl``."""
+    val = validate(run.engine, run.cfg, run.extractor, run.device, run.dtype, frames, run.zero_stage, fallback)
+    if val:
+        run.state.last_val = val
+        run.metrics.write({"step": run.state.step, "elapsed": run.state.elapsed + meter.elapsed(),
+                           "time": time.time(), **val})
+
+
+def save(run: Run, meter: Meter) -> Path:
+    """A checkpoint of this step: engine + optimizer + schedule (DeepSpeed, every rank),
+    the train state and config as client state, and this rank's RNG state."""
+    saved = asdict(run.state)
+    saved["elapsed"] = run.state.elapsed + meter.elapsed()
+    client = {"train_state": saved, "config": saved_container(run.cfg), "regionvlp_checkpoint": 1}
+    write_rng(run.ckpt.dir / tag_for(run.state.step), dist.rank())
+    return run.ckpt.save(run.engine, run.state.step, client)
+
+
+def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, pbar: Any) -> str | None:
+    """Logging, validation and checkpointing when due; the stop reason when a signal
+    asked the run to stop (after its checkpoint), else None."""
+    step, cfg = run.state.step, run.cfg
+    if due(step, int(cfg.train.log_every), run.max_steps):
+        log_step(run, meter, feed.frames, pbar)
+    if pbar is not None:
+        pbar.update(1)
+    if due(step, int(cfg.train.val_every), run.max_steps):
+        validate_step(run, meter, feed.frames, feed.last_batch)
+    stop_now = dist.any_rank(stop.requested, run.device)
+    if due(step, int(cfg.train.ckpt_every), run.max_steps) or stop_now:
+        save(run, meter)
+    if not stop_now:
+        return None
+    reason = signal.Signals(stop.signum).name if stop.signum else "signal"
+    if dist.is_main():
+        log.warning("stop requested (%s): checkpoint saved at step %d", reason, step)
+    return reason
+
+
+# --------------------------------------------------------------------- summary
+def summarize(run: Run, meter: Meter, stopped: str) -> dict[str, Any]:
+    """The run's JSON summary (also written to ``summary.json`` by rank 0)."""
+    state, elapsed = run.state, meter.elapsed()
+    tags = list_tags(run.ckpt.dir)
+    summary = {
+        "steps": state.step,
+        "final_loss": mean_finite(state.recent_losses),
+        "initial_loss": mean_finite(state.first_losses),
+        "checkpoint_dir": str(run.ckpt.dir / tags[-1]) if tags else None,
+        "skipped": dist.sum_counts(state.skipped),
+        "nonfinite_skipped": run.guard.total,
+        "clips_per_s": meter.total_clips / elapsed,
+        "data_wait_frac": meter.total_wait / elapsed,
+        "epochs": state.epoch,
+        "samples": state.samples,
+        "stopped": stopped,
+        "resumed_from": run.resumed_from,
+        "val": state.last_val,
+        "world_size": run.world,
+        "zero_stage": run.zero_stage,
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "run_dir": str(run.run_dir),
+        "train_seconds": state.elapsed + elapsed,
+        "peak_bytes": peak_bytes(run.device),
+    }
+    if dist.is_main():
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ------------------------------------------------------------------------ loop
+def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` to ``train.max_steps`` (or until SIGTERM/SIGINT); returns the summary.
+
+    Keys: ``steps``, ``final_loss`` (mean of the last ≤5 step losses), ``initial_loss``
+    (mean of the first ≤5), ``checkpoint_dir``, ``skipped`` (data skips by reason, all
+    ranks), ``nonfinite_skipped``, ``clips_per_s``, ``data_wait_frac``, ``epochs``,
+    ``stopped`` (max_steps | SIGTERM | SIGINT), ``resumed_from``, ``val`` and ``run_dir``.
+    ``on_end(engine, extractor)`` is called before returning (library use: inspect the
+    trained model in the same process).
+    """
+    with dist.process_group():
+        run = setup_run(cfg)
+        summary = run_loop(run)
+        if on_end is not None:
+            on_end(run.engine, run.extractor)
+        return summary
+
+
+def run_loop(run: Run) -> dict[str, Any]:
+    """Steps until ``train.max_steps`` or a stop signal, then a final checkpoint."""
+    feed, meter = BatchFeed(run.cfg, run.state, run.device), Meter()
+    last_saved = run.state.step if run.resumed_from else -1  # a finished run resumed again saves nothing new
+    pbar = tqdm(total=run.max_steps, initial=run.state.step, desc="train", file=sys.stderr,
+                dynamic_ncols=True) if dist.is_main() else None
+    stopped = "max_steps"
+    run.engine.train()
+    with E.StopFlag() as stop:
+        while run.state.step < run.max_steps:
+            if feed.follow_curriculum() and run.pending_rng is not None:
+                set_rng_state(run.pending_rng)  # the replay drew randoms: restore after it
+                run.pending_rng = None
+            train_step(run, feed, meter)
+            end_step(run, meter)
+            reason = after_step(run, meter, feed, stop, pbar)
+            last_saved = run.state.step if due(run.state.step, int(run.cfg.train.ckpt_every), run.max_steps) \
+                or reason else last_saved
+            if reason:
+                stopped = reason
+                break
+    if last_saved != run.state.step and run.state.step > 0:
+        save(run, meter)
+    if pbar is not None:
+        pbar.close()
+    run.metrics.close()
+    return summarize(run, meter, stopped)
