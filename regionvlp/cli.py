@@ -280,7 +280,7 @@ def _add_regions(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_regions(args: argparse.Namespace) -> dict:
-    from regionvlp.detector.bench import bench_regions
+    from regionvlp.bench.regions import bench_regions
 
     return bench_regions(args.arch, size=args.size, batch=args.batch, device=args.device, dtype=args.dtype,
                          num_regions=args.num_regions, weights=args.weights, iters=args.iters, warmup=args.warmup,

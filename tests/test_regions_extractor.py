@@ -254,7 +254,7 @@ def test_bench_regions_reports_variants_and_baseline(capsys):
 
 
 def test_box_agreement_counts_matches_at_iou_09():
-    from regionvlp.detector.bench import box_agreement
+    from regionvlp.bench.regions import box_agreement
 
     regions = {"region_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0]]]),
                "region_mask": torch.tensor([[True, True, False]])}
