@@ -60,6 +60,7 @@ class DataConfig:
     max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members (from the headers); larger: skipped, oversize
     max_image_pixels: int = 4096 * 4096  # a still image's width x height, before decoding; larger: skipped, oversize
     max_caption_chars: int = 2000  # longer captions are cut (counted as captions_cut)
+    read_timeout_s: float = 60.0  # http(s)/s3/gs: seconds to connect and between bytes; each timeout is one retry
 
 
 # -------------------------------------------------------------------------- model
@@ -229,6 +230,7 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "data.max_words": (2, 4096, True, True),  # [CLS] and [SEP] at least
     "data.retries": (0, 100, True, True),
     "data.retry_backoff": (0, 3600, True, True),
+    "data.read_timeout_s": (0, 3600, False, True),
     "data.max_sample_bytes": (1, None, True, True),
     "data.max_image_pixels": (1, None, True, True),
     "data.max_caption_chars": (1, None, True, True),

@@ -131,7 +131,7 @@ def pick_clips(urls: Sequence[str], cfg: Any, n: int, seed: int, *, pool: int = 
     register_webdataset_handlers()
     counter = SkipCounter()
     raw = tar_samples(shards.urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                      allow_pipe=bool(d.allow_pipe))
+                      allow_pipe=bool(d.allow_pipe), timeout=float(d.read_timeout_s))
     best: list[tuple[str, int, dict[str, Any]]] = []  # the 2n smallest ranks; top = largest (_neg)
     for i, sample in enumerate(raw):
         if i >= pool:

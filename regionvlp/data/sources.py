@@ -131,13 +131,37 @@ class PermanentError(OSError):
     """Not worth retrying: missing object, no permission, bad request."""
 
 
-_s3_clients: dict[int, object] = {}
+DEFAULT_TIMEOUT = 60.0  # seconds to connect and between bytes read (data.read_timeout_s)
+_s3_clients: dict[tuple[int, float], object] = {}
 
 
-def s3_client():
-    """One boto3 S3 client per process (after fork each worker makes its own)."""
+def s3_endpoint() -> str:
+    """The S3 endpoint boto3 talks to (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (no AWS_ENDPOINT_URL)"
+
+
+def endpoint_of(url: str) -> str:
+    """Where a shard URL is read from, for error messages: the S3 endpoint, the HTTP(S)
+    host, Google Cloud Storage, the local folder or the pipe command."""
+    scheme = scheme_of(url)
+    if scheme == "s3":
+        return s3_endpoint()
+    if scheme in ("http", "https"):
+        parsed = urlparse(url)
+        return f"{parsed.scheme}://{parsed.netloc}"
+    if scheme in ("gs", "gcs"):
+        return os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
+    if scheme == "pipe":
+        return url[:80]
+    return str(Path(url[len("file://"):] if url.startswith("file://") else url).parent)
+
+
+def s3_client(timeout: float = DEFAULT_TIMEOUT):
+    """One boto3 S3 client per process and timeout (after fork each worker makes its own).
+    ``timeout`` bounds the connect and every read; boto3 does not retry on its own
+    (:class:`RetryingStream` does, ``data.retries`` times)."""
     pid = os.getpid()
-    client = _s3_clients.get(pid)
+    client = _s3_clients.get((pid, timeout))
     if client is None:
         try:
             import boto3
@@ -145,22 +169,23 @@ def s3_client():
         except ImportError:
             raise UserError("s3:// shards need boto3: pip install 'regionvlp[s3]'") from None
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, config=BotoConfig(retries={"max_attempts": 2, "mode": "standard"})
-        )
-        _s3_clients.clear()
-        _s3_clients[pid] = client
+        config = BotoConfig(connect_timeout=timeout, read_timeout=timeout,
+                            retries={"total_max_attempts": 1, "mode": "standard"})
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        if any(key[0] != pid for key in _s3_clients):
+            _s3_clients.clear()
+        _s3_clients[(pid, timeout)] = client
     return client
 
 
-def _open_s3(url: str, offset: int) -> IO[bytes]:
+def _open_s3(url: str, offset: int, timeout: float) -> IO[bytes]:
     from botocore.exceptions import ClientError
 
     parsed = urlparse(url)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     kw = {"Range": f"bytes={offset}-"} if offset else {}
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key, **kw)["Body"]
+        return s3_client(timeout).get_object(Bucket=bucket, Key=key, **kw)["Body"]
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -185,11 +210,14 @@ def _open_http(url: str, offset: int, timeout: float) -> IO[bytes]:
     return resp
 
 
-def _open_gs(url: str, offset: int) -> IO[bytes]:
+def _open_gs(url: str, offset: int, timeout: float) -> IO[bytes]:
     try:
+        import aiohttp
         import fsspec
 
-        f = fsspec.open(url, "rb").open()
+        # gcsfs passes session_kwargs to its aiohttp session: bound the connect and every read
+        limits = aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)
+        f = fsspec.open(url, "rb", session_kwargs={"timeout": limits}).open()
     except ImportError as err:
         raise UserError(f"gs:// shards need gcsfs: pip install 'regionvlp[gcs]' ({err})") from None
     except FileNotFoundError as err:
@@ -221,8 +249,9 @@ class _PipeStream:
         self.proc.stderr.close()
 
 
-def open_raw(url: str, offset: int = 0, *, allow_pipe: bool = False, timeout: float = 60.0) -> IO[bytes]:
-    """Open a shard URL for reading from byte ``offset`` (no retries)."""
+def open_raw(url: str, offset: int = 0, *, allow_pipe: bool = False, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
+    """Open a shard URL for reading from byte ``offset`` (no retries). ``timeout``
+    (seconds) bounds connecting and each read of http(s), s3 and gs."""
     check_url(url, allow_pipe=allow_pipe)
     scheme = scheme_of(url)
     if scheme == "file":
@@ -236,9 +265,9 @@ def open_raw(url: str, offset: int = 0, *, allow_pipe: bool = False, timeout: fl
     if scheme in ("http", "https"):
         return _open_http(url, offset, timeout)
     if scheme == "s3":
-        return _open_s3(url, offset)
+        return _open_s3(url, offset, timeout)
     if scheme in ("gs", "gcs"):
-        return _open_gs(url, offset)
+        return _open_gs(url, offset, timeout)
     if scheme == "pipe":
         if offset:
             raise PermanentError("a pipe: shard cannot resume after a read error")
@@ -253,15 +282,17 @@ class RetryingStream:
     """A read-only stream that reopens its URL at the current offset after a transient
     error, up to ``retries`` times with exponential backoff."""
 
-    def __init__(self, url: str, *, retries: int = 3, backoff: float = 0.5, allow_pipe: bool = False) -> None:
+    def __init__(self, url: str, *, retries: int = 3, backoff: float = 0.5, allow_pipe: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT, offset: int = 0) -> None:
         self.url, self.retries, self.backoff, self.allow_pipe = url, retries, backoff, allow_pipe
-        self.offset = 0
+        self.timeout = timeout
+        self.offset = offset
         self.attempts = 0  # retries spent so far on this shard
         self.end: Optional[int] = None  # total size when the server says (HTTP Content-Length)
-        self._f = self._with_retries(lambda: self._open(0))
+        self._f = self._with_retries(lambda: self._open(offset))
 
     def _open(self, offset: int):
-        f = open_raw(self.url, offset, allow_pipe=self.allow_pipe)
+        f = open_raw(self.url, offset, allow_pipe=self.allow_pipe, timeout=self.timeout)
         remaining = getattr(f, "length", None)  # http.client.HTTPResponse: body bytes still to come
         if isinstance(remaining, int):
             self.end = offset + remaining
@@ -322,12 +353,16 @@ class RetryingStream:
         self.close()
 
 
-def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, allow_pipe: bool = False) -> RetryingStream:
-    return RetryingStream(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe)
+def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, allow_pipe: bool = False,
+               timeout: float = DEFAULT_TIMEOUT, offset: int = 0) -> RetryingStream:
+    """``url`` opened at byte ``offset`` with retries; connects and reads time out after
+    ``timeout`` seconds (each timeout is one retry)."""
+    return RetryingStream(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe, timeout=timeout, offset=offset)
 
 
-def read_bytes(url: str, *, allow_pipe: bool = False, retries: int = 1, backoff: float = 0.2) -> bytes:
-    with open_shard(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe) as f:
+def read_bytes(url: str, *, allow_pipe: bool = False, retries: int = 1, backoff: float = 0.2,
+               timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    with open_shard(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe, timeout=timeout) as f:
         chunks = []
         while True:
             chunk = f.read(1 << 20)
@@ -368,7 +403,7 @@ def _parent(url: str) -> tuple[str, str]:
     return head, name
 
 
-def read_sizes(urls: Iterable[str], *, allow_pipe: bool = False) -> Optional[int]:
+def read_sizes(urls: Iterable[str], *, allow_pipe: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Optional[int]:
     """Samples in ``urls`` according to the ``sizes.json`` beside them, or None when a
     folder has none (or it does not list a shard).
 
@@ -384,7 +419,7 @@ def read_sizes(urls: Iterable[str], *, allow_pipe: bool = False) -> Optional[int
     for head, names in by_dir.items():
         sizes_url = f"{head}/sizes.json" if head else "sizes.json"
         try:
-            sizes = json.loads(read_bytes(sizes_url, allow_pipe=allow_pipe))
+            sizes = json.loads(read_bytes(sizes_url, allow_pipe=allow_pipe, timeout=timeout))
         except Exception:
             return None
         if not isinstance(sizes, dict):
@@ -396,3 +431,16 @@ def read_sizes(urls: Iterable[str], *, allow_pipe: bool = False) -> Optional[int
                 return None
             total += n
     return total
+
+
+def describe_unreadable(shards: ShardList, unreadable: Iterable[str]) -> str:
+    """``unreadable`` shard URLs by source, for an error line: how many of each source's
+    shards could not be read, its spec and endpoint (at most 3 sources named)."""
+    bad = set(unreadable)
+    parts = []
+    for src in shards.sources:
+        n = sum(u in bad for u in src.urls)
+        if n:
+            parts.append(f"{n} of {len(src.urls)} shards of {src.spec} (endpoint {endpoint_of(src.urls[0])})")
+    more = f" and {len(parts) - 3} more sources" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more
