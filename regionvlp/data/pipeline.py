@@ -23,7 +23,8 @@ import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,17 +34,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from regionvlp import dist
 from regionvlp.config import DataConfig, default_config, mask_secrets
 from regionvlp.data import decode as dec
+from regionvlp.data.consumer import (ReadCursor, SampleShare, ShuffleBuffer, WholeBlocks, consumer_count, position,
+                                     rng_from_json)
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips, pick_jpegs
 from regionvlp.data.qa import QAVocab, has_qa, loader_vocab, qa_samples
 from regionvlp.data.regions import REGION_EXT, RegionShape, decode_regions, select_region_frames
-from regionvlp.data.sources import (
-    PROGRAMMING_ERRORS,
-    ShardList,
-    open_shard,
-    parse_specs,
-    read_sizes,
-    register_webdataset_handlers,
-)
+from regionvlp.data.sources import (DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, ShardList, open_shard, parse_specs, read_sizes,
+                                   register_webdataset_handlers, scheme_of)
 from regionvlp.data.text import load_tokenizer, pick_caption, sample_captions, tokenize
 from regionvlp.errors import UserError
 
@@ -113,6 +110,12 @@ def shard_order(urls: Sequence[str], *, seed: int, epoch: int, shuffle: bool) ->
     return urls
 
 
+def splits_samples(num_shards: int, world: int, num_workers: int) -> bool:
+    """True when a non-resampled split has fewer shards than consumers (ranks × workers):
+    then every consumer reads every shard and keeps its share of the samples."""
+    return num_shards < consumer_count(world, num_workers)
+
+
 def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
     """This (rank, worker)'s disjoint share: rank-major, then worker."""
     return list(urls)[rank::world][worker::num_workers]
@@ -137,6 +140,23 @@ def _split_name(name: str) -> tuple[Optional[str], str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+@dataclass
+class ReadOptions:
+    """How shards are read: retries, backoff, timeout and the per-sample byte bound (``data.*``)."""
+
+    retries: int = 3
+    backoff: float = 0.5
+    allow_pipe: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    max_sample_bytes: Optional[int] = DataConfig.max_sample_bytes
+
+    @classmethod
+    def of(cls, cfg) -> "ReadOptions":
+        d = cfg.data
+        return cls(int(d.retries), float(d.retry_backoff), bool(d.allow_pipe), float(d.read_timeout_s),
+                   int(d.max_sample_bytes))
+
+
 def tar_samples(
     urls: Iterable[str],
     counter: SkipCounter,
@@ -146,71 +166,123 @@ def tar_samples(
     allow_pipe: bool = False,
     max_consecutive_failures: Optional[int] = None,
     max_sample_bytes: Optional[int] = DataConfig.max_sample_bytes,
+    share: Optional[SampleShare] = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    cursor: Optional[ReadCursor] = None,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples (``__key__``, ``__url__``, ext → bytes) from tar shards. An unreadable
-    shard is skipped and counted; a tar that breaks off yields what came before. A sample
-    whose members add up to more than ``max_sample_bytes`` (sizes from the tar headers) is
-    skipped as ``oversize`` without reading its data."""
+    """Raw samples (``__key__``, ``__url__``, ``__ref__``, ext → bytes) from tar shards. An
+    unreadable shard is skipped and counted; a tar that breaks off yields what came before.
+    A sample whose members add up to more than ``max_sample_bytes`` (sizes from the tar
+    headers) is skipped as ``oversize`` without reading its data. With a ``share``, only
+    its samples are read (``__index__`` set); the others' members are passed over by
+    header, unread. ``cursor`` says where to start (a resumed position) and, while
+    iterating, where the next sample begins."""
+    opts = ReadOptions(retries, backoff, allow_pipe, timeout, max_sample_bytes)
+    cursor = cursor if cursor is not None else ReadCursor()
     failures = 0
-    for url in urls:
-        try:
-            stream = open_shard(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe)
-        except (UserError,) + PROGRAMMING_ERRORS:
-            raise
-        except Exception as err:
-            counter.add("unreadable_shard", url=url, detail=_short(err))
-            failures += 1
-            if max_consecutive_failures and failures >= max_consecutive_failures:
-                raise UserError(f"{failures} shards in a row could not be read (last: {url}: {_short(err)})") from None
+    for pos, url in enumerate(urls):
+        if pos < cursor.shard:  # a resumed position lies past this shard
             continue
-        current: Optional[dict[str, Any]] = None
-        produced = False
-        oversize = _Oversize(max_sample_bytes, counter, url)
-        counted = _CountingStream(stream)
-        try:
-            with tarfile.open(fileobj=counted, mode="r|*") as tf:
-                for info in tf:
-                    if not info.isreg():
-                        continue
-                    key, ext = _split_name(info.name)
-                    if key is None or key.rpartition("/")[2].startswith("__"):
-                        continue
-                    if current is not None and current["__key__"] != key:
-                        if not produced:
-                            produced, counter.shards = True, counter.shards + 1
-                        yield current
-                        current = None
-                    if oversize.skip(key, info.size):
-                        current = None
-                        continue
-                    data = tf.extractfile(info).read()
-                    if current is None:
-                        current = {"__key__": key, "__url__": url}
-                    current[ext] = data
-                problem = _tar_end_problem(counted, tf.offset)
-            if current is not None:  # whole files only; a missing caption/media is caught downstream
-                if not produced:
-                    produced, counter.shards = True, counter.shards + 1
-                yield current
-                current = None
-            if problem is not None:
-                raise tarfile.ReadError(problem)
-            if not produced:  # a well-formed empty tar still counts as read
-                counter.shards += 1
-        except (UserError,) + PROGRAMMING_ERRORS:
-            raise
-        except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
-            broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or produced
-            what = "corrupt_shard" if broken_tar else "unreadable_shard"
-            counter.add(what, key=(current or {}).get("__key__", ""), url=url, detail=_short(err))
-        finally:
-            stream.close()
-        if produced:
-            failures = 0
-        else:
-            failures += 1
-            if max_consecutive_failures and failures >= max_consecutive_failures:
-                raise UserError(f"{failures} shards in a row gave no samples (last: {url})")
+        start = cursor.offset if pos == cursor.shard else 0
+        cursor.move(pos, start, share)
+        produced = yield from shard_samples(url, pos, start, counter, opts, share=share, cursor=cursor)
+        cursor.move(pos + 1, 0, share)
+        failures = 0 if produced else failures + 1
+        if max_consecutive_failures and failures >= max_consecutive_failures:
+            last = counter.bad[-1]["detail"] if counter.bad and counter.bad[-1]["url"] == url else "no samples"
+            raise UserError(f"{failures} shards in a row gave no samples (last: {url}: {last})")
+
+
+def shard_samples(url: str, pos: int, start: int, counter: SkipCounter, opts: ReadOptions, *,
+                  share: Optional[SampleShare] = None, cursor: Optional[ReadCursor] = None):
+    """The raw samples of shard ``url`` (``pos`` in the consumer's list) from the sample
+    whose first header is at byte ``start``: a seek where the source allows it, else the
+    members before ``start`` are passed over by header. Returns whether any sample came."""
+    try:
+        stream = open_shard(url, retries=opts.retries, backoff=opts.backoff, allow_pipe=opts.allow_pipe,
+                            timeout=opts.timeout, offset=start if start and cursor_seekable(url, cursor) else 0)
+    except (UserError,) + PROGRAMMING_ERRORS:
+        raise
+    except Exception as err:
+        counter.add("unreadable_shard", url=url, detail=_short(err))
+        return False
+    reader = _ShardReader(url, pos, stream.offset, start, counter, share, cursor)
+    reader.oversize = _Oversize(opts.max_sample_bytes, counter, url)
+    try:
+        yield from reader.samples(_CountingStream(stream))
+    except (UserError,) + PROGRAMMING_ERRORS:
+        raise
+    except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
+        broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or reader.produced
+        what = "corrupt_shard" if broken_tar else "unreadable_shard"
+        counter.add(what, key=(reader.current or {}).get("__key__", ""), url=url, detail=_short(err))
+    finally:
+        stream.close()
+    return reader.produced
+
+
+def cursor_seekable(url: str, cursor: Optional[ReadCursor]) -> bool:
+    """Whether a position in ``url`` is reached by opening at its byte offset (plain tar
+    from a file, HTTP, S3 or GCS) rather than by passing members over from the start."""
+    return scheme_of(url) != "pipe" and (cursor is None or cursor.seekable)
+
+
+class _ShardReader:
+    """Groups one tar stream's members into samples; keeps the cursor on the next sample."""
+
+    def __init__(self, url: str, pos: int, base: int, skip_to: int, counter: SkipCounter,
+                 share: Optional[SampleShare], cursor: Optional[ReadCursor]) -> None:
+        self.url, self.pos, self.base, self.skip_to = url, pos, base, skip_to
+        self.counter, self.share, self.cursor = counter, share, cursor
+        self.current: Optional[dict[str, Any]] = None
+        self.produced = False
+        self.seekable = True  # False: a compressed tar (offsets count uncompressed bytes)
+        self.oversize = _Oversize(None, counter, url)
+
+    def emit(self) -> dict[str, Any]:
+        if not self.produced:
+            self.produced, self.counter.shards = True, self.counter.shards + 1
+        out, self.current = self.current, None
+        return out
+
+    def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
+        last_key, index = None, None
+        with tarfile.open(fileobj=counted, mode="r|*") as tf:
+            self.seekable = getattr(tf.fileobj, "comptype", "tar") == "tar"
+            if self.cursor is not None and not self.seekable:
+                self.cursor.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
+            for info in tf:
+                key, ext = _split_name(info.name) if info.isreg() else (None, "")
+                where = self.base + info.offset  # the member's first header block in the shard
+                if key is None or key.rpartition("/")[2].startswith("__") or where < self.skip_to:
+                    continue
+                if self.current is not None and self.current["__key__"] != key:
+                    if self.cursor is not None:
+                        self.cursor.move(self.pos, where, self.share)
+                    yield self.emit()
+                if key != last_key:
+                    last_key, index = key, (self.share.take() if self.share is not None else -1)
+                    start = where
+                if index is None:  # another consumer's sample: skipped by its header
+                    continue
+                if self.oversize.skip(key, info.size):
+                    self.current = None
+                    continue
+                data = tf.extractfile(info).read()
+                if self.current is None:
+                    self.current = {"__key__": key, "__url__": self.url, "__ref__": [self.pos, start, index, self.seekable]}
+                    if self.share is not None:
+                        self.current["__index__"] = index
+                self.current[ext] = data
+            problem = _tar_end_problem(counted, tf.offset)
+        if self.current is not None:  # whole files only; a missing caption/media is caught downstream
+            if self.cursor is not None:
+                self.cursor.move(self.pos + 1, 0, self.share)
+            yield self.emit()
+        if problem is not None:
+            raise tarfile.ReadError(problem)
+        if not self.produced:  # a well-formed empty tar (or none of this consumer's samples) still counts as read
+            self.counter.shards += 1
 
 
 class _Oversize:
@@ -283,21 +355,39 @@ def _short(err: BaseException) -> str:
     return text[:300]
 
 
-def shuffled(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """A sample shuffle buffer of ``bufsize`` (0 or 1: pass through)."""
-    if bufsize <= 1:
-        yield from samples
-        return
-    buf: list[dict] = []
-    for s in samples:
-        if len(buf) < bufsize:
-            buf.append(s)
+def read_refs(shard_url: Callable[[int], str], refs: Sequence[Sequence], counter: SkipCounter,
+              opts: ReadOptions) -> list[Optional[dict[str, Any]]]:
+    """The raw samples at ``refs`` (``[shard, offset, index, seekable]``, as ``__ref__``
+    records them), in order; None where one cannot be read. A plain tar is opened at each
+    sample's offset; a compressed tar or ``pipe:`` is read once from the start with the
+    other members passed over by header."""
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    by_shard: dict[int, list[Sequence]] = {}
+    for ref in refs:
+        by_shard.setdefault(int(ref[0]), []).append(ref)
+    for pos, group in by_shard.items():
+        url = shard_url(pos)
+        if all(bool(r[3]) for r in group) and cursor_seekable(url, None):
+            for ref in group:
+                gen = shard_samples(url, pos, int(ref[1]), counter, opts)
+                found.update({(pos, int(ref[1])): s for s in [next(gen, None)] if s is not None})
+                gen.close()
             continue
-        i = rng.randrange(len(buf))
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
+        wanted = {int(r[1]) for r in group}
+        for s in shard_samples(url, pos, 0, counter, opts):
+            if s["__ref__"][1] in wanted:
+                found[(pos, s["__ref__"][1])] = s
+                if len(found) == len(wanted):
+                    break
+    out = []
+    for ref in refs:
+        s = found.get((int(ref[0]), int(ref[1])))
+        if s is not None:
+            s["__ref__"] = list(ref)
+            if int(ref[2]) >= 0:
+                s["__index__"] = int(ref[2])
+        out.append(s)
+    return out
 
 
 # ------------------------------------------------------------------------ decode
@@ -445,7 +535,8 @@ class SampleStream:
         d = self.cfg.data
         rng = random.Random(self.seed)
         raw = tar_samples(self.shards.urls, self.counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                          allow_pipe=bool(d.allow_pipe), max_sample_bytes=int(d.max_sample_bytes))
+                          allow_pipe=bool(d.allow_pipe), max_sample_bytes=int(d.max_sample_bytes),
+                          timeout=float(d.read_timeout_s))
         return decoded(raw, self.spec, self.counter, rng)
 
     @property
@@ -501,54 +592,92 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
     return batch
 
 
+def skip_report(counter: SkipCounter) -> dict[str, Any]:
+    """What a worker that made no batch tells the trainer: ``__report__``, its skip counts
+    and the URLs (and first error) of the shards it could not read."""
+    unreadable = [r for r in counter.bad if r["reason"] == "unreadable_shard"]
+    return {"__report__": True, "skipped": counter.pop(), "unreadable": [r["url"] for r in unreadable],
+            "detail": unreadable[0]["detail"] if unreadable else ""}
+
+
 def batched(samples: Iterable[dict], batch_size: int, *, drop_last: bool, counter: SkipCounter, tokenizer,
-            max_words: int) -> Iterator[dict[str, Any]]:
-    """Batches of ``batch_size``; a finished batch is held until the next one fills (or
-    the stream ends) so the skip counts gathered after it are never lost."""
-    held: Optional[list[dict]] = None
+            max_words: int, report: bool = False,
+            snapshot: Optional[Callable[[], dict]] = None) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch_size``. Each takes the skip counts gathered while it filled (the
+    last one also those after it) and, with ``snapshot``, the stream's position right
+    after its last sample (``__position__``). A finished batch is held until the next
+    one fills or the stream ends, so no count is lost. ``report``: a stream that made
+    no batch ends with a :func:`skip_report` instead of a log line."""
+    held: Optional[tuple[list[dict], dict[str, Any]]] = None
     buf: list[dict] = []
 
-    def finish(group: list[dict]) -> dict[str, Any]:
+    def filled(group: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+        extra: dict[str, Any] = {"skipped": counter.pop()}
+        if snapshot is not None:
+            extra["__position__"] = snapshot()
+        return group, extra
+
+    def finish(group: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
         batch = collate(group, tokenizer, max_words)
-        batch["skipped"] = counter.pop()
+        batch.update(extra)
         return batch
 
     for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
+            done = filled(buf)
             if held is not None:
-                yield finish(held)
-            held, buf = buf, []
+                yield finish(*held)
+            held, buf = done, []
     if buf and not drop_last:
+        done = filled(buf)
         if held is not None:
-            yield finish(held)
-        held = buf
+            yield finish(*held)
+        held = done
     if held is not None:
-        yield finish(held)
+        for k, v in counter.pop().items():  # skips after the last batch filled travel with it
+            held[1]["skipped"][k] = held[1]["skipped"].get(k, 0) + v
+        yield finish(*held)
+    elif counter.pending and report:
+        yield skip_report(counter)
     elif counter.pending:
         log.warning("data worker produced no batch; skipped %s", dict(counter.pending))
 
 
 # ------------------------------------------------------------------- the dataset
 class ClipDataset(IterableDataset):
-    """This rank's stream of batches; every DataLoader worker takes its own shard share."""
+    """This rank's stream of batches; every DataLoader worker is one consumer: its shards,
+    or its share of the samples when shards are fewer than consumers. ``positions``
+    (consumer → a batch's ``__position__``) resumes consumers where they stood;
+    ``worker_offset`` rotates which consumer each DataLoader worker plays, so that the
+    loader's round robin continues with the consumer whose batch is due next."""
 
     def __init__(self, cfg, shards: ShardList, *, training: bool, epoch: int, num_frames: Optional[int], tokenizer,
-                 rank: int, world: int, qa: bool = False, qa_vocab: QAVocab | None = None) -> None:
+                 rank: int, world: int, qa: bool = False, qa_vocab: QAVocab | None = None, reports: bool = False,
+                 positions: Optional[dict[int, dict]] = None, worker_offset: int = 0) -> None:
         super().__init__()
         self.qa, self.qa_vocab = qa, qa_vocab  # QA: clips -> question/answer samples
-        self.cfg = cfg
-        self.shards = shards
-        self.training = training
-        self.epoch = epoch
+        self.cfg, self.shards, self.training, self.epoch = cfg, shards, training, epoch
         self.spec = decode_spec(cfg, training=training, num_frames=num_frames)
         self.tokenizer = tokenizer
         self.rank, self.world = rank, world
         self.resampled = bool(cfg.data.resampled) and training
+        self.reports, self.positions, self.worker_offset = reports, dict(positions or {}), worker_offset
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        return ((info.id + self.worker_offset) % info.num_workers, info.num_workers) if info is not None else (0, 1)
+
+    def consumer_shards(self, worker: int, num_workers: int) -> tuple[Iterable[str], Optional[SampleShare]]:
+        """This consumer's shard sequence, and its sample share when shards are fewer than
+        consumers (not resampled): then it reads every shard and keeps its share."""
+        seed = int(self.cfg.seed)
+        if self.resampled:
+            return resampled_shards(self.shards, random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/shards")), None
+        urls = shard_order(self.shards.urls, seed=seed, epoch=self.epoch, shuffle=self.training)
+        if splits_samples(len(urls), self.world, num_workers):
+            return urls, SampleShare(self.rank * num_workers + worker, consumer_count(self.world, num_workers))
+        return split_shards(urls, self.rank, self.world, worker, num_workers), None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         d = self.cfg.data
@@ -557,29 +686,63 @@ class ClipDataset(IterableDataset):
             # objects inherited from the parent by fork (decoders, their threads) must never
             # be finalised here: keep the child's gc away from them
             gc.freeze()
-        seed = int(self.cfg.seed)
+        stream = ConsumerStream(self, worker, num_workers, self.positions.get(worker))
+        yield from batched(stream.samples(), int(d.batch_size), drop_last=self.training, counter=stream.counter,
+                           tokenizer=self.tokenizer, max_words=int(d.max_words), report=self.reports,
+                           snapshot=stream.position if self.training else None)
+
+
+class ConsumerStream:
+    """One consumer's decoded samples: reader → whole blocks (sample share, training) →
+    shuffle buffer (training) → decode, from the epoch start or from a saved position."""
+
+    def __init__(self, ds: ClipDataset, worker: int, num_workers: int, saved: Optional[dict] = None) -> None:
+        self.ds, self.worker, self.num_workers = ds, worker, num_workers
+        self.counter = SkipCounter()
         # distinct per (seed, epoch, rank, worker): sample shuffle, frame sampling, crops
-        rng = random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/samples")
-        counter = SkipCounter()
-        if self.resampled:
-            shard_rng = random.Random(f"{seed}/{self.epoch}/{self.rank}/{worker}/shards")
-            urls: Iterable[str] = resampled_shards(self.shards, shard_rng)
-            max_fail = max(8, 3 * len(self.shards.urls))
-        else:
-            order = shard_order(self.shards.urls, seed=seed, epoch=self.epoch, shuffle=self.training)
-            urls = split_shards(order, self.rank, self.world, worker, num_workers)
-            max_fail = None
-        raw = tar_samples(urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                          allow_pipe=bool(d.allow_pipe), max_consecutive_failures=max_fail,
-                          max_sample_bytes=int(d.max_sample_bytes))
-        if self.training:
-            raw = shuffled(raw, int(d.shuffle_buffer), rng)
-        samples = decoded(raw, self.spec, counter, rng)
-        if self.qa:
-            samples = qa_samples(samples, training=self.training, vocab=self.qa_vocab, rng=rng,
+        self.rng = random.Random(f"{int(ds.cfg.seed)}/{ds.epoch}/{ds.rank}/{worker}/samples")
+        self.urls, self.share = ds.consumer_shards(worker, num_workers)
+        self.cursor = ReadCursor.from_json(saved["cursor"]) if saved else ReadCursor()
+        if self.share is not None:
+            self.share.seen = self.cursor.seen
+        self.shuffle = ShuffleBuffer(int(ds.cfg.data.shuffle_buffer) if ds.training else 0, self.rng)
+        self.blocks = WholeBlocks(self.share) if self.share is not None and ds.training else None
+        if saved:
+            self.restore(saved)
+
+    def shard_url(self, pos: int) -> str:
+        """The ``pos``-th shard of this consumer's sequence (redrawn when resampled)."""
+        if isinstance(self.urls, list):
+            return self.urls[pos]
+        return list(islice(self.ds.consumer_shards(self.worker, self.num_workers)[0], pos + 1))[-1]
+
+    def restore(self, saved: dict) -> None:
+        """The shuffle buffer (and held sample) re-read by reference, and the random state."""
+        held = [saved["held"]] if saved.get("held") is not None else []
+        got = read_refs(self.shard_url, list(saved["buffer"]) + held, self.counter, ReadOptions.of(self.ds.cfg))
+        self.shuffle.buf = [s for s in got[: len(saved["buffer"])] if s is not None]
+        self.shuffle.draining = bool(saved["draining"])
+        if held and self.blocks is not None:
+            self.blocks.held = got[-1]
+        self.rng.setstate(rng_from_json(saved["rng"]))
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        o = ReadOptions.of(self.ds.cfg)
+        max_fail = max(8, 3 * len(self.ds.shards.urls)) if self.ds.resampled else None
+        raw = tar_samples(self.urls, self.counter, retries=o.retries, backoff=o.backoff, allow_pipe=o.allow_pipe,
+                          max_consecutive_failures=max_fail, max_sample_bytes=o.max_sample_bytes, share=self.share,
+                          timeout=o.timeout, cursor=self.cursor)
+        if self.blocks is not None:
+            raw = self.blocks(raw)
+        samples = decoded(self.shuffle(raw) if self.ds.training else raw, self.ds.spec, self.counter, self.rng)
+        if self.ds.qa:
+            counter = self.counter
+            samples = qa_samples(samples, training=self.ds.training, vocab=self.ds.qa_vocab, rng=self.rng,
                                  skip=lambda reason, s, detail: counter.add(reason, s["__key__"], s["__url__"], detail))
-        yield from batched(samples, int(d.batch_size), drop_last=self.training, counter=counter,
-                           tokenizer=self.tokenizer, max_words=int(d.max_words))
+        return samples
+
+    def position(self) -> dict[str, Any]:
+        return position(self.worker, self.cursor, self.shuffle, self.blocks, self.rng)
 
 
 # ----------------------------------------------------------------------- loader
@@ -589,7 +752,7 @@ def _split_cfg(cfg, split: str):
     return cfg.data[split]
 
 
-def epoch_size(split_cfg, *, allow_pipe: bool = False) -> Optional[int]:
+def epoch_size(split_cfg, *, allow_pipe: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Optional[int]:
     """Samples per epoch: ``samples_per_epoch`` if set, else the ``sizes.json`` beside
     the shards, else None."""
     n = split_cfg.get("samples_per_epoch") if hasattr(split_cfg, "get") else getattr(split_cfg, "samples_per_epoch", None)
@@ -598,7 +761,21 @@ def epoch_size(split_cfg, *, allow_pipe: bool = False) -> Optional[int]:
     urls = list(split_cfg.urls if hasattr(split_cfg, "urls") else split_cfg["urls"])
     if not urls:
         return None
-    return read_sizes(parse_specs(urls, allow_pipe=allow_pipe).urls, allow_pipe=allow_pipe)
+    return read_sizes(parse_specs(urls, allow_pipe=allow_pipe).urls, allow_pipe=allow_pipe, timeout=timeout)
+
+
+_LOGGED_SPLITS: set[str] = set()
+
+
+def log_sample_split(split: str, num_shards: int, world: int, num_workers: int) -> None:
+    """Say once per process and split that samples, not shards, are split."""
+    if split in _LOGGED_SPLITS or not dist.is_main():
+        return
+    _LOGGED_SPLITS.add(split)
+    consumers = consumer_count(world, num_workers)
+    log.warning("data.%s: %d shard(s) for %d ranks x %d workers: every worker reads all shards and keeps 1 sample "
+                "in %d (at least %d shards avoid the extra reading)", split, num_shards, world, max(1, num_workers),
+                consumers, consumers)
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -623,12 +800,17 @@ def tokenizer_name(cfg) -> str:
 
 
 def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, num_frames: Optional[int] = None,
-                 tokenizer=None):
+                 tokenizer=None, reports: bool = False, positions: Optional[dict[int, dict]] = None,
+                 worker_offset: int = 0):
     """A ``wds.WebLoader`` over ``cfg.data.<split>`` yielding collated batch dicts.
 
     Non-resampled: each sample once per epoch across ranks × workers (the last partial
     batch kept when ``training=False``). Resampled (``data.resampled`` and training):
     every rank yields exactly ``samples_per_epoch / (world × batch_size)`` batches.
+    ``reports``: a worker that made no batch yields a :func:`skip_report` dict (key
+    ``__report__``) so the caller learns which shards could not be read. Training batches
+    carry ``__position__``; ``positions`` and ``worker_offset`` (see :class:`ClipDataset`)
+    continue an epoch from them without decoding what came before.
     """
     d = cfg.data
     split_cfg = _split_cfg(cfg, split)
@@ -641,12 +823,11 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
     rank, world = dist.rank(), dist.world_size()
     qa = bool(cfg.qa.enabled)
     dataset = ClipDataset(cfg, shards, training=training, epoch=epoch, num_frames=num_frames, tokenizer=tokenizer,
-                          rank=rank, world=world, qa=qa, qa_vocab=loader_vocab(cfg, training) if qa else None)
+                          rank=rank, world=world, qa=qa, qa_vocab=loader_vocab(cfg, training) if qa else None,
+                          reports=reports, positions=positions, worker_offset=worker_offset)
     num_workers = resolve_num_workers(d.num_workers)
-    if not dataset.resampled and num_workers > 0:
-        per_rank = len(shards.urls[rank::world])
-        if per_rank < num_workers:
-            log.warning("rank %d has %d shard(s) for %d workers; some workers stay idle", rank, per_rank, num_workers)
+    if not dataset.resampled and splits_samples(len(shards.urls), world, num_workers):
+        log_sample_split(split, len(shards.urls), world, num_workers)
     # batches bound for a GPU: page-locked (the host-to-device copy can overlap compute)
     # and more of them queued per worker
     to_gpu = str(cfg.run.device) != "cpu" and torch.cuda.is_available()
@@ -657,13 +838,16 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
         persistent_workers=False,
         pin_memory=to_gpu,
         prefetch_factor=(4 if to_gpu else 2) if num_workers > 0 else None,
+        # the loader's own seed comes from a private generator, not the global torch RNG: a
+        # resumed run opens its loader after restoring that RNG, and must not draw from it
+        generator=torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + epoch),
     )
     if dataset.spec.decode_device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("data.decode_device=cuda: no GPU is visible; use data.decode_device=cpu")
         loader = loader.map(BatchJpegDecoder(dataset.spec.size, torch.device("cuda", dist.local_rank())))
     if dataset.resampled:
-        n = epoch_size(split_cfg, allow_pipe=bool(d.allow_pipe))
+        n = epoch_size(split_cfg, allow_pipe=bool(d.allow_pipe), timeout=float(d.read_timeout_s))
         if not n:
             raise UserError(
                 f"data.resampled needs an epoch length: set data.{split}.samples_per_epoch or put sizes.json beside the shards"
