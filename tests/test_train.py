@@ -310,3 +310,34 @@ def test_torchrun_two_ranks(shards, tmp_path):
     s = _summary(p.stdout)
     assert s["steps"] == 2 and s["world_size"] == 2 and s["samples"] == 8
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 prints the summary
+
+
+def test_one_shard_two_ranks_zero2_trains_then_extends(tmp_path):
+    """`synth --videos 64` (one shard) under `deepspeed --num_gpus 2` with ZeRO-2: samples,
+    not shards, are split over the ranks; 6 steps, then extended to 10 by a resume."""
+    from regionvlp.data.synth import synth
+
+    data = tmp_path / "one_shard"
+    synth(str(data), videos=64, seed=0, val_videos=4, size=64, frames=4, fps=8, shard_size=100, workers=1,
+          progress=False)
+    assert sorted(p.name for p in (data / "train").glob("*.tar")) == ["000000.tar"]
+    run = tmp_path / "run"
+    port = 31500 + os.getpid() % 500
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "regionvlp.train",
+           str(CONFIG_DET), f"data.train.urls=[{data}/train/000000.tar]", "data.val.urls=[]", f"run.out_dir={run}",
+           "deepspeed.zero_optimization.stage=2", "train.ckpt_every=3", "train.log_every=1"]
+    first = subprocess.run(cmd + ["train.max_steps=6"], cwd=ROOT, env=_env(OMP_NUM_THREADS="1"),
+                           capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-4000:])
+    s = _summary(first.stdout)
+    assert s["steps"] == 6 and s["world_size"] == 2 and s["zero_stage"] == 2 and s["samples"] == 6 * 4 * 2
+    assert "keeps 1 sample in 2" in first.stderr
+    more = subprocess.run(cmd + ["train.max_steps=10", "train.resume=auto"], cwd=ROOT,
+                          env=_env(OMP_NUM_THREADS="1", MASTER_PORT=str(port + 1)), capture_output=True, text=True,
+                          timeout=400)
+    assert more.returncode == 0, (more.stdout[-2000:], more.stderr[-4000:])
+    s = _summary(more.stdout)
+    assert s["steps"] == 10 and Path(s["resumed_from"]).name == "step00000006"
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 11))

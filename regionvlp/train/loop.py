@@ -39,7 +39,7 @@ from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
 from regionvlp.runtime import autocast_for, local_device, peak_bytes
 from regionvlp.train import engine as E
-from regionvlp.train.data import BatchFeed
+from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
 from regionvlp.train.state import MetricsLog, TrainState, add_counts, mean_finite, read_rng, set_rng_state, write_rng
 from regionvlp.train.validate import validate
@@ -275,13 +275,15 @@ def validate_step(run: Run, meter: Meter, frames: int, fallback: dict[str, Any])
                            "time": time.time(), **val})
 
 
-def save(run: Run, meter: Meter) -> Path:
+def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     """A checkpoint of this step: engine + optimizer + schedule (DeepSpeed, every rank),
-    the train state and config as client state, and this rank's RNG state."""
+    the train state and config as client state, this rank's RNG state and loader position."""
     saved = asdict(run.state)
     saved["elapsed"] = run.state.elapsed + meter.elapsed()
     client = {"train_state": saved, "config": saved_container(run.cfg), "regionvlp_checkpoint": 1}
     write_rng(run.ckpt.dir / tag_for(run.state.step), dist.rank())
+    if feed is not None:
+        write_loader_position(run.ckpt.dir / tag_for(run.state.step), dist.rank(), feed.position)
     return run.ckpt.save(run.engine, run.state.step, client)
 
 
@@ -297,7 +299,7 @@ def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, pbar: 
         validate_step(run, meter, feed.frames, feed.last_batch)
     stop_now = dist.any_rank(stop.requested, run.device)
     if due(step, int(cfg.train.ckpt_every), run.max_steps) or stop_now:
-        save(run, meter)
+        save(run, meter, feed)
     if not stop_now:
         return None
     reason = signal.Signals(stop.signum).name if stop.signum else "signal"
@@ -358,28 +360,30 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
 
 def run_loop(run: Run) -> dict[str, Any]:
     """Steps until ``train.max_steps`` or a stop signal, then a final checkpoint."""
-    feed, meter = BatchFeed(run.cfg, run.state, run.device), Meter()
+    feed, meter = BatchFeed(run.cfg, run.state, run.device, run.resumed_from), Meter()
     last_saved = run.state.step if run.resumed_from else -1  # a finished run resumed again saves nothing new
     pbar = tqdm(total=run.max_steps, initial=run.state.step, desc="train", file=sys.stderr,
                 dynamic_ncols=True) if dist.is_main() else None
     stopped = "max_steps"
     run.engine.train()
-    with E.StopFlag() as stop:
-        while run.state.step < run.max_steps:
-            if feed.follow_curriculum() and run.pending_rng is not None:
-                set_rng_state(run.pending_rng)  # the replay drew randoms: restore after it
-                run.pending_rng = None
-            train_step(run, feed, meter)
-            end_step(run, meter)
-            reason = after_step(run, meter, feed, stop, pbar)
-            last_saved = run.state.step if due(run.state.step, int(run.cfg.train.ckpt_every), run.max_steps) \
-                or reason else last_saved
-            if reason:
-                stopped = reason
-                break
+    try:  # the bar is closed before an error is printed, so the error stays the last line
+        with E.StopFlag() as stop:
+            while run.state.step < run.max_steps:
+                if feed.follow_curriculum() and run.pending_rng is not None:
+                    set_rng_state(run.pending_rng)  # the replay drew randoms: restore after it
+                    run.pending_rng = None
+                train_step(run, feed, meter)
+                end_step(run, meter)
+                reason = after_step(run, meter, feed, stop, pbar)
+                last_saved = run.state.step if due(run.state.step, int(run.cfg.train.ckpt_every), run.max_steps) \
+                    or reason else last_saved
+                if reason:
+                    stopped = reason
+                    break
+    finally:
+        if pbar is not None:
+            pbar.close()
     if last_saved != run.state.step and run.state.step > 0:
-        save(run, meter)
-    if pbar is not None:
-        pbar.close()
+        save(run, meter, feed)
     run.metrics.close()
     return summarize(run, meter, stopped)
