@@ -94,5 +94,5 @@ def test_bench_resume_reports_both_variants():
 
     out = bench_resume(samples=6, shard_size=4, frames=2, size=32, shuffle_buffer=2, seconds=0.5, repeats=1)
     assert out["bench"] == "resume" and out["baseline"] == "decode" and out["same_sample"] is True
-    assert out["samples"] == 6 and out["shuffle_buffer"] == 2 and out["shards"] == 2
+    assert out["samples"] == 6 and out["shuffle_buffer"] == 2 and out["shards"] == 4  # 6 + 2 + 8 spare clips of 4
     assert out["position_per_s"] > 0 and out["decode_per_s"] > 0 and out["speedup"] > 0

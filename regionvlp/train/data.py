@@ -15,6 +15,7 @@ import torch
 
 from regionvlp import dist
 from regionvlp.data import build_loader, epoch_size
+from regionvlp.data.pipeline import resolve_num_workers
 from regionvlp.data.sources import describe_unreadable, parse_specs
 from regionvlp.errors import UserError
 from regionvlp.train.state import TrainState, add_counts
@@ -90,8 +91,8 @@ def read_loader_position(tag_dir: Path, rank: int) -> LoaderPosition | None:
 
 
 def consumers_per_rank(cfg: Any) -> int:
-    """DataLoader workers per rank (the main process counts as one)."""
-    return max(1, int(cfg.data.num_workers))
+    """DataLoader workers per rank (the main process counts as one; ``auto`` resolved)."""
+    return max(1, resolve_num_workers(cfg.data.num_workers))
 
 
 class BatchFeed:
