@@ -4,9 +4,12 @@
       └─ tar (retries, unreadable shard skipped) ─ sample shuffle buffer ─ decode ─ batch
 
 Non-resampled: every shard goes to exactly one (rank, worker), so an epoch visits every
-sample once across all ranks and workers. Resampled: each worker draws shards with
-replacement (weighted by source) forever, and ``with_epoch`` cuts every rank's loader
-to the same number of batches.
+sample once across all ranks and workers; with fewer shards than ranks × workers every
+worker reads all shards and keeps its share of the samples instead
+(:mod:`regionvlp.data.consumer`). Resampled: each worker draws shards with replacement
+(weighted by source) forever, and ``with_epoch`` cuts every rank's loader to the same
+number of batches. Training batches carry their worker's position (``__position__``),
+from which a loader continues an epoch without decoding what came before.
 
 Bad input never raises: it is skipped and counted by reason (see :data:`SKIP_REASONS`).
 Each batch carries ``skipped``, the counts its worker gathered since its previous batch.
