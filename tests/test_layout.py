@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 # Lowest layer first; a module may import its own layer or a lower one. The first
 # matching prefix places a module (longest prefixes are listed before shorter ones).
 LAYERS: list[tuple[str, ...]] = [
-    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.config", "regionvlp.dist"),
+    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.config", "regionvlp.dist", "regionvlp.optim"),
     ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from regionvlp import checkpoint as C
+from regionvlp.optim import lr_lambda
 from regionvlp.train import engine as E
 from regionvlp.config import LossConfig, load_config
 from regionvlp.errors import UserError
@@ -25,11 +26,19 @@ from regionvlp.outputs import TextOutput, VideoOutput
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "learned.yaml"
 
 
+class ToyPathway(nn.ModuleDict):
+    def __init__(self) -> None:
+        super().__init__({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+
 class Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.pathway = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
-        self.pathway.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.pathway = ToyPathway()
         self.text_tower = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4)})
         self.loss = nn.Module()
         self.loss.log_temperature = nn.Parameter(torch.tensor([0.0]))
@@ -58,7 +67,7 @@ def test_param_groups_decay_and_tower_lr():
 
 
 def test_warmup_cosine_schedule():
-    lam = [E.lr_lambda(s, 4, 12, 0.1) for s in range(13)]
+    lam = [lr_lambda(s, 4, 12, 0.1) for s in range(13)]
     assert lam[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lam[4] == pytest.approx(1.0) and lam[8] == pytest.approx(0.1 + 0.9 * 0.5)
     assert lam[12] == pytest.approx(0.1) and all(a >= b for a, b in zip(lam[3:], lam[4:]))

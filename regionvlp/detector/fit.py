@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import sys
 import time
@@ -38,6 +37,7 @@ from regionvlp.data.decode import sample_indices
 from regionvlp.detector.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
+from regionvlp.optim import WarmupCosine, no_decay_names
 
 
 log = logging.getLogger(__name__)
@@ -210,19 +210,13 @@ def _build_model(cfg: Any, num_classes: int, trainable_layers: int) -> tuple[tor
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, steps: int):
-    """AdamW (no decay on 1-d parameters), linear warmup then cosine to 5 %."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(steps - warmup_steps, 1)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    """AdamW (no decay where :func:`regionvlp.optim.no_decay_names` says), linear warmup
+    then cosine to 5 % — the trainer's schedule."""
+    skip = no_decay_names(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if n not in skip], "weight_decay": weight_decay},
+                             {"params": [p for n, p in params if n in skip], "weight_decay": 0.0}], lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps, steps, 0.05))
 
 
 def _train(model: torch.nn.Module, train: FrameSet, *, steps: int, batch_size: int, lr: float,

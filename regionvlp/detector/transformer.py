@@ -73,6 +73,10 @@ class TemporalPosEmbed(nn.Module):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.zeros(max_frames, hidden))  # [T_max, H]; init by the owner
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
+        return {"pos_embed"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.pos_embed[: x.shape[1], None, :].to(x.dtype)
 
@@ -83,6 +87,10 @@ class ClsToken(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))  # [1, 1, H]; init by the owner
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
+        return {"cls_token"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)

@@ -103,6 +103,10 @@ class TemporalEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(max_frames, dim))  # [T_max, C]
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
+        return {"weight"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, S, C] -> x + weight[t] for the frame t of each token."""
         return x + self.weight[: x.shape[1], None, :].to(x.dtype)

@@ -56,10 +56,13 @@ class RegionInteraction(nn.Module):
             raise ValueError(f"the region interaction needs at least 1 layer, got {layers}")
         self.max_frames = max_frames
         self.time_embed = nn.Parameter(torch.zeros(max_frames, dim))  # [T_max, C]
-        # "pos_embed" in the name keeps it out of weight decay (engine.NO_DECAY_NAMES)
         self.slot_pos_embed = nn.Parameter(torch.zeros(num_regions, dim))  # [R, C]
         nn.init.trunc_normal_(self.slot_pos_embed, std=0.02)
         self.layers = nn.ModuleList(interaction_layer(dim, heads, mlp_ratio) for _ in range(layers))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
+        return {"time_embed", "slot_pos_embed"}
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """regions [B, T, R, C] -> [B, T, R, C]."""

@@ -18,7 +18,6 @@ toy modules; :mod:`regionvlp.train.loop` wires it to the dual encoder and the da
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -33,16 +32,7 @@ from regionvlp import dist
 from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manifest
 from regionvlp.config import to_container
 from regionvlp.errors import UserError
-
-
-# ------------------------------------------------------------------ environment
-NO_DECAY_NAMES = ("temperature", "logit_scale", "pos_embed", "cls_token", "time_embed",
-                  "codebook", "embeddings")
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
-                                           nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                                           nn.Embedding)
-if hasattr(nn, "RMSNorm"):
-    NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
+from regionvlp.optim import WarmupCosine, no_decay_names
 
 
 def barrier() -> None:
@@ -58,19 +48,6 @@ def _tower(name: str) -> str:
     if name.startswith("loss."):
         return "loss"
     return "video"
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names that get no weight decay: biases, norm/embedding weights, 0/1-d
-    tensors (temperature, scales), position embeddings, cls tokens, codebooks."""
-    names: set[str] = set()
-    for mod_name, module in model.named_modules():
-        for p_name, param in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if (isinstance(module, NORM_TYPES) or param.ndim <= 1 or p_name == "bias"
-                    or any(key in full for key in NO_DECAY_NAMES)):
-                names.add(full)
-    return names
 
 
 def param_groups(model: nn.Module, optim: Any) -> list[dict[str, Any]]:
@@ -95,33 +72,12 @@ def param_groups(model: nn.Module, optim: Any) -> list[dict[str, Any]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr at optimizer step ``step``: linear warmup, cosine decay."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class _Schedule:
-    """Picklable lambda for LambdaLR (its state_dict keeps the callable's __dict__)."""
-
-    warmup_steps: int
-    max_steps: int
-    min_lr_ratio: float
-
-    def __call__(self, step: int) -> float:
-        return lr_lambda(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
-
-
 def build_optimizer(model: nn.Module, cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     groups = param_groups(model, cfg.optim)
     opt = torch.optim.AdamW(groups, lr=float(cfg.optim.lr), betas=tuple(float(b) for b in cfg.optim.betas),
                             eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _Schedule(int(cfg.optim.warmup_steps), int(cfg.train.max_steps), float(cfg.optim.min_lr_ratio)))
+        opt, WarmupCosine(int(cfg.optim.warmup_steps), int(cfg.train.max_steps), float(cfg.optim.min_lr_ratio)))
     return opt, sched
 
 
