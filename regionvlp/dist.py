@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as tdist
 
+from regionvlp.runtime import add_counts
+
 
 def initialized() -> bool:
     """True when a torch.distributed process group exists in this process."""
@@ -229,6 +231,5 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """Per-key sums of every rank's ``counts`` (e.g. data skips by reason)."""
     total: dict[str, int] = {}
     for c in gather_objects(dict(counts)):
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + int(v)
+        add_counts(total, c)
     return total

@@ -105,6 +105,14 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+# ------------------------------------------------------------------------ counts
+def add_counts(total: dict[str, int], more: Mapping[str, int] | None) -> dict[str, int]:
+    """``total[k] += more[k]`` for every key (skip counts by reason); returns ``total``."""
+    for k, v in (more or {}).items():
+        total[k] = total.get(k, 0) + int(v)
+    return total
+
+
 # ---------------------------------------------------------------------- JSON line
 def json_default(obj: Any) -> Any:
     """Tensors and numpy scalars/arrays as plain numbers/lists; anything else as text."""

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from regionvlp.data.sources import parse_specs
 from regionvlp.data.synth import write_sizes
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
-from regionvlp.runtime import resolve_device
+from regionvlp.runtime import add_counts, resolve_device
 
 
 MANIFEST = "extract.json"
@@ -67,10 +68,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
-                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
-    out = local_output(out, "regions extract")
+def input_shards(cfg: Any, urls: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The input shard URLs and their output file names (which must not collide)."""
     shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe)).urls
     if not shards:
         raise UserError("regions extract: no shards match the given URLS")
@@ -79,91 +78,125 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     if dupes:
         raise UserError(f"regions extract: input shards share file names ({', '.join(dupes[:3])}); "
                         "extract each folder/split into its own OUT")
-    out.mkdir(parents=True, exist_ok=True)
+    return shards, names
 
+
+def extractor_record(cfg: Any) -> dict[str, Any]:
+    """The settings the regions depend on; a resumed OUT must have been made with the same."""
     d = cfg.model.detector
-    record = {"arch": str(d.arch), "weights": str(d.weights), "num_regions": int(d.num_regions),
-              "num_frames": int(cfg.data.num_frames), "size": int(cfg.data.size),
-              "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
-              "rpn_pre_nms_top_n": d.rpn_pre_nms_top_n, "rpn_post_nms_top_n": d.rpn_post_nms_top_n,
-              "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh),
-              "selection": str(d.selection)}
-    previous = _read_json(out / MANIFEST)
-    if previous and previous.get("extractor") != record:
-        raise UserError(f"{out} holds regions extracted with other settings ({out / MANIFEST}); "
-                        "use a new OUT folder or delete it to start over")
-    shard_skipped: dict[str, dict[str, int]] = dict(previous.get("skipped", {}))
+    return {"arch": str(d.arch), "weights": str(d.weights), "num_regions": int(d.num_regions),
+            "num_frames": int(cfg.data.num_frames), "size": int(cfg.data.size),
+            "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
+            "rpn_pre_nms_top_n": d.rpn_pre_nms_top_n, "rpn_post_nms_top_n": d.rpn_post_nms_top_n,
+            "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh),
+            "selection": str(d.selection)}
 
-    def save_manifest() -> None:
-        tmp = out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"extractor": record, "skipped": shard_skipped}, indent=1) + "\n")
-        os.replace(tmp, out / MANIFEST)
 
-    save_manifest()
+@dataclass
+class OutFolder:
+    """OUT's resume state: the extractor record and per-shard skips (``extract.json``) and
+    the finished shards' sample counts (``sizes.json``)."""
 
+    out: Path
+    record: dict[str, Any]
+    shard_skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, out: Path, record: dict[str, Any]) -> "OutFolder":
+        out.mkdir(parents=True, exist_ok=True)
+        previous = _read_json(out / MANIFEST)
+        if previous and previous.get("extractor") != record:
+            raise UserError(f"{out} holds regions extracted with other settings ({out / MANIFEST}); "
+                            "use a new OUT folder or delete it to start over")
+        sizes = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
+        folder = cls(out, record, dict(previous.get("skipped", {})), sizes)
+        folder.save_manifest()
+        return folder
+
+    def save_manifest(self) -> None:
+        tmp = self.out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"extractor": self.record, "skipped": self.shard_skipped}, indent=1) + "\n")
+        os.replace(tmp, self.out / MANIFEST)
+
+    def finish(self, name: str, tmp: Path, count: int, skips: dict[str, int]) -> None:
+        """A shard written completely: rename it into place and record it."""
+        os.replace(tmp, self.out / name)
+        self.shard_skipped[name] = skips
+        self.save_manifest()
+        self.sizes[name] = count
+        write_sizes(self.out, self.sizes)
+
+
+def region_sample(sample: dict[str, Any], regions: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, Any]:
+    """One output sample: key, first caption, meta with all captions and the extractor
+    record, and the sample's regions ([T, K, ...] tensors) as ``regions.npz``."""
+    meta = dict(sample.get("meta") or {})
+    meta.update(caption=sample["captions"][0], captions=list(sample["captions"]), region_extractor=record)
+    return {"__key__": sample["__key__"], "txt": sample["captions"][0], "json": meta,
+            "regions.npz": regions_npz(regions)}
+
+
+def extract_shard(url: str, tmp: Path, cfg: Any, extractor: Any, record: dict[str, Any], batch_size: int,
+                  bar: Any) -> tuple[int, dict[str, int], int]:
+    """Regions of every sample of shard ``url`` into the tar ``tmp``: ``(samples written,
+    skips by reason, captions cut)``."""
+    stream = iter_samples([url], cfg, training=False)
+    skips: dict[str, int] = {}
+    count = 0
+    with SampleTarWriter(tmp) as sink:  # plain tarfile: keys made safe, never a shell
+        for batch in _batches(_with_frames(stream, skips), batch_size):
+            frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
+            regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
+            for i, s in enumerate(batch):
+                sink.write(region_sample(s, {k: v[i] for k, v in regions.items()}, record))
+            count += len(batch)
+            bar.update(len(batch))
+    for k, v in stream.skipped.items():
+        skips[k] = skips.get(k, 0) + int(v)
+    return count, skips, stream.counter.captions_cut
+
+
+def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
+                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
+    out = local_output(out, "regions extract")
+    shards, names = input_shards(cfg, urls)
+    folder = OutFolder.open(out, extractor_record(cfg))
     dev = resolve_device(device or str(cfg.run.device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
     extractor = build_extractor(cfg).to(dev)
-    bs = int(batch_size or cfg.data.batch_size)
-    sizes: dict[str, int] = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
     skipped: dict[str, int] = {}
     written = resumed = captions_cut = 0
     failed: list[str] = []
     start = time.perf_counter()
     bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
     for url, name in zip(shards, names):
-        final = out / name
-        if final.is_file() and name in sizes:
+        if (out / name).is_file() and name in folder.sizes:
             resumed += 1
             continue
-        sizes.pop(name, None)
+        folder.sizes.pop(name, None)
         tmp = out / (name + ".tmp")
-        stream = iter_samples([url], cfg, training=False)
-        shard_skips: dict[str, int] = {}
-        count = 0
-        with SampleTarWriter(tmp) as sink:  # plain tarfile: keys made safe, never a shell
-            for batch in _batches(_with_frames(stream, shard_skips), bs):
-                frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
-                regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
-                for i, s in enumerate(batch):
-                    meta = dict(s.get("meta") or {})
-                    meta["caption"] = s["captions"][0]
-                    meta["captions"] = list(s["captions"])
-                    meta["region_extractor"] = record
-                    sink.write({
-                        "__key__": s["__key__"],
-                        "txt": s["captions"][0],
-                        "json": meta,
-                        "regions.npz": regions_npz({k: v[i] for k, v in regions.items()}),
-                    })
-                count += len(batch)
-                bar.update(len(batch))
-        for k, v in stream.skipped.items():
-            shard_skips[k] = shard_skips.get(k, 0) + int(v)
-        captions_cut += stream.counter.captions_cut
+        count, shard_skips, cut = extract_shard(url, tmp, cfg, extractor, folder.record,
+                                                int(batch_size or cfg.data.batch_size), bar)
+        captions_cut += cut
         if count == 0 and shard_skips.get("unreadable_shard"):
             # not finalised: a rerun retries it (a network blip must not become an empty shard)
             tmp.unlink(missing_ok=True)
             failed.append(url)
-            for reason, n in shard_skips.items():
-                skipped[reason] = skipped.get(reason, 0) + n
+            add_counts(skipped, shard_skips)
             continue
-        os.replace(tmp, final)
-        shard_skipped[name] = shard_skips
-        save_manifest()
-        sizes[name] = count
-        write_sizes(out, sizes)
+        folder.finish(name, tmp, count, shard_skips)
         written += 1
     bar.close()
     for name in names:  # resumed shards' skips were recorded by the run that wrote them
-        for reason, n in shard_skipped.get(name, {}).items():
-            skipped[reason] = skipped.get(reason, 0) + n
+        add_counts(skipped, folder.shard_skipped.get(name, {}))
     if failed and not written and not resumed:
         raise UserError(f"regions extract: no input shard could be read (first: {failed[0]}); check the URLS")
     return {
         "out": str(out),
-        "samples": sum(sizes.get(n, 0) for n in names),
+        "samples": sum(folder.sizes.get(n, 0) for n in names),
         "skipped": skipped,
         "shards": len(shards),
         "shards_written": written,
@@ -171,6 +204,6 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         "shards_failed": failed,  # unreadable inputs, not written; rerun to retry them
         "captions_cut": captions_cut,  # cut to data.max_caption_chars
         "device": str(dev),
-        "num_regions": int(d.num_regions),
+        "num_regions": int(cfg.model.detector.num_regions),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -23,7 +23,7 @@ from regionvlp.errors import UserError
 from regionvlp.evaluation.metrics import MC_ANSWER_KEY, MC_OPTIONS_KEY
 from regionvlp.model import prepare_batch
 from regionvlp.outputs import TextOutput, VideoOutput
-from regionvlp.runtime import model_dtype
+from regionvlp.runtime import add_counts, model_dtype
 
 
 @dataclass
@@ -309,8 +309,7 @@ def combine_embeddings(meta: Sequence[Mapping[str, Any]], v: VideoOutput, t: Tex
     counts = [c for m in meta for c in m["counts"]]
     skipped: dict[str, int] = {}
     for m in meta:
-        for reason, n in m["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + int(n)
+        add_counts(skipped, m["skipped"])
     mc_pairs = [(torch.tensor(s), a) for m in meta for s, a in zip(m["mc_scores"], m["mc_answers"])]
 
     # sort videos by key; texts follow their video

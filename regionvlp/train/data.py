@@ -18,7 +18,9 @@ from regionvlp.data import build_loader, epoch_size
 from regionvlp.data.pipeline import resolve_num_workers
 from regionvlp.data.sources import describe_unreadable, parse_specs
 from regionvlp.errors import UserError
-from regionvlp.train.state import TrainState, add_counts
+from regionvlp.runtime import add_counts
+from regionvlp.train.state import TrainState
+
 
 log = logging.getLogger("regionvlp.train")
 MAX_POSITION_BYTES = 64 << 20  # a loader_rank*.json larger than this is not read

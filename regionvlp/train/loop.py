@@ -37,11 +37,11 @@ from regionvlp.detector.weights import load_extractor_weights, save_extractor_we
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
-from regionvlp.runtime import autocast_for, local_device, peak_bytes
+from regionvlp.runtime import add_counts, autocast_for, local_device, peak_bytes
 from regionvlp.train import engine as E
 from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
-from regionvlp.train.state import MetricsLog, TrainState, add_counts, mean_finite, read_rng, set_rng_state, write_rng
+from regionvlp.train.state import MetricsLog, TrainState, mean_finite, read_rng, set_rng_state, write_rng
 from regionvlp.train.validate import validate
 
 

@@ -98,12 +98,6 @@ def mean_finite(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def add_counts(total: dict[str, int], more: dict[str, int] | None) -> None:
-    """``total[k] += more[k]`` for every key (skip counts by reason)."""
-    for k, v in (more or {}).items():
-        total[k] = total.get(k, 0) + int(v)
-
-
 def write_rng(tag_dir: Path, rank: int) -> None:
     """This rank's RNG state into checkpoint folder ``tag_dir``."""
     tag_dir.mkdir(parents=True, exist_ok=True)
