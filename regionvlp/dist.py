@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -23,22 +23,21 @@ def initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
+def _from_env_or_group(var: str, from_group: Callable[[], int], default: int) -> int:
+    if var in os.environ:
+        return int(os.environ[var])
+    return from_group() if initialized() else default
+
+
 def rank() -> int:
     """RANK from the environment when set (launchers set it, and it agrees with their
     group), else the process group's rank, else 0."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if initialized():
-        return tdist.get_rank()
-    return 0
+    return _from_env_or_group("RANK", tdist.get_rank, 0)
 
 
 def world_size() -> int:
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if initialized():
-        return tdist.get_world_size()
-    return 1
+    """WORLD_SIZE from the environment when set, else the process group's size, else 1."""
+    return _from_env_or_group("WORLD_SIZE", tdist.get_world_size, 1)
 
 
 def local_rank() -> int:

@@ -47,14 +47,9 @@ def bench_overrides(regions: str, batch: int | None, frames: int | None, size: i
                     dtype: str) -> list[str]:
     """The config overrides the benchmark's flags stand for."""
     ov = [f"model.regions={regions}", "train.max_steps=1000000", "optim.warmup_steps=0"]
-    if batch:
-        ov.append(f"data.batch_size={batch}")
-    if frames:
-        ov.append(f"data.num_frames={frames}")
-    if size:
-        ov.append(f"data.size={size}")
-        if regions == "learned":
-            ov.append(f"model.learner.img_size={size}")
+    flags = {"data.batch_size": batch, "data.num_frames": frames, "data.size": size,
+             "model.learner.img_size": size if regions == "learned" else None}
+    ov += [f"{key}={value}" for key, value in flags.items() if value]
     return ov + [f"deepspeed.bf16.enabled={dtype == 'bf16'}"]
 
 

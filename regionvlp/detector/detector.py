@@ -330,18 +330,9 @@ def detector_kwargs(dcfg: Any, tuned: bool = True, size: int | None = None) -> d
     frames' own size instead of the arch's 800 px, which would upsample 224-384 px frames
     3.6-2x); with ``size`` None too, the arch's own. RPN top-n None take :data:`TUNED_RPN`
     (``tuned=False``: the arch's stock settings)."""
-    kw: dict[str, Any] = {}
-    min_size = dcfg.min_size if dcfg.min_size is not None else size
-    max_size = dcfg.max_size if dcfg.max_size is not None else size
-    if min_size is not None:
-        kw["min_size"] = int(min_size)
-    if max_size is not None:
-        kw["max_size"] = int(max_size)
     pre, post = TUNED_RPN.get(str(dcfg.arch), (None, None)) if tuned else (None, None)
-    pre = dcfg.rpn_pre_nms_top_n if dcfg.rpn_pre_nms_top_n is not None else pre
-    post = dcfg.rpn_post_nms_top_n if dcfg.rpn_post_nms_top_n is not None else post
-    if pre is not None:
-        kw["rpn_pre_nms_top_n_test"] = int(pre)
-    if post is not None:
-        kw["rpn_post_nms_top_n_test"] = int(post)
-    return kw
+    chosen = {"min_size": (dcfg.min_size, size), "max_size": (dcfg.max_size, size),
+              "rpn_pre_nms_top_n_test": (dcfg.rpn_pre_nms_top_n, pre),
+              "rpn_post_nms_top_n_test": (dcfg.rpn_post_nms_top_n, post)}  # (config value, default)
+    values = {k: value if value is not None else default for k, (value, default) in chosen.items()}
+    return {k: int(v) for k, v in values.items() if v is not None}
