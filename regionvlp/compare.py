@@ -38,6 +38,8 @@ from regionvlp.config import default_config, load_config, saved_container
 from regionvlp.errors import UserError
 from regionvlp.evaluation import evaluate_model, load_eval_model
 from regionvlp.runtime import device_name, local_device, peak_bytes, resolve_device
+from regionvlp.qa.evaluate import evaluate_qa
+from regionvlp.qa.stage import qa_section, run_qa_stage, wants_qa
 from regionvlp.show import report_figures
 from regionvlp.train import train
 
@@ -50,7 +52,7 @@ FINAL_KEYS = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_r50", "t2v_medr", "t2v_meanr",
 # config keys both pathways must share for the comparison to be fair
 SHARED_KEYS = ("seed", "data.train", "data.val", "data.num_frames", "data.size", "data.batch_size",
                "data.max_words", "data.train_sampling", "data.eval_sampling", "loss", "train.max_steps",
-               "train.grad_accum", "model.embed_dim", "model.text")
+               "train.grad_accum", "model.embed_dim", "model.text", "qa")
 
 
 @dataclass
@@ -228,9 +230,10 @@ def _figure_lines(figures: Mapping[str, str]) -> list[str]:
 
 def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title: str = "Detector vs learned regions",
                  setup: Mapping[str, Any] | None = None, device: str | None = None,
-                 figures: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 figures: Mapping[str, str] | None = None, qa: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``out_dir/report.md`` + PNG plots + ``summary.json``; returns the summary.
-    ``figures``: what :func:`region_figures` returned (a "Regions" section)."""
+    ``figures``: what :func:`region_figures` returned (a "Regions" section); ``qa``: the
+    QA stage's metrics (a "Video QA" table and ``qa.png``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
@@ -273,6 +276,8 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
               f"![R@1 over wall-clock]({plots['r1_time']})", "",
               f"![training loss]({plots['loss']})", "",
               f"![throughput and peak memory]({plots['cost']})", ""]
+    if qa:
+        lines += qa_section(qa, out, _figure)
     if figures is not None:
         lines += _figure_lines(figures)
     lines += ["## Runs", ""]
@@ -286,6 +291,8 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
     }
     if figures is not None:
         summary["figures"] = dict(figures)
+    if qa:
+        summary["qa"] = dict(qa)
     for r in runs:
         summary[r.name] = {**r.final, "clips_per_s": r.clips_per_s, "peak_bytes": r.peak_bytes,
                            "steps": r.steps, "final_loss": r.final_loss, "train_seconds": r.train_seconds,
@@ -326,31 +333,37 @@ def check_same_budget(cfgs: Mapping[str, Any]) -> None:
                         f"set them equal (shared key=value overrides apply to both)")
 
 
-def _train_child(cfg_container: dict[str, Any], result_file: str) -> None:
+def _train_child(cfg_container: dict[str, Any], result_file: str, eval_urls: list[str] | None = None) -> None:
     """Runs in a fresh process: train one pathway, record wall-clock and peak memory."""
     cfg = OmegaConf.merge(default_config(), cfg_container)
     start = time.perf_counter()
     summary = train(cfg)
     seconds, peak = time.perf_counter() - start, peak_bytes()
-    final = final_eval(cfg)
+    final = final_eval(cfg, eval_urls)
     result = {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final}
     Path(result_file).write_text(json.dumps(result, default=str))
 
 
-def final_eval(cfg: Any) -> dict[str, Any]:
+def final_eval(cfg: Any, eval_urls: Sequence[str] | None = None) -> dict[str, Any]:
     """Full eval metrics of the newest checkpoint in ``cfg.run.out_dir`` (the trainer's
-    periodic validation logs only R@1/R@5/MedR)."""
+    periodic validation logs only R@1/R@5/MedR) on ``eval_urls`` (default data.val.urls);
+    QA metrics for a QA run."""
     device = local_device(str(cfg.run.device))
     model, transform, _, _ = load_eval_model(cfg.run.out_dir, device)
+    if eval_urls is not None:
+        cfg.data.val.urls = list(eval_urls)
+    if cfg.qa.enabled:
+        return evaluate_qa(model, cfg, "val", batch_transform=transform, device=device)
     return evaluate_model(model, cfg, "val", batch_transform=transform, device=device)
 
 
-def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
+def train_isolated(cfg: Any, result_file: Path, eval_urls: Sequence[str] | None = None) -> dict[str, Any]:
     """``regionvlp.train.train(cfg)`` in a spawned process (clean peak-memory reading,
     no state shared between the two pathways); returns its summary plus
     ``train_seconds`` and ``peak_bytes``."""
     result_file.unlink(missing_ok=True)
-    proc = mp.get_context("spawn").Process(target=_train_child, args=(saved_container(cfg), str(result_file)))
+    urls = None if eval_urls is None else list(eval_urls)
+    proc = mp.get_context("spawn").Process(target=_train_child, args=(saved_container(cfg), str(result_file), urls))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or not result_file.is_file():
@@ -359,13 +372,14 @@ def train_isolated(cfg: Any, result_file: Path) -> dict[str, Any]:
     return json.loads(result_file.read_text())
 
 
-def train_in_process(cfg: Any) -> dict[str, Any]:
+def train_in_process(cfg: Any, result_file: Path | None = None, eval_urls: Sequence[str] | None = None
+                     ) -> dict[str, Any]:
     """:func:`train_isolated` without the process: faster to start, but the second
     pathway's CPU peak memory reading includes the first's (ru_maxrss never falls)."""
     start = time.perf_counter()
     summary = train(cfg)
     seconds, peak = time.perf_counter() - start, peak_bytes()
-    return {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final_eval(cfg)}
+    return {"summary": summary, "train_seconds": seconds, "peak_bytes": peak, "final": final_eval(cfg, eval_urls)}
 
 
 def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: int = 4,
@@ -377,6 +391,9 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
     if len(cfgs) != 2:
         raise UserError("compare trains exactly two configs")
     check_same_budget(cfgs)
+    if any(cfg.qa.enabled for cfg in cfgs.values()):
+        raise UserError("compare trains retrieval runs first; for video QA leave qa.enabled=false and set "
+                        "qa.stage_steps=N (a QA head fine-tuned N steps from each retrieval run)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -403,10 +420,19 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
     first = next(iter(cfgs.values()))
     setup = {k: _select(first, k) for k in ("seed", "train.max_steps", "data.batch_size", "data.num_frames",
                                             "data.size", "data.train.urls", "data.val.urls", "loss")}
+    qa, qa_seconds = None, None
+    if wants_qa(cfgs):
+        print("compare: QA stage, a QA head from each retrieval run", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        qa = run_qa_stage(cfgs, out, train_isolated if isolate else train_in_process)
+        qa_seconds = time.perf_counter() - t0
 
     device = resolve_device(str(first.run.device))
-    return write_report(runs, out, setup=setup, device=device_name(device),
-                        figures=region_figures(runs, out, str(device)))
+    summary = write_report(runs, out, setup=setup, device=device_name(device),
+                           figures=region_figures(runs, out, str(device)), qa=qa)
+    if qa_seconds is not None:
+        summary["qa_seconds"] = qa_seconds  # the QA stage's wall-clock (training + evaluation, both pathways)
+    return summary
 
 
 def _clips_per_s(cfg: Any, run: RunResult) -> float | None:

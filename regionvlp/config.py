@@ -183,6 +183,8 @@ class QAConfig:
     heads: int = 4  # attention heads of the fusion layers (must divide model.embed_dim)
     dropout: float = 0.1
     vocab: str = "auto"  # auto: built from data.train at the start of training | a vocab.json path
+    stage_steps: int = 0  # compare / demo: > 0 fine-tunes a QA head this many steps from each retrieval run
+    stage_lr: float = 0.0  # optim.lr of that QA stage; 0: the config's optim.lr
 
 
 @dataclass
@@ -463,6 +465,9 @@ def check_qa_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'qa.heads' ({qa.heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
     if not 0.0 <= float(qa.dropout) < 1.0:
         raise ConfigError(f"config key 'qa.dropout' must be in [0, 1), got {qa.dropout}")
+    if int(qa.stage_steps) < 0 or float(qa.stage_lr) < 0:
+        raise ConfigError(f"config keys 'qa.stage_steps' and 'qa.stage_lr' must be >= 0, got {qa.stage_steps}, "
+                          f"{qa.stage_lr}")
     if not str(qa.vocab).strip():
         raise ConfigError("config key 'qa.vocab' is empty; use auto or the path of a `regionvlp qa vocab` file")
 

@@ -6,8 +6,11 @@
 3. ``compare``: the detector pathway (frozen fitted detector + region transformer) and the
    learned pathway (RegionLearner in a random-init tiny ViT) trained on CPU on the same
    data, losses, steps and seed, both evaluated on val, one report with plots;
+   then (``qa.stage_steps`` in the demo configs) a video QA head fine-tuned from each
+   pathway's retrieval run on the synthetic QA pairs, evaluated on the val pairs;
 4. the report gets the detector's figures and the targets (text→video R@1 ≥ 5 × chance
-   for both pathways, box recall ≥ 0.8), and the JSON summary carries them all.
+   for both pathways, box recall ≥ 0.8, QA accuracy ≥ 2 × the majority answer's), and the
+   JSON summary carries them all (``qa``: ``detector``, ``learned``, ``majority``).
 
 Settings: ``configs/demo/demo.yaml`` (this module's :class:`DemoSettings`: world size,
 detector fit) and ``configs/demo/{detector,learned}.yaml`` (the two run configs). The
@@ -36,6 +39,7 @@ from regionvlp.errors import UserError
 
 R1_TARGET_X_CHANCE = 5.0
 BOX_RECALL_TARGET = 0.8
+QA_TARGET_X_MAJORITY = 2.0
 
 
 @dataclass
@@ -106,7 +110,8 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
            f"{settings.size} px x {settings.frames} frames")
     t0 = time.perf_counter()
     world = synth(out / "data", videos=settings.videos, val_videos=settings.val_videos, seed=settings.seed,
-                  size=settings.size, frames=settings.frames, fps=settings.fps, workers=settings.workers)
+                  size=settings.size, frames=settings.frames, fps=settings.fps, workers=settings.workers,
+                  qa=True)  # QA pairs for the QA stage; pixels and captions are the same without them
     timings["synth"] = time.perf_counter() - t0
     if world.get("failed_keys"):
         raise UserError(f"demo: synth failed on {len(world['failed_keys'])} clips: {world['failed_keys'][:3]}")
@@ -133,11 +138,14 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
     t0 = time.perf_counter()
     report = compare({"detector": det_cfg, "learned": learned_cfg}, out / "report", isolate=settings.isolate)
     timings["compare"] = time.perf_counter() - t0
+    if report.get("qa_seconds") is not None:
+        timings["qa_stage"] = report["qa_seconds"]  # part of compare
 
     # 4. targets, the detector section, the summary
     chance = report.get("chance_r1")
     recall = fitted.get("box_recall")
     targets = {
+        **qa_targets(report.get("qa")),
         "t2v_r1_min": None if chance is None else R1_TARGET_X_CHANCE * chance,
         "detector_t2v_r1_ok": _meets(report["detector"].get("t2v_r1"), chance),
         "learned_t2v_r1_ok": _meets(report["learned"].get("t2v_r1"), chance),
@@ -155,6 +163,8 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
         "report": report["report"],
         "detector_checkpoint": fitted["checkpoint"],
         "data": {"train": world["train"]["urls"], "val": world["val"]["urls"]},
+        **({"qa": {k: _metrics(v) if isinstance(v, dict) else v for k, v in report["qa"].items()}}
+           if report.get("qa") else {}),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -165,11 +175,20 @@ def run_demo(out: str | Path = "runs/demo", *, config_dir: str | Path | None = N
 def _clear_previous_runs(report_dir: Path) -> None:
     """A demo re-run into the same ``--out`` starts its trainings afresh: the previous demo's
     run dirs (recognised by their metrics.jsonl / config.yaml) are replaced, nothing else."""
-    for name in ("detector", "learned"):
+    for name in ("detector", "learned", "detector_qa", "learned_qa"):
         run = report_dir / name
         if run.is_dir() and ((run / "metrics.jsonl").exists() or (run / "config.yaml").exists()):
             print(f"demo: replacing the previous demo run in {run}", file=sys.stderr)
             shutil.rmtree(run)
+
+
+def qa_targets(qa: dict[str, Any] | None) -> dict[str, Any]:
+    """QA accuracy >= 2 x the majority-answer accuracy, per pathway (none without a QA stage)."""
+    if not qa:
+        return {}
+    least = QA_TARGET_X_MAJORITY * qa["majority"]
+    return {"qa_accuracy_min": least,
+            **{f"{name}_qa_ok": qa[name]["qa_accuracy"] >= least for name in ("detector", "learned") if name in qa}}
 
 
 def _meets(r1: float | None, chance: float | None) -> bool:
@@ -211,6 +230,9 @@ def _append_report(path: Path, settings: Any, fitted: dict[str, Any], targets: d
         f"{ok(targets['learned_t2v_r1_ok'])} |",
         f"| detector box recall @ IoU 0.5 ≥ {BOX_RECALL_TARGET} | {_num(fitted.get('box_recall'), 3)} | "
         f"{ok(targets['box_recall_ok'])} |",
+        *[f"| {name} QA accuracy ≥ {QA_TARGET_X_MAJORITY:g} × majority ({_num(targets['qa_accuracy_min'])} %) | "
+          f"{_num(report['qa'][name]['qa_accuracy'])} % | {ok(targets[f'{name}_qa_ok'])} |"
+          for name in ("detector", "learned") if f"{name}_qa_ok" in targets],
         "",
         f"World: {settings.videos} train + {settings.val_videos} val clips, {settings.size} px, "
         f"{settings.frames} frames, seed {settings.seed}; chance t2v R@1 = {_num(chance)} %.",
