@@ -97,9 +97,9 @@ class QAModel(DualEncoder):
         for p in self.loss.parameters():
             p.requires_grad_(False)
 
-    def qa_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, VideoOutput]:
-        """Answer logits [B, K] and the video outputs."""
-        video = self.encode_video(batch)
+    def qa_logits(self, batch: dict[str, Any], video: VideoOutput | None = None) -> tuple[torch.Tensor, VideoOutput]:
+        """Answer logits [B, K] and the video outputs (``video``: already encoded, one row per question)."""
+        video = self.encode_video(batch) if video is None else video
         question = self.encode_text(batch["input_ids"], batch["attention_mask"])
         return self.qa_head(video, question), video
 
@@ -118,11 +118,25 @@ class QAModel(DualEncoder):
         return out
 
     @torch.no_grad()
-    def predict_ids(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Class ids [B] among the vocabulary's answers (on the batch's device)."""
+    def predict_ids(self, batch: dict[str, Any], batch_transform: Any = None) -> torch.Tensor:
+        """Class ids [B] among the vocabulary's answers (on the batch's device). Questions
+        about the same clip (same ``__key__``, as an eval batch holds one sample per pair)
+        share one run of ``batch_transform`` and the video pathway."""
         if not self.answers:
             raise UserError("this QA model has no answer vocabulary; load it with regionvlp.load_model(EXPORT_DIR)")
-        logits, _ = self.qa_logits(batch)
+        keys = list(batch.get("__key__") or range(batch["input_ids"].shape[0]))
+        first: dict[Any, int] = {}  # clip key -> its first row, in batch order
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        order = {k: j for j, k in enumerate(first)}
+        device = batch["input_ids"].device
+        pick = torch.tensor(list(first.values()), dtype=torch.long).to(device)  # [U]
+        inverse = torch.tensor([order[k] for k in keys], dtype=torch.long).to(device)  # [B] row -> its clip
+        clips = {k: v.index_select(0, pick) for k, v in batch.items() if k in CLIP_KEYS and isinstance(v, torch.Tensor)}
+        video = self.encode_video(prepare_batch(clips, batch_transform))  # [U, ...]
+        video = VideoOutput(cls=video.cls.index_select(0, inverse), regions=video.regions.index_select(0, inverse),
+                            region_mask=video.region_mask.index_select(0, inverse))  # [B, ...]
+        logits, _ = self.qa_logits(batch, video)
         return predict(logits, len(self.answers))
 
     @torch.no_grad()
@@ -139,8 +153,7 @@ class QAModel(DualEncoder):
             batch["input_ids"], batch["attention_mask"] = tokenize(self.text_tower.tokenizer, list(batch["question"]),
                                                                    max_words)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        batch = prepare_batch(batch, self.__dict__.get("batch_transform"))
-        ids = self.predict_ids(batch).tolist()
+        ids = self.predict_ids(batch, self.__dict__.get("batch_transform")).tolist()
         return [self.answers[i] for i in ids]
 
 
@@ -176,6 +189,9 @@ def build_batch_transform(cfg) -> Callable[[torch.Tensor], dict[str, torch.Tenso
         return None
 
     return build_extractor(cfg)
+
+
+CLIP_KEYS = ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")  # per clip
 
 
 def prepare_batch(batch: dict[str, Any], transform: Callable | None, device: torch.device | None = None,

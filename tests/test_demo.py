@@ -14,7 +14,7 @@ from regionvlp.demo import DemoSettings, default_config_dir, load_settings
 # the demo's own configs, shrunk: few clips, 2 frames, a few steps, in-process training
 TINY = ["demo.videos=12", "demo.val_videos=6", "demo.frames=2", "demo.workers=1", "demo.fit.steps=3",
         "demo.fit.batch_size=4", "demo.isolate=false", "train.max_steps=2", "data.batch_size=4",
-        "data.num_frames=2", "data.num_workers=0", "model.detector.num_regions=4"]
+        "data.num_frames=2", "data.num_workers=0", "model.detector.num_regions=4", "qa.stage_steps=2"]
 
 
 def test_demo_configs_load_and_bad_demo_keys_are_errors():
@@ -62,6 +62,15 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     for name in ("regions", "retrieval"):  # both pathways' regions, top-5 clips per caption
         assert f"]({name}.png)" in report and (Path(summary["report"]).parent / f"{name}.png").is_file()
     assert json.loads((out / "summary.json").read_text())["report"] == summary["report"]
+    # the QA stage: a QA head from each pathway's retrieval run, the majority baseline, a table and a plot
+    qa = summary["qa"]
+    assert set(qa) == {"detector", "learned", "majority"} and 0 < qa["majority"] < 100
+    for name in ("detector", "learned"):
+        assert qa[name]["steps"] == 2 and qa[name]["num_questions"] >= 6 and qa[name]["qa_duplicates"] == 0
+        assert 0 <= qa[name]["qa_accuracy"] <= 100 and qa[name]["qa_majority_accuracy"] == qa["majority"]
+        assert isinstance(summary["targets"][f"{name}_qa_ok"], bool)
+    assert "## Video QA (val)" in report and "](qa.png)" in report and (out / "report" / "qa.png").is_file()
+    assert "QA accuracy ≥ 2 × majority" in report
 
 
 def test_rerun_replaces_only_previous_demo_runs(tmp_path):

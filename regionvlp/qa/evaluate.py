@@ -60,8 +60,8 @@ def answer_local(model: Any, batches: Iterable[Mapping[str, Any]], *, batch_tran
             skipped[str(reason)] = skipped.get(str(reason), 0) + int(count)
         if limit is not None and n >= limit:
             continue  # drain the skip counts only
-        b = prepare_batch(batch, batch_transform, device)
-        ids = model.predict_ids(b).cpu().tolist()  # one transfer per batch
+        b = prepare_batch(batch, None, device)  # on the device; the extractor runs once per clip in predict_ids
+        ids = model.predict_ids(b, batch_transform).cpu().tolist()  # one transfer per batch
         records += [QARecord(k, int(i), q, a, model.answers[p]) for k, i, q, a, p in
                     zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids)]
     return records, skipped
