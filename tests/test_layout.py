@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.evaluation", "regionvlp.qa.evaluate"),
     ("regionvlp.train",),
     ("regionvlp.bench",),
-    ("regionvlp.compare", "regionvlp.demo", "regionvlp.show"),
+    ("regionvlp.compare", "regionvlp.demo", "regionvlp.show", "regionvlp.qa.stage"),
     ("regionvlp.cli", "regionvlp.__main__"),
 ]
 # pairs in one layer that must not know each other (either direction)
