@@ -35,6 +35,10 @@ class QAHead(nn.Module):
                                         nn.Linear(2 * embed_dim, num_answers))
         nn.init.normal_(self.type_embed, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """The type embedding does not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
+        return {"type_embed"}
+
     def video_tokens(self, video: VideoOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, 1+R, D] and their padding mask [B, 1+R] (True = padded)."""
         tokens = torch.cat([video.cls[:, None], video.regions], dim=1)  # [B, 1+R, D]
