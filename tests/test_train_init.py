@@ -53,3 +53,22 @@ def test_init_from_mismatch_is_an_error_naming_keys() -> None:
         load_init_state(target, _model("learned").state_dict(), "ckpt")
     load_init_state(target, source, "ckpt")
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.items())
+
+
+def test_init_from_an_older_detector_checkpoint_adapts_its_names() -> None:
+    """Checkpoints written before the region transformer used timm's Block name the MLP
+    layers mlp.0 / mlp.3; the module's own load hook maps them, init_from included."""
+    from regionvlp.detector.transformer import RENAMED_IN_BLOCK
+
+    source = _model("detector").state_dict()
+    old_names = {new: old for old, new in RENAMED_IN_BLOCK.items()}
+    old = {}
+    for k, v in source.items():
+        for new, before in old_names.items():
+            if k.startswith("pathway.") and f".{new}" in k:
+                k = k.replace(f".{new}", f".{before}")
+        old[k] = v
+    assert old.keys() != source.keys()
+    target = _model("detector")
+    load_init_state(target, old, "old-ckpt")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.items())

@@ -28,27 +28,32 @@ def init_weights(model: torch.nn.Module, source: Path) -> None:
 def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict weights-only load for finetuning. A RegionLearner pathway goes through its own
     loader (temporal embeddings resized to the new frame count, identity-initialised
-    temporal attention kept); every other key must match by name and shape, so no
-    pretrained weight is silently dropped. Mismatches are one UserError naming the keys."""
-    own = model.state_dict()
+    temporal attention kept); every other key must match by name and shape after the
+    modules' own adaptation of older checkpoints (their load hooks rename what moved), so
+    no pretrained weight is silently dropped. A retrieval checkpoint leaves a QA head at
+    its fresh init. Mismatches are one UserError naming the keys."""
     rest = dict(state)
-    if not any(k.startswith("qa_head.") for k in rest):  # a retrieval checkpoint: the QA head starts fresh
-        own = {k: v for k, v in own.items() if not k.startswith("qa_head.")}
+    skip = ["qa_head."] if not any(k.startswith("qa_head.") for k in rest) else []
     if model_pathway_is_learned(model):
         load_pathway_state(model.pathway, state)
-        rest = {k: v for k, v in state.items() if not k.startswith("pathway.")}
-        own = {k: v for k, v in own.items() if not k.startswith("pathway.")}
-    missing = [k for k in own if k not in rest]
-    unexpected = [k for k in rest if k not in own]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-                  for k, v in rest.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{name}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                    ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
-        raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
-                        "use a checkpoint of the same pathway, text model and sizes")
-    model.load_state_dict(rest, strict=False)  # strict by the checks above; pathway keys loaded already
+        rest = {k: v for k, v in rest.items() if not k.startswith("pathway.")}
+        skip.append("pathway.")
+    try:
+        result = model.load_state_dict(rest, strict=False)  # strict by the checks below
+    except RuntimeError as err:  # shape mismatches raise even when not strict
+        mismatched = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise_mismatch(source, [], [], mismatched or [str(err).splitlines()[0]])
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(skip))]
+    if missing or result.unexpected_keys:
+        raise_mismatch(source, missing, list(result.unexpected_keys), [])
+
+
+def raise_mismatch(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    parts = [f"{name}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+             for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
+    raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
+                    "use a checkpoint of the same pathway, text model and sizes")
 
 
 def model_pathway_is_learned(model: torch.nn.Module) -> bool:
