@@ -91,12 +91,30 @@ def _chunk_grad_s(z, rm, tm, g_vt, g_tv) -> torch.Tensor:
     return grad
 
 
+def fp32(x: torch.Tensor):
+    """A region with autocast off on ``x``'s device: its matmuls run in the dtype of their
+    inputs (fp32 here), whatever autocast the caller runs under."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 when it is in a narrower float type (fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class _RegionWordScores(torch.autograd.Function):
     """S^{v->t} and S^{t->v} ``[Bv, Bt]``, chunked over sentences; backward recomputes
-    each chunk's similarities and applies the closed-form gradient (memory-bounded)."""
+    each chunk's similarities and applies the closed-form gradient (memory-bounded).
+    Forward and backward both run in fp32 with autocast off, so the recomputed
+    similarities of the backward are exactly those of the forward."""
 
     @staticmethod
     def forward(ctx, r, rm, t, tm, tau: float, chunk: int, v2t: bool, t2v: bool):
+        with fp32(r):
+            return _RegionWordScores.scores(ctx, widen(r), rm, widen(t), tm, tau, chunk, v2t, t2v)
+
+    @staticmethod
+    def scores(ctx, r, rm, t, tm, tau: float, chunk: int, v2t: bool, t2v: bool):
         bv, bt = r.shape[0], t.shape[0]
         s_vt = r.new_zeros(bv, bt if v2t else 0)
         s_tv = r.new_zeros(bv, bt if t2v else 0)
@@ -114,6 +132,13 @@ class _RegionWordScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_vt, g_tv):
+        r = ctx.saved_tensors[0]
+        with fp32(r):
+            return _RegionWordScores.grads(ctx, None if g_vt is None else widen(g_vt),
+                                           None if g_tv is None else widen(g_tv))
+
+    @staticmethod
+    def grads(ctx, g_vt, g_tv):
         r, rm, t, tm = ctx.saved_tensors
         tau, chunk, v2t, t2v = ctx.cfg
         grad_r = torch.zeros_like(r) if ctx.needs_input_grad[0] else None
@@ -159,8 +184,8 @@ def region_word_scores(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     region_mask, word_mask = region_mask.bool(), word_mask.bool()
-    regions = regions.masked_fill(~region_mask[..., None], 0.0)  # padded values never reach a sum
-    words = words.masked_fill(~word_mask[..., None], 0.0)
+    regions = widen(regions).masked_fill(~region_mask[..., None], 0.0)  # padded values never reach a sum
+    words = widen(words).masked_fill(~word_mask[..., None], 0.0)
     s_vt, s_tv = _RegionWordScores.apply(
         regions, region_mask, words, word_mask, float(tau), int(chunk_size), v2t, t2v
     )  # an unrequested direction comes back as [Bv, 0]
@@ -208,7 +233,7 @@ class AlignmentLoss(nn.Module):
         # shape [1], not 0-d: deepspeed.initialize broadcasts parameters as byte views,
         # which a 0-d tensor cannot give (the buffer has the same shape, so a checkpoint
         # loads whether the temperature was learnable or not)
-        log_t = torch.tensor([math.log(float(cfg.temperature))])  # [1]
+        log_t = torch.tensor([math.log(max(float(cfg.temperature), self.min_temperature))])  # [1]
         if cfg.learnable_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
@@ -221,11 +246,29 @@ class AlignmentLoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def temperature(self) -> torch.Tensor:
-        """tau, a 0-d tensor (differentiable in ``log_temperature`` when that is learnable)."""
-        return self.log_temperature.exp().clamp(min=self.min_temperature).reshape(())
+        """tau = exp(log_temperature), a 0-d fp32 tensor (differentiable in
+        ``log_temperature`` when that is learnable, below the floor too: the floor
+        ``loss.min_temperature`` is applied to the parameter after each optimizer step,
+        as CLIP clamps its logit scale, see :meth:`floor_temperature_`)."""
+        return self.log_temperature.float().exp().reshape(())
+
+    @property
+    def log_temperature_floor(self) -> float:
+        return math.log(self.min_temperature)
+
+    @torch.no_grad()
+    def floor_temperature_(self) -> None:
+        """``log_temperature >= log(min_temperature)`` in place (no host sync)."""
+        self.log_temperature.clamp_(min=self.log_temperature_floor)
 
     def forward(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:
-        # the loss runs in fp32 whatever the towers ran in (bf16 logits lose the ranking)
+        # the loss runs in fp32 whatever the towers ran in, with autocast off: under
+        # autocast a `.float()` alone is recast to bf16 by the matmul (the ranking is lost)
+        with fp32(video.cls):
+            return self.terms(video, text)
+
+    def terms(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:
+        """The loss terms (see :meth:`forward`); call it with autocast off."""
         v_cls, t_cls = video.cls.float(), text.cls.float()  # [b, D]
         use_local = self.local_weight != 0.0
         gather = self.gather and dist.gather_active()

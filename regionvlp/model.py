@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from regionvlp.detector import build_extractor
 from regionvlp.errors import UserError
-from regionvlp.losses import AlignmentLoss, check_loss_config, region_word_scores
+from regionvlp.losses import AlignmentLoss, check_loss_config, fp32, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.qa.head import QAHead, predict, qa_loss
 from regionvlp.runtime import to_device
@@ -72,14 +72,15 @@ class DualEncoder(nn.Module):
     def similarity(self, video: VideoOutput, text: TextOutput) -> torch.Tensor:
         """Retrieval scores [Nv, Nt], video rows: global [CLS] cosine, plus
         lambda * (S^{v->t} + S^{t->v}) / 2 of the region-word alignment when lambda > 0."""
-        sim = video.cls.float() @ text.cls.float().T  # [Nv, Nt]
-        lam = self.loss.local_weight
-        if lam != 0.0:
-            s_vt, s_tv = region_word_scores(
-                video.regions.float(), video.region_mask, text.words.float(), text.word_mask,
-                self.loss.align_temperature, self.loss.chunk_size,
-            )
-            sim = sim + lam * 0.5 * (s_vt + s_tv)
+        with fp32(video.cls):  # under any autocast: bf16 scores tie the true pair with others
+            sim = video.cls.float() @ text.cls.float().T  # [Nv, Nt]
+            lam = self.loss.local_weight
+            if lam != 0.0:
+                s_vt, s_tv = region_word_scores(
+                    video.regions.float(), video.region_mask, text.words.float(), text.word_mask,
+                    self.loss.align_temperature, self.loss.chunk_size,
+                )
+                sim = sim + lam * 0.5 * (s_vt + s_tv)
         return sim
 
 

@@ -140,6 +140,8 @@ def test_alignment_loss_matches_dense_reference():
 
 
 def test_learnable_temperature_is_clamped_and_trained():
+    """The floor is applied to the parameter after a step (as CLIP clamps logit_scale):
+    below the floor the forward is exp(log_t) and its gradient is nonzero."""
     cfg = OmegaConf.structured(LossConfig(learnable_temperature=True, temperature=0.05, min_temperature=0.04))
     loss = AlignmentLoss(cfg)
     assert [n for n, _ in loss.named_parameters()] == ["log_temperature"]
@@ -151,8 +153,15 @@ def test_learnable_temperature_is_clamped_and_trained():
     out["loss"].backward()
     assert loss.log_temperature.grad is not None and loss.log_temperature.grad != 0
     with torch.no_grad():
-        loss.log_temperature.fill_(-10.0)
+        loss.log_temperature.fill_(math.log(0.02))  # below the floor, as an optimizer step may leave it
+    assert loss.temperature().item() == pytest.approx(0.02)
+    loss.log_temperature.grad = None
+    loss(VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm))["loss"].backward()
+    assert float(loss.log_temperature.grad.abs()) > 1e-4  # still learns there (a clamp in the forward gave 0)
+    loss.floor_temperature_()
     assert loss.temperature().item() == pytest.approx(0.04)
+    assert AlignmentLoss(OmegaConf.structured(LossConfig(temperature=0.01, min_temperature=0.04))).temperature().item() \
+        == pytest.approx(0.04)  # a fixed temperature starts at the floor
     frozen = AlignmentLoss(OmegaConf.structured(LossConfig()))
     assert list(frozen.parameters()) == [] and frozen.temperature().item() == pytest.approx(0.05)
     # a state with the older 0-d log_temperature still loads, learnable or not
@@ -299,3 +308,38 @@ def test_bench_baseline_is_the_same_loss_and_bad_sizes_are_user_errors(capsys):
         assert rel_err(a, b) <= 1e-5
     assert main(["bench", "loss", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ fp32 under autocast
+def test_losses_and_similarity_run_in_fp32_under_bf16_autocast():
+    """Under CPU bf16 autocast (the proxy for the trainer's GPU autocast) the loss, its
+    gradients (the region-word backward included) and the eval similarity equal fp32 to
+    1e-6 relative: the fp32 regions are not recast to bf16 (bf16 differs by ~1e-3)."""
+    from regionvlp.model import DualEncoder
+
+    r, rm, t, tm = ragged_inputs(bv=8, bt=8, seed=11, dtype=torch.float32)
+    v_cls, t_cls = _outputs(r, rm, t, tm)
+    loss = AlignmentLoss(OmegaConf.structured(LossConfig(chunk_size=3, local_weight=0.7)))
+
+    def run(autocast: bool):
+        leaves = [x.clone().requires_grad_() for x in (v_cls, t_cls, r, t)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = loss(VideoOutput(leaves[0], leaves[2], rm), TextOutput(leaves[1], leaves[3], tm))
+        out["loss"].backward()
+        return out, [x.grad for x in leaves]
+
+    (ref, ref_grads), (got, got_grads) = run(False), run(True)
+    for key in ("loss", "global", "local"):
+        assert got[key].dtype == torch.float32 and rel_err(got[key], ref[key]) <= 1e-6, key
+    for a, b in zip(got_grads, ref_grads):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast would have done to the logits
+        bf16_logits = v_cls @ t_cls.T
+    assert rel_err(bf16_logits.float(), v_cls @ t_cls.T) > 1e-4  # the check above can fail
+
+    model = DualEncoder(torch.nn.Identity(), torch.nn.Identity(), loss)
+    video, text = VideoOutput(v_cls, r, rm), TextOutput(t_cls, t, tm)
+    want = model.similarity(video, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = model.similarity(video, text)
+    assert sim.dtype == torch.float32 and rel_err(sim, want) <= 1e-6

@@ -4,6 +4,7 @@ checkpoint keep-last-K / resume resolution, non-finite guard, stop flag."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
@@ -202,7 +203,7 @@ def test_nonfinite_guard_skips_then_aborts():
     assert g.check(True, 0) and not g.check(False, 1) and not g.check(False, 2) and g.check(True, 3)
     assert g.total == 2 and g.in_a_row == 0
     assert not g.check(False, 4) and not g.check(False, 5)
-    with pytest.raises(E.NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(E.NonFiniteLossError, match="3 non-finite steps in a row"):
         g.check(False, 6)
 
 
@@ -251,10 +252,101 @@ def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
     calls["n"] = 0
     bad_calls.update(range(2, 100))
     cfg = load_config(CONFIG, base + ["train.max_steps=5", f"run.out_dir={tmp_path}/b"])
-    with pytest.raises(E.NonFiniteLossError, match="non-finite losses in a row"):
+    with pytest.raises(E.NonFiniteLossError, match="non-finite steps in a row"):
         train(cfg)
 
     # a fresh run never mixes with an old run's checkpoints
     cfg = load_config(CONFIG, base + ["train.max_steps=3", f"run.out_dir={tmp_path}/a"])
     with pytest.raises(UserError, match="already holds checkpoints"):
         train(cfg)
+
+
+# ------------------------------------------------- schedule on resume, blown-up steps
+def _tiny_learned(tmp_path: Path, videos: int = 4) -> list[str]:
+    from regionvlp.data.synth import synth
+
+    synth(str(tmp_path / "s"), videos=videos, seed=1, val_videos=1, size=64, frames=2, fps=8, shard_size=videos,
+          workers=1, compositional=False)
+    return ["data.train.urls=[" + str(tmp_path / "s/train/000000.tar") + "]", "data.val.urls=[]",
+            "data.batch_size=2", "train.log_every=1", f"run.out_dir={tmp_path}/run"]
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_extending_a_run_or_changing_the_lr_rebuilds_the_schedule(tmp_path, caplog):
+    """max_steps 3 -> 5 on resume trains steps 4-5 at LR > 0 (the schedule of the new
+    config from step 6 on), a new optim.lr takes effect, and the change is one log line."""
+    from regionvlp.train import train
+
+    base = _tiny_learned(tmp_path) + ["optim.warmup_steps=1", "optim.lr=1e-3", "train.ckpt_every=100"]
+    train(load_config(CONFIG, base + ["train.max_steps=3"]))
+    assert _records(tmp_path / "run")[3]["lr_video_decay"] == pytest.approx(1e-3 * lr_lambda(2, 1, 3))
+    assert lr_lambda(3, 1, 3) == 0.0  # the old schedule would train on at LR 0
+    with caplog.at_level("INFO", logger="regionvlp.train"):
+        s = train(load_config(CONFIG, base + ["train.max_steps=5", "train.resume=auto"]))
+    assert s["steps"] == 5 and Path(s["resumed_from"]).name == "step00000003"
+    lines = [r.message for r in caplog.records if "schedule rebuilt" in r.message]
+    assert len(lines) == 1 and "train.max_steps 3 → 5" in lines[0] and "optim.lr" not in lines[0]
+    recs = _records(tmp_path / "run")
+    for step in (4, 5):
+        assert recs[step]["lr_video_decay"] == pytest.approx(1e-3 * lr_lambda(step - 1, 1, 5))
+        assert recs[step]["lr_video_decay"] > 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="regionvlp.train"):
+        train(load_config(CONFIG, base + ["train.max_steps=6", "optim.lr=5e-4", "train.resume=auto"]))
+    line = next(r.message for r in caplog.records if "schedule rebuilt" in r.message)
+    assert "optim.lr (video_decay) 0.001 → 0.0005" in line and "train.max_steps 5 → 6" in line
+    recs = _records(tmp_path / "run")
+    assert recs[6]["lr_video_decay"] == pytest.approx(5e-4 * lr_lambda(5, 1, 6)) and recs[6]["lr_video_decay"] > 0
+
+
+def test_blown_up_steps_never_reach_weights_or_checkpoints_and_a_lower_lr_recovers(tmp_path):
+    """An LR of 1e30 sends the weights to ~1e30 and the next losses are NaN: those steps
+    are skipped, the run aborts with the advice, the checkpoint of the blown-up step is set
+    aside, and resuming with a lower LR continues from the last good checkpoint to the end."""
+    from regionvlp.train import train
+
+    base = _tiny_learned(tmp_path) + ["optim.warmup_steps=0", "train.ckpt_every=1", "train.keep_last=10",
+                                      "train.max_nonfinite=2"]
+    train(load_config(CONFIG, base + ["train.max_steps=2", "optim.lr=1e-4"]))
+    with pytest.raises(E.NonFiniteLossError, match="non-finite steps in a row") as err:
+        train(load_config(CONFIG, base + ["train.max_steps=8", "optim.lr=1e30", "train.resume=auto"]))
+    assert "before step 3" in str(err.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert C.list_tags(ckpts) == ["step00000001", "step00000002"] and (ckpts / "step00000003.nonfinite").is_dir()
+    s = train(load_config(CONFIG, base + ["train.max_steps=5", "optim.lr=1e-4", "train.resume=auto"]))
+    assert s["steps"] == 5 and Path(s["resumed_from"]).name == "step00000002" and math.isfinite(s["final_loss"])
+    for tag in C.list_tags(ckpts):
+        state = torch.load(ckpts / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in state.values() if v.is_floating_point())
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step(tmp_path, monkeypatch):
+    """The fused check looks at the gradient norm too: a NaN gradient (finite loss) moves
+    no weight and does not advance the schedule."""
+    import regionvlp.train.loop as loop_mod
+    from regionvlp.train import train
+
+    real_build, seen = loop_mod.build_model, {}
+
+    def build(cfg):
+        model = real_build(cfg)
+        proj = next(p for n, p in model.named_parameters() if p.requires_grad and n.startswith("pathway"))
+        calls = {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * math.nan if calls["n"] == 2 else grad
+        proj.register_hook(hook)
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(loop_mod, "build_model", build)
+    s = train(load_config(CONFIG, _tiny_learned(tmp_path) + ["train.max_steps=3", "train.ckpt_every=100",
+                                                             "optim.warmup_steps=0"]))
+    assert s["steps"] == 3 and s["nonfinite_skipped"] == 1 and math.isfinite(s["final_loss"])
+    assert all(torch.isfinite(p).all() for p in seen["model"].parameters())
+    state = torch.load(Path(s["checkpoint_dir"]) / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == 3  # the skipped step did not advance the schedule

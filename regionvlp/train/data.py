@@ -98,9 +98,21 @@ def consumers_per_rank(cfg: Any) -> int:
 
 
 class BatchFeed:
-    """Micro-batches from ``data.train`` for the loop. All ranks roll over to the next
-    epoch together (one agreement per micro-batch); the position in the epoch lives in
-    the train state, so a resumed run continues where it stopped."""
+    """Micro-batches from ``data.train`` for the loop. Every rank runs the same number of
+    micro-batches and all roll over to the next epoch together, with no collective of
+    their own in steady state:
+
+    - the first micro-batch of each opened loader is agreed explicitly (one all-reduce:
+      do all ranks have one? else all roll over);
+    - after that, a rank whose loader runs dry sets :attr:`ended` and gets its last
+      batch again (the loop runs it, then discards the step); the loop's one per-step
+      collective tells every rank, and all call :meth:`roll_over`;
+    - an epoch budget from ``samples_per_epoch`` / ``sizes.json`` is the same on every
+      rank, so reaching it rolls over without any agreement.
+
+    The position in the epoch (micro-batches handed out, ``batch_in_epoch``) lives in the
+    train state and each consumer's loader position in :attr:`position` (written beside
+    each checkpoint), so a resumed run continues where it stopped without decoding."""
 
     def __init__(self, cfg: Any, state: TrainState, device: torch.device, resumed_from: str | None = None) -> None:
         self.cfg, self.state, self.device = cfg, state, device
@@ -118,6 +130,8 @@ class BatchFeed:
         self.stream: Iterator[dict[str, Any]] | None = None
         self.last_batch: dict[str, Any] = {}
         self.unreadable: dict[str, str] = {}  # shard URL -> error, from workers that made no batch (this epoch)
+        self.ended = False  # this rank's loader ran dry since the last roll-over
+        self.agree_next = True  # the next micro-batch is the first of an opened loader
 
     def follow_curriculum(self) -> bool:
         """Open the loader for the step's frame count when it changed (the first call
@@ -127,6 +141,7 @@ class BatchFeed:
             return False
         self.frames = frames
         self.stream = self.open_epoch()
+        self.agree_next = True
         return True
 
     def fresh_position(self) -> LoaderPosition:
@@ -149,27 +164,51 @@ class BatchFeed:
                 break
         return stream
 
+    def roll_over(self) -> None:
+        """Every rank starts the next epoch (called on all ranks together)."""
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self.position = self.fresh_position()
+        self.stream = self.open_epoch()
+        self.ended, self.agree_next = False, True
+
+    def fetch(self) -> dict[str, Any] | None:
+        """This rank's next batch of the epoch (None: dry or at the epoch budget)."""
+        if self.stream is None or (self.per_epoch is not None and self.state.batch_in_epoch >= self.per_epoch):
+            return None
+        return self.pull()
+
     def next_batch(self) -> tuple[dict[str, Any], float]:
-        """The next micro-batch and the seconds waited for it."""
+        """The next micro-batch and the seconds waited for it (see the class docstring)."""
         t0 = time.perf_counter()
+        if self.ended:  # the rest of this step runs on the last batch too
+            return self.last_batch, 0.0
+        if self.per_epoch is not None and self.state.batch_in_epoch >= self.per_epoch:
+            self.roll_over()  # the same budget on every rank: no agreement needed
+        batch = self.agreed_first() if self.agree_next else self.fetch()
+        if batch is None:  # dry after the first batch: run the last one again, the loop discards the step
+            self.ended = True
+            return self.last_batch, time.perf_counter() - t0
+        self.state.batch_in_epoch += 1
+        if "__position__" in batch:
+            self.position.note(batch["__position__"], self.state.batch_in_epoch)
+        self.last_batch = batch
+        return batch, time.perf_counter() - t0
+
+    def agreed_first(self) -> dict[str, Any]:
+        """The first batch of an opened loader, once every rank has one (one all-reduce per
+        try); ranks roll over together while any has none."""
         empty_epochs = 0
         while True:
-            out_of_budget = self.per_epoch is not None and self.state.batch_in_epoch >= self.per_epoch
-            batch = None if out_of_budget or self.stream is None else self.pull()
+            batch = self.fetch()
             if not dist.any_rank(batch is None, self.device):
-                self.state.batch_in_epoch += 1
-                if "__position__" in batch:
-                    self.position.note(batch["__position__"], self.state.batch_in_epoch)
-                self.last_batch = batch
-                return batch, time.perf_counter() - t0
+                self.agree_next = False
+                return batch
             if self.state.batch_in_epoch == 0:
                 empty_epochs += 1
                 if empty_epochs >= 2:
                     raise UserError(self.no_batch_message())
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-            self.position = self.fresh_position()
-            self.stream = self.open_epoch()
+            self.roll_over()
 
     def pull(self) -> dict[str, Any] | None:
         """The loader's next batch (None at the end); the skip reports of workers that

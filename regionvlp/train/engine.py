@@ -13,11 +13,15 @@ toy modules; :mod:`regionvlp.train.loop` wires it to the dual encoder and the da
 - :class:`Checkpointer`: ``save_checkpoint`` on every rank with client state, keep the
   last K, ``resume: auto | PATH``.
 - :class:`StopFlag`: SIGTERM / SIGINT → finish the step, checkpoint, exit cleanly.
-- :class:`NonFiniteGuard`: a non-finite loss skips the step; M in a row abort.
+- :class:`NonFiniteGuard`: a non-finite loss or gradient norm skips the step (no weight
+  moves, the schedule stays, :func:`skip_next_step`); M in a row abort.
+- :func:`rebuild_schedule`: on resume, a changed horizon / LR / warmup / min-LR ratio
+  gives the schedule the config defines from the current step on.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -50,10 +54,15 @@ def _tower(name: str) -> str:
     return "video"
 
 
+def tower_lr(tower: str, optim: Any) -> float:
+    """The base LR of a tower's groups: ``optim.lr`` times the tower's multiplier."""
+    mults = {"text": float(optim.text_lr_mult), "video": float(optim.video_lr_mult), "loss": 1.0}
+    return float(optim.lr) * mults[tower]
+
+
 def param_groups(model: nn.Module, optim: Any) -> list[dict[str, Any]]:
     """AdamW groups by (tower, decay); ``lr`` already multiplied by the tower's multiplier.
     Only parameters with ``requires_grad`` go in."""
-    mults = {"text": float(optim.text_lr_mult), "video": float(optim.video_lr_mult), "loss": 1.0}
     skip = no_decay_names(model)
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
@@ -62,7 +71,7 @@ def param_groups(model: nn.Module, optim: Any) -> list[dict[str, Any]]:
         tower, decay = _tower(name), name not in skip
         key = (tower, decay)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "lr": float(optim.lr) * mults[tower],
+            groups[key] = {"params": [], "names": [], "lr": tower_lr(tower, optim),
                            "weight_decay": float(optim.weight_decay) if decay else 0.0,
                            "group": f"{tower}_{'decay' if decay else 'no_decay'}"}
         groups[key]["params"].append(param)
@@ -72,13 +81,92 @@ def param_groups(model: nn.Module, optim: Any) -> list[dict[str, Any]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def schedule_for(cfg: Any) -> WarmupCosine:
+    """The config's warmup + cosine schedule (a picklable LambdaLR callable)."""
+    return WarmupCosine(int(cfg.optim.warmup_steps), int(cfg.train.max_steps), float(cfg.optim.min_lr_ratio))
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step`` can be turned into a no-op (:func:`skip_next_step`): the
+    engine still runs its whole step (counters, buffers, zero_grad) but no weight moves."""
+
+    skip_next = False
+
+    def step(self, closure: Any = None) -> Any:
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+class SkippableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose next ``step`` can be skipped, so a skipped optimizer step does not
+    advance the schedule either."""
+
+    skip_next = False
+
+    def step(self, epoch: Any = None) -> None:
+        if self.skip_next:
+            self.skip_next = False
+            return
+        super().step(epoch)
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> tuple[SkippableAdamW, SkippableLambdaLR]:
     groups = param_groups(model, cfg.optim)
-    opt = torch.optim.AdamW(groups, lr=float(cfg.optim.lr), betas=tuple(float(b) for b in cfg.optim.betas),
-                            eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, WarmupCosine(int(cfg.optim.warmup_steps), int(cfg.train.max_steps), float(cfg.optim.min_lr_ratio)))
-    return opt, sched
+    opt = SkippableAdamW(groups, lr=float(cfg.optim.lr), betas=tuple(float(b) for b in cfg.optim.betas),
+                         eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay))
+    return opt, SkippableLambdaLR(opt, schedule_for(cfg))
+
+
+def skip_next_step(opt: Any, sched: Any) -> None:
+    """The next engine step applies no update and leaves the schedule where it is."""
+    opt.skip_next = True
+    sched.skip_next = True
+
+
+def clear_skip(opt: Any, sched: Any) -> None:
+    """Drop a pending skip (DeepSpeed's own overflow check may have skipped the call)."""
+    opt.skip_next = False
+    sched.skip_next = False
+
+
+# ------------------------------------------------------------ schedule on resume
+def group_tower(group: dict[str, Any]) -> str:
+    """The tower of an optimizer group named ``<tower>_decay`` / ``<tower>_no_decay``."""
+    return str(group.get("group", "video_decay")).split("_")[0]
+
+
+def schedule_changes(sched: Any, cfg: Any) -> list[str]:
+    """What the config changed against a loaded schedule (``"key old → new"``; empty: none)."""
+    old, new = sched.lr_lambdas[0], schedule_for(cfg)
+    changes = [f"{key} {getattr(old, attr)} → {getattr(new, attr)}"
+               for key, attr in (("train.max_steps", "max_steps"), ("optim.warmup_steps", "warmup_steps"),
+                                 ("optim.min_lr_ratio", "min_lr_ratio"))
+               if not math.isclose(float(getattr(old, attr)), float(getattr(new, attr)), rel_tol=1e-12)]
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+        want = tower_lr(group_tower(group), cfg.optim)
+        if not math.isclose(base, want, rel_tol=1e-12):
+            changes.append(f"optim.lr ({group.get('group', '?')}) {base:g} → {want:g}")
+    return changes
+
+
+def rebuild_schedule(sched: Any, cfg: Any) -> list[str]:
+    """After a resume: when the config's horizon, LR, warmup or min-LR ratio differ from
+    the checkpoint's, the schedule from the current step on is the one the config defines
+    (the LR at step s is what a run started with this config would use at s). Unchanged:
+    nothing is touched (bit-exact resume). Returns what changed."""
+    changes = schedule_changes(sched, cfg)
+    if not changes:
+        return []
+    fn = schedule_for(cfg)
+    sched.lr_lambdas = [fn] * len(sched.optimizer.param_groups)
+    sched.base_lrs = [tower_lr(group_tower(g), cfg.optim) for g in sched.optimizer.param_groups]
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]  # what get_last_lr() reports
+    return changes
 
 
 # -------------------------------------------------------------- deepspeed config
@@ -147,6 +235,13 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {g.get("group", str(i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
+def step_lrs(sched: Any, step: int) -> dict[str, float]:
+    """Per group, the LR optimizer step ``step`` (1-based) ran with."""
+    groups = sched.optimizer.param_groups
+    return {g.get("group", str(i)): float(base * fn(step - 1))
+            for i, (g, base, fn) in enumerate(zip(groups, sched.base_lrs, sched.lr_lambdas))}
+
+
 # ------------------------------------------------------------------ checkpoints
 class Checkpointer:
     """DeepSpeed checkpoints under ``run_dir/checkpoints/stepNNNNNNNN``, newest K kept.
@@ -171,6 +266,18 @@ class Checkpointer:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
         barrier()
         return self.dir / tag
+
+    def set_aside(self, from_step: int) -> list[str]:
+        """Rename the checkpoints of step >= ``from_step`` to ``stepNNNNNNNN.nonfinite``
+        (rank 0), so ``train.resume=auto`` continues from the newest one whose weights still
+        gave a finite loss. Returns the tags set aside."""
+        bad = [t for t in list_tags(self.dir) if int(t[4:]) >= from_step]
+        if dist.is_main():
+            for tag in bad:
+                shutil.rmtree(self.dir / f"{tag}.nonfinite", ignore_errors=True)  # from an earlier abort
+                (self.dir / tag).rename(self.dir / f"{tag}.nonfinite")
+        barrier()
+        return bad
 
     def load(self, engine: Any, where: tuple[Path, str]) -> dict[str, Any]:
         load_dir, tag = where
@@ -221,6 +328,45 @@ class NonFiniteLossError(UserError):
     pass
 
 
+def grad_norm_is_finite(module: nn.Module) -> torch.Tensor:
+    """A 0-d bool tensor on the device (no host sync): the L2 norm of the gradients this
+    rank holds in ``module`` is finite (True when it holds none: under ZeRO 1-2
+    DeepSpeed keeps them partitioned and runs its own overflow check, which
+    ``engine.was_step_applied()`` reports)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None and p.grad.numel()]
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.isfinite(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def weights_are_finite(module: nn.Module) -> bool:
+    """Every weight this rank holds is finite (one max-abs pass; reads one value)."""
+    params = [p.detach() for p in module.parameters() if p.numel()]
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all())
+
+
+@torch.no_grad()
+def floor_parameter_(param: nn.Parameter, low: float) -> None:
+    """``param >= low`` in place, after an optimizer step (as CLIP clamps its logit scale):
+    the module's copy and, where DeepSpeed keeps one, this rank's piece of the fp32 master
+    copy (ZeRO 1-2 / bf16 optimizer: the parameter's fragment; ZeRO-3: its partition). No
+    collective, no host sync."""
+    param.data.clamp_(min=low)
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        param.ds_tensor.data.clamp_(min=low)
+        master = safe_get_local_fp32_param(param)
+        if master is not None:
+            safe_set_local_fp32_param(param, master.clamp(min=low))
+    mapping = getattr(param, "_hp_mapping", None)  # DeepSpeed's link to the fp32 fragment
+    if mapping is not None:
+        mapping.get_hp_fragment().clamp_(min=low)
+
+
 @dataclass
 class NonFiniteGuard:
     """Counts skipped non-finite steps; raises after ``max_in_a_row`` consecutive ones."""
@@ -229,6 +375,11 @@ class NonFiniteGuard:
     in_a_row: int = 0
     total: int = 0
     steps: list[int] = field(default_factory=list)
+
+    @property
+    def first_of_streak(self) -> int:
+        """The step of the first non-finite result of the current streak."""
+        return self.steps[-self.in_a_row] if self.in_a_row else -1
 
     def check(self, finite: bool, step: int) -> bool:
         """Returns True when the step may proceed."""
@@ -240,6 +391,8 @@ class NonFiniteGuard:
         self.steps.append(step)
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteLossError(
-                f"{self.in_a_row} non-finite losses in a row (last at step {step}); lower optim.lr, "
-                f"raise optim.warmup_steps or use bf16/fp32, then resume with train.resume=auto")
+                f"{self.in_a_row} non-finite steps in a row (loss or gradient norm; last at step {step}); lower optim.lr, "
+                f"raise optim.warmup_steps or use bf16/fp32, then resume with train.resume=auto (it "
+                f"continues from the newest checkpoint before step {self.first_of_streak}; later ones "
+                f"are kept aside as stepNNNNNNNN.nonfinite)")
         return False

@@ -59,6 +59,7 @@ class Run:
     world: int
     engine: Any  # the DeepSpeed engine around the DualEncoder
     optimizer: torch.optim.Optimizer
+    scheduler: E.SkippableLambdaLR  # the LR schedule DeepSpeed steps (its .optimizer: the torch AdamW)
     dtype: torch.dtype  # the engine's compute dtype
     zero_stage: int
     extractor: Any | None  # the frozen region extractor (detector pathway), never an engine child
@@ -81,11 +82,14 @@ class Run:
 @dataclass
 class Meter:
     """Loss terms, clips and data wait: of the current optimizer step, of the logging
-    window, and of the whole run segment."""
+    window, and of the whole run segment. Loss terms stay on the device (no host sync)
+    until a logging step reads the window (:meth:`window`) or a save / the summary reads
+    the step losses (:meth:`flush_losses`)."""
 
-    step_terms: dict[str, float] = field(default_factory=dict)
+    step_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     step_micro: int = 0
-    win_terms: dict[str, float] = field(default_factory=dict)
+    step_clips: int = 0
+    win_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     win_steps: int = 0
     win_t0: float = field(default_factory=time.perf_counter)
     win_wait: float = 0.0
@@ -93,6 +97,7 @@ class Meter:
     total_t0: float = field(default_factory=time.perf_counter)
     total_wait: float = 0.0
     total_clips: int = 0
+    step_losses: list[torch.Tensor] = field(default_factory=list)  # step losses not read yet
 
     def waited(self, seconds: float) -> None:
         self.win_wait += seconds
@@ -101,32 +106,65 @@ class Meter:
     def add_micro(self, out: dict[str, Any], clips: int) -> None:
         for k, v in out.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
-                self.step_terms[k] = self.step_terms.get(k, 0.0) + float(v.detach().float())
+                v = v.detach().float().reshape(())
+                self.step_terms[k] = self.step_terms[k] + v if k in self.step_terms else v
         self.step_micro += 1
-        self.win_clips += clips
-        self.total_clips += clips
+        self.step_clips += clips
 
-    def end_step(self) -> tuple[dict[str, float], int]:
-        """The step's mean loss terms and its micro-batch count; starts the next step."""
-        terms = {k: v / self.step_micro for k, v in self.step_terms.items()}
+    def drop_step(self) -> None:
+        """Forget a step that was not applied (skipped or discarded at an epoch end)."""
+        self.step_terms, self.step_micro, self.step_clips = {}, 0, 0
+
+    def end_step(self) -> int:
+        """Count the applied step's mean terms; returns its micro-batch count."""
         micro = self.step_micro
-        for k, v in terms.items():
-            self.win_terms[k] = self.win_terms.get(k, 0.0) + v
+        for k, v in self.step_terms.items():
+            mean = v / micro
+            self.win_terms[k] = self.win_terms[k] + mean if k in self.win_terms else mean
+            if k == "loss":
+                self.step_losses.append(mean)
         self.win_steps += 1
-        self.step_terms, self.step_micro = {}, 0
-        return terms, micro
+        self.win_clips += self.step_clips
+        self.total_clips += self.step_clips
+        self.drop_step()
+        return micro
 
     def window(self) -> dict[str, float]:
-        """Mean terms and rates since the last call; starts a new window."""
+        """Mean terms and rates since the last call (one host read); starts a new window."""
         elapsed = max(1e-9, time.perf_counter() - self.win_t0)
-        out = {k: v / max(1, self.win_steps) for k, v in self.win_terms.items()}
+        keys = sorted(self.win_terms)
+        values = torch.stack([self.win_terms[k] for k in keys]).tolist() if keys else []
+        out = {k: v / max(1, self.win_steps) for k, v in zip(keys, values)}
         out.update(clips_per_s=self.win_clips / elapsed, data_wait_frac=self.win_wait / elapsed)
         self.win_terms, self.win_steps = {}, 0
         self.win_t0, self.win_wait, self.win_clips = time.perf_counter(), 0.0, 0
         return out
 
+    def flush_losses(self, state: TrainState) -> None:
+        """The step losses not read yet into ``state.recent_losses`` / ``first_losses``."""
+        if not self.step_losses:
+            return
+        for loss in torch.stack(self.step_losses).tolist():
+            state.recent_losses = (state.recent_losses + [loss])[-5:]
+            if len(state.first_losses) < 5:
+                state.first_losses.append(loss)
+        self.step_losses = []
+
     def elapsed(self) -> float:
         return max(1e-9, time.perf_counter() - self.total_t0)
+
+
+@dataclass
+class Verdict:
+    """What the ranks agreed at the end of a step's micro-batches (one collective)."""
+
+    nonfinite: bool  # a loss or the gradient norm was not finite on some rank
+    ended: bool  # some rank's loader ran dry: every rank rolls over, the step is discarded
+    stop: bool  # a stop signal arrived on some rank
+
+    @property
+    def apply(self) -> bool:
+        return not (self.nonfinite or self.ended)
 
 
 # ---------------------------------------------------------------------- setup
@@ -169,9 +207,9 @@ def setup_run(cfg: Any) -> Run:
                         "train.resume=auto, or pick a new run.out_dir")
     if where is None and str(cfg.train.init_from) not in ("", "none"):
         init_weights(model, Path(str(cfg.train.init_from)))
-    engine, optimizer, _, ds = E.initialize(model, cfg)
+    engine, optimizer, scheduler, ds = E.initialize(model, cfg)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, world=dist.world_size(), engine=engine,
-              optimizer=optimizer, dtype=E.engine_dtype(ds),
+              optimizer=optimizer, scheduler=scheduler, dtype=E.engine_dtype(ds),
               zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)), extractor=extractor,
               ckpt=ckpt, state=TrainState(), guard=E.NonFiniteGuard(int(cfg.train.max_nonfinite)),
               metrics=MetricsLog(run_dir, False, None))
@@ -193,53 +231,96 @@ def resume(run: Run, where: tuple[Path, str]) -> None:
     run.state = TrainState(**saved)
     run.pending_rng = read_rng(Path(where[0]) / where[1], dist.rank())
     run.resumed_from = str(Path(where[0]) / where[1])
+    changes = E.rebuild_schedule(run.scheduler, run.cfg)
     if dist.is_main():
         log.info("resumed from %s at step %d", run.resumed_from, run.state.step)
+        if changes:
+            log.info("LR schedule rebuilt from step %d for the new config: %s", run.state.step, "; ".join(changes))
 
 
 # ----------------------------------------------------------------------- step
-def loss_is_finite(run: Run, loss: torch.Tensor) -> bool:
-    """All ranks agree whether the micro-batch's loss is finite; a non-finite one is
-    counted (and aborts after ``train.max_nonfinite`` in a row)."""
-    finite = not dist.any_rank(not bool(torch.isfinite(loss.detach()).all()), run.device)
-    if run.guard.check(finite, run.state.step):
-        return True
-    run.state.nonfinite = run.guard.total
-    if dist.is_main():
-        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
-                    run.state.step, run.guard.in_a_row)
-    return False
+def agree(run: Run, feed: BatchFeed, stop: E.StopFlag, loss_ok: torch.Tensor) -> Verdict:
+    """The step's one collective and one host sync: ``[non-finite, loader ended, stop]``
+    summed over ranks. Non-finite: any micro-batch loss (``loss_ok`` False) or the
+    gradient norm this rank holds."""
+    ok = loss_ok & E.grad_norm_is_finite(run.engine.module).to(loss_ok.device)
+    local = torch.stack([(~ok).float(), torch.tensor(float(feed.ended), device=ok.device),
+                         torch.tensor(float(stop.requested), device=ok.device)])
+    bad, ended, stopped = (v > 0 for v in dist.all_reduce_sum(local.to(run.device)).tolist())
+    return Verdict(nonfinite=bad, ended=ended, stop=stopped)
 
 
-def train_step(run: Run, feed: BatchFeed, meter: Meter) -> None:
-    """One optimizer step: ``train.grad_accum`` micro-batches of forward and backward,
-    then the engine's optimizer step (DeepSpeed steps at the accumulation boundary)."""
-    while True:
+def micro_batches(run: Run, feed: BatchFeed, meter: Meter) -> torch.Tensor:
+    """Forward and backward of the step's ``train.grad_accum`` micro-batches (the engine
+    counts all but the last, which :func:`train_step` steps); returns a 0-d bool tensor,
+    True when every loss was finite (no host sync)."""
+    accum = int(run.cfg.train.grad_accum)
+    loss_ok = torch.ones((), dtype=torch.bool, device=run.device)
+    for i in range(accum):
         batch, waited = feed.next_batch()
         meter.waited(waited)
-        add_counts(run.state.skipped, batch.get("skipped"))
+        if not feed.ended:
+            add_counts(run.state.skipped, batch.get("skipped"))
         with autocast_for(run.device, run.dtype):
             out = run.engine(run.prepare(batch))
-        if not loss_is_finite(run, out["loss"]):
-            continue
-        boundary = run.engine.is_gradient_accumulation_boundary()
+        loss_ok = loss_ok & torch.isfinite(out["loss"].detach()).all()
         run.engine.backward(out["loss"])
-        run.engine.step()
         meter.add_micro(out, clips=len(batch["__key__"]) * run.world)
-        if boundary:
-            return
+        if i < accum - 1:
+            run.engine.step()  # not an accumulation boundary: DeepSpeed only counts it
+    return loss_ok
+
+
+def train_step(run: Run, feed: BatchFeed, meter: Meter, stop: E.StopFlag) -> Verdict:
+    """One optimizer step: the micro-batches, the ranks' agreement, then the engine step,
+    which applies no update (and leaves the schedule) when the step is skipped for a
+    non-finite loss / gradient norm or discarded at an epoch end."""
+    verdict = agree(run, feed, stop, micro_batches(run, feed, meter))
+    base_opt = run.scheduler.optimizer
+    if not verdict.apply:
+        E.skip_next_step(base_opt, run.scheduler)
+    run.engine.step()
+    E.clear_skip(base_opt, run.scheduler)
+    if verdict.apply and not run.engine.was_step_applied():  # DeepSpeed's own overflow check (ZeRO)
+        verdict.nonfinite = True
+    if verdict.ended:
+        feed.roll_over()
+    elif verdict.nonfinite:
+        count_nonfinite(run)
+    else:
+        run.guard.check(True, run.state.step)
+        floor_temperature(run)
+    if not verdict.apply:
+        meter.drop_step()
+    return verdict
+
+
+def count_nonfinite(run: Run) -> None:
+    """A skipped non-finite step: counted, warned; too many in a row set aside the
+    checkpoints taken since the streak began, then abort."""
+    try:
+        run.guard.check(False, run.state.step)
+    except E.NonFiniteLossError:
+        run.ckpt.set_aside(run.guard.first_of_streak)
+        raise
+    run.state.nonfinite = run.guard.total
+    if dist.is_main():
+        log.warning("non-finite loss or gradient norm at step %d: step skipped, no weight changed (%d in a row)",
+                    run.state.step, run.guard.in_a_row)
+
+
+def floor_temperature(run: Run) -> None:
+    """A learnable temperature back to ``loss.min_temperature`` after the step."""
+    loss = run.engine.module.loss
+    if isinstance(loss.log_temperature, torch.nn.Parameter):
+        E.floor_parameter_(loss.log_temperature, loss.log_temperature_floor)
 
 
 def end_step(run: Run, meter: Meter) -> None:
     """Count the finished optimizer step in the train state."""
-    state = run.state
-    terms, micro = meter.end_step()
-    state.step += 1
-    state.samples += int(run.cfg.data.batch_size) * run.world * micro
-    loss = terms.get("loss", float("nan"))
-    state.recent_losses = (state.recent_losses + [loss])[-5:]
-    if len(state.first_losses) < 5:
-        state.first_losses.append(loss)
+    micro = meter.end_step()
+    run.state.step += 1
+    run.state.samples += int(run.cfg.data.batch_size) * run.world * micro
 
 
 # ---------------------------------------------------------------- every N steps
@@ -253,7 +334,8 @@ def log_step(run: Run, meter: Meter, frames: int | None, pbar: Any) -> None:
     state = run.state
     record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "frames": frames}
     record.update(meter.window())
-    record.update({f"lr_{k}": v for k, v in E.current_lrs(run.optimizer).items()})
+    meter.flush_losses(state)
+    record.update({f"lr_{k}": v for k, v in E.step_lrs(run.scheduler, state.step).items()})
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None and math.isfinite(float(grad_norm)):
         record["grad_norm"] = float(grad_norm)
@@ -277,7 +359,12 @@ def validate_step(run: Run, meter: Meter, frames: int, fallback: dict[str, Any])
 
 def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     """A checkpoint of this step: engine + optimizer + schedule (DeepSpeed, every rank),
-    the train state and config as client state, this rank's RNG state and loader position."""
+    the train state and config as client state, this rank's RNG state and loader position.
+    Weights that are not finite are never saved (the run stops instead)."""
+    if dist.any_rank(not E.weights_are_finite(run.engine.module), run.device):
+        raise E.NonFiniteLossError(f"the weights are not finite after step {run.state.step}: nothing saved; "
+                                   "lower optim.lr and resume from the last checkpoint with train.resume=auto")
+    meter.flush_losses(run.state)
     saved = asdict(run.state)
     saved["elapsed"] = run.state.elapsed + meter.elapsed()
     client = {"train_state": saved, "config": saved_container(run.cfg), "regionvlp_checkpoint": 1}
@@ -287,9 +374,10 @@ def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     return run.ckpt.save(run.engine, run.state.step, client)
 
 
-def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, pbar: Any) -> str | None:
+def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, stop_now: bool, pbar: Any) -> str | None:
     """Logging, validation and checkpointing when due; the stop reason when a signal
-    asked the run to stop (after its checkpoint), else None."""
+    asked the run to stop (``stop_now``, agreed in the step's collective; after its
+    checkpoint), else None."""
     step, cfg = run.state.step, run.cfg
     if due(step, int(cfg.train.log_every), run.max_steps):
         log_step(run, meter, feed.frames, pbar)
@@ -297,7 +385,6 @@ def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, pbar: 
         pbar.update(1)
     if due(step, int(cfg.train.val_every), run.max_steps):
         validate_step(run, meter, feed.frames, feed.last_batch)
-    stop_now = dist.any_rank(stop.requested, run.device)
     if due(step, int(cfg.train.ckpt_every), run.max_steps) or stop_now:
         save(run, meter, feed)
     if not stop_now:
@@ -312,6 +399,7 @@ def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, pbar: 
 def summarize(run: Run, meter: Meter, stopped: str) -> dict[str, Any]:
     """The run's JSON summary (also written to ``summary.json`` by rank 0)."""
     state, elapsed = run.state, meter.elapsed()
+    meter.flush_losses(state)
     tags = list_tags(run.ckpt.dir)
     summary = {
         "steps": state.step,
@@ -372,9 +460,11 @@ def run_loop(run: Run) -> dict[str, Any]:
                 if feed.follow_curriculum() and run.pending_rng is not None:
                     set_rng_state(run.pending_rng)  # the replay drew randoms: restore after it
                     run.pending_rng = None
-                train_step(run, feed, meter)
+                verdict = train_step(run, feed, meter, stop)
+                if not verdict.apply:
+                    continue
                 end_step(run, meter)
-                reason = after_step(run, meter, feed, stop, pbar)
+                reason = after_step(run, meter, feed, stop, verdict.stop, pbar)
                 last_saved = run.state.step if due(run.state.step, int(run.cfg.train.ckpt_every), run.max_steps) \
                     or reason else last_saved
                 if reason:
