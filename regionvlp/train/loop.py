@@ -246,8 +246,9 @@ def agree(run: Run, feed: BatchFeed, stop: E.StopFlag, loss_ok: torch.Tensor) ->
     ok = loss_ok & E.grad_norm_is_finite(run.engine.module).to(loss_ok.device)
     local = torch.stack([(~ok).float(), torch.tensor(float(feed.ended), device=ok.device),
                          torch.tensor(float(stop.requested), device=ok.device)])
-    bad, ended, stopped = (v > 0 for v in dist.all_reduce_sum(local.to(run.device)).tolist())
-    return Verdict(nonfinite=bad, ended=ended, stop=stopped)
+    total = dist.all_reduce_sum(local.to(run.device))
+    bits = int(((total > 0).long() * torch.tensor([1, 2, 4], device=total.device)).sum())  # the one host read
+    return Verdict(nonfinite=bool(bits & 1), ended=bool(bits & 2), stop=bool(bits & 4))
 
 
 def micro_batches(run: Run, feed: BatchFeed, meter: Meter) -> torch.Tensor:
