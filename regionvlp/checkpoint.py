@@ -90,7 +90,7 @@ MANIFEST = "manifest.json"
 _UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the manifest itself
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -101,7 +101,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(tag_dir: Path) -> None:
     """Record every file of a checkpoint this run just wrote (size + sha256), so a resume
     can tell the run's own checkpoint from one dropped in or altered afterwards."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
     tmp = tag_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"regionvlp_manifest": 1, "files": files}, indent=1))
@@ -126,7 +126,7 @@ def check_manifest(tag_dir: Path, run_ckpt_dir: Path) -> None:
     present = {p.name for p in tag_dir.iterdir() if p.is_file() and p.name not in _UNLISTED}
     changed = sorted(present ^ set(listed))
     changed += [n for n in sorted(present & set(listed)) if (tag_dir / n).stat().st_size != listed[n].get("bytes")
-                or _sha256(tag_dir / n) != listed[n].get("sha256")]
+                or file_sha256(tag_dir / n) != listed[n].get("sha256")]
     if changed:
         raise UserError(f"train.resume: {tag_dir} changed since this run wrote it ({', '.join(changed[:5])}); "
                         "refusing to unpickle it; resume an earlier checkpoint or use train.init_from=PATH")

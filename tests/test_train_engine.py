@@ -350,3 +350,91 @@ def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step(tmp_path, monkey
     assert all(torch.isfinite(p).all() for p in seen["model"].parameters())
     state = torch.load(Path(s["checkpoint_dir"]) / "mp_rank_00_model_states.pt", weights_only=False)
     assert state["lr_scheduler"]["last_epoch"] == 3  # the skipped step did not advance the schedule
+
+
+# ------------------------------------------------------------- nothing pickled runs
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a pickle ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_rng_state_round_trips_without_pickle_and_an_old_pickled_file_is_refused(tmp_path):
+    import random
+
+    import numpy as np
+
+    from regionvlp.train.state import read_rng, set_rng_state, write_rng
+
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    write_rng(tmp_path / "t", 0)
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["rng_rank0.safetensors"]
+    want = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(read_rng(tmp_path / "t", 0))
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "old").mkdir()
+    torch.save({"torch": Payload(marker)}, tmp_path / "old" / "rng_rank0.pt")
+    with pytest.raises(UserError, match=r"old pickled RNG file that torch.load\(weights_only=True\) refuses"):
+        read_rng(tmp_path / "old", 0)
+    assert not marker.exists()
+
+
+def test_resume_only_from_folders_this_run_wrote(tmp_path):
+    """A foreign folder planted among the run's checkpoints, a swapped file in a listed
+    folder, and a checkpoint of another run are refused before DeepSpeed unpickles
+    anything; the run's own checkpoint loads."""
+    cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10"])
+    torch.manual_seed(0)
+    eng, *_ = E.initialize(Toy(), cfg)
+    ck = E.Checkpointer(tmp_path / "run", keep_last=5)
+    eng.backward(eng(torch.randn(2, 4)))
+    eng.step()
+    ck.save(eng, 1, {})
+    listed = json.loads((ck.dir / "manifest.json").read_text())["tags"]["step00000001"]
+    assert "mp_rank_00_model_states.pt" in listed and len(listed["mp_rank_00_model_states.pt"]["sha256"]) == 64
+
+    marker = tmp_path / "pwned"
+    foreign = ck.dir / "step00000009"
+    foreign.mkdir()
+    torch.save(Payload(marker), foreign / "mp_rank_00_model_states.pt")
+    (foreign / "client_state.done").write_text("9")
+    assert C.resolve_resume("auto", ck.dir) == (ck.dir, "step00000009")
+    with pytest.raises(UserError, match="not listed in .*manifest.json"):
+        ck.load(eng, (ck.dir, "step00000009"))
+    swapped = ck.dir / "step00000001" / "mp_rank_00_model_states.pt"
+    good = swapped.read_bytes()
+    torch.save(Payload(marker), swapped)
+    with pytest.raises(UserError, match="changed since this run wrote it"):
+        ck.load(eng, (ck.dir, "step00000001"))
+    swapped.write_bytes(good)
+    (ck.dir / "step00000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="unlisted files"):
+        ck.load(eng, (ck.dir, "step00000001"))
+    (ck.dir / "step00000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    other = E.Checkpointer(tmp_path / "other", keep_last=5)
+    with pytest.raises(UserError, match="not a checkpoint of this run.*train.init_from"):
+        other.load(eng, (ck.dir, "step00000001"))
+    assert not marker.exists()
+    ck.load(eng, (ck.dir, "step00000001"))
+
+
+def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    from regionvlp.train.state import MetricsLog
+
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')  # a kill mid-write
+    with caplog.at_level("WARNING", logger="regionvlp.train"):
+        log = MetricsLog(tmp_path, True, resume_step=3)
+    log.write({"step": 4, "loss": 0.5})
+    log.close()
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert [r.message for r in caplog.records if "unreadable" in r.message] != [] and \
+        sum("unreadable" in r.message for r in caplog.records) == 1

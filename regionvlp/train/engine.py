@@ -11,7 +11,7 @@ toy modules; :mod:`regionvlp.train.loop` wires it to the dual encoder and the da
 - :func:`initialize`: ``deepspeed.initialize`` with a torch AdamW and a LambdaLR, both of
   which DeepSpeed steps and checkpoints.
 - :class:`Checkpointer`: ``save_checkpoint`` on every rank with client state, keep the
-  last K, ``resume: auto | PATH``.
+  last K, a manifest of what was written (:mod:`.manifest`), resume only from those.
 - :class:`StopFlag`: SIGTERM / SIGINT → finish the step, checkpoint, exit cleanly.
 - :class:`NonFiniteGuard`: a non-finite loss or gradient norm skips the step (no weight
   moves, the schedule stays, :func:`skip_next_step`); M in a row abort.
@@ -37,6 +37,7 @@ from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manif
 from regionvlp.config import to_container
 from regionvlp.errors import UserError
 from regionvlp.optim import WarmupCosine, no_decay_names
+from regionvlp.train import manifest
 
 
 def barrier() -> None:
@@ -260,10 +261,14 @@ class Checkpointer:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
         barrier()
         if dist.is_main():
-            write_manifest(self.dir / tag)  # resume trusts only files listed here
+            old = [t for t in list_tags(self.dir) if t != tag]
+            keep = (old + [tag])[-self.keep_last:]
+            write_manifest(self.dir / tag)  # the folder's files and their SHA-256
+            manifest.record(self.dir, tag, keep)  # and that this run wrote it; before the done marker
             (self.dir / tag / "client_state.done").write_text(str(step))
-            for old in list_tags(self.dir)[:-self.keep_last]:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
+            for stale in old:
+                if stale not in keep:
+                    shutil.rmtree(self.dir / stale, ignore_errors=True)
         barrier()
         return self.dir / tag
 
@@ -273,15 +278,32 @@ class Checkpointer:
         gave a finite loss. Returns the tags set aside."""
         bad = [t for t in list_tags(self.dir) if int(t[4:]) >= from_step]
         if dist.is_main():
+            manifest.forget(self.dir, bad)
             for tag in bad:
                 shutil.rmtree(self.dir / f"{tag}.nonfinite", ignore_errors=True)  # from an earlier abort
                 (self.dir / tag).rename(self.dir / f"{tag}.nonfinite")
         barrier()
         return bad
 
+    def check(self, where: tuple[Path, str]) -> None:
+        """Refuse (on every rank, with rank 0's message) a folder this run did not write, or
+        one changed since: DeepSpeed's load unpickles its files (see
+        :mod:`regionvlp.train.manifest`)."""
+        problem = None
+        if dist.is_main():
+            try:
+                check_manifest(Path(where[0]) / where[1], self.dir)  # in this run's folder, files unchanged
+                manifest.check(self.dir, where[1])  # and saved by this run, not copied in
+            except UserError as err:
+                problem = str(err)
+        problem = dist.gather_objects(problem)[0] if dist.gather_active() else problem
+        if problem:
+            raise UserError(problem)
+
     def load(self, engine: Any, where: tuple[Path, str]) -> dict[str, Any]:
+        """Engine, optimizer and schedule state from a checkpoint this run wrote."""
+        self.check(where)
         load_dir, tag = where
-        check_manifest(Path(load_dir) / tag, self.dir)  # DeepSpeed (and the RNG file) unpickle freely
         path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:

@@ -41,7 +41,8 @@ from regionvlp.runtime import add_counts, autocast_for, local_device, peak_bytes
 from regionvlp.train import engine as E
 from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
-from regionvlp.train.state import MetricsLog, TrainState, mean_finite, read_rng, set_rng_state, write_rng
+from regionvlp.train.state import (MetricsLog, TrainState, mean_finite, read_rng, read_train_state, set_rng_state,
+                                   write_rng, write_train_state)
 from regionvlp.train.validate import validate
 
 
@@ -223,12 +224,8 @@ def setup_run(cfg: Any) -> Run:
 def resume(run: Run, where: tuple[Path, str]) -> None:
     """Engine, optimizer, schedule and train state from checkpoint ``where``; the RNG
     state is kept pending until the data position has been replayed."""
-    client = run.ckpt.load(run.engine, where)
-    saved = client.get("train_state")
-    if saved is None:
-        raise UserError(f"checkpoint {where[0]}/{where[1]} has no regionvlp train state; "
-                        "it was not written by regionvlp train")
-    run.state = TrainState(**saved)
+    run.ckpt.load(run.engine, where)  # checks first that this run wrote the folder (manifest)
+    run.state = read_train_state(Path(where[0]) / where[1])
     run.pending_rng = read_rng(Path(where[0]) / where[1], dist.rank())
     run.resumed_from = str(Path(where[0]) / where[1])
     changes = E.rebuild_schedule(run.scheduler, run.cfg)
@@ -368,11 +365,13 @@ def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     meter.flush_losses(run.state)
     saved = asdict(run.state)
     saved["elapsed"] = run.state.elapsed + meter.elapsed()
-    client = {"train_state": saved, "config": saved_container(run.cfg), "regionvlp_checkpoint": 1}
-    write_rng(run.ckpt.dir / tag_for(run.state.step), dist.rank())
+    tag_dir = run.ckpt.dir / tag_for(run.state.step)
+    write_rng(tag_dir, dist.rank())
     if feed is not None:
-        write_loader_position(run.ckpt.dir / tag_for(run.state.step), dist.rank(), feed.position)
-    return run.ckpt.save(run.engine, run.state.step, client)
+        write_loader_position(tag_dir, dist.rank(), feed.position)
+    if dist.is_main():
+        write_train_state(tag_dir, saved, saved_container(run.cfg))
+    return run.ckpt.save(run.engine, run.state.step, {"regionvlp_checkpoint": 2})
 
 
 def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, stop_now: bool, pbar: Any) -> str | None:
