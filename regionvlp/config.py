@@ -137,7 +137,7 @@ class ModelConfig:
 class LossConfig:
     temperature: float = 0.05  # tau of the global InfoNCE
     learnable_temperature: bool = False
-    min_temperature: float = 0.01  # clamp when learnable
+    min_temperature: float = 0.01  # floor of a learnable temperature, applied after each step
     align_temperature: float = 0.05  # tau_a of the region-word softmax
     local_weight: float = 1.0  # lambda
     chunk_size: int = 32  # sentences per chunk of the region-word similarity

@@ -46,12 +46,17 @@ def test_extract_equals_in_loop_and_resumes(raw_shards, tmp_path):
     raw = {s["__key__"]: s for s in iter_samples(urls, cfg, training=False)}
     stored = {s["__key__"]: s for s in iter_samples([str(out / "{000000..000002}.tar")], cfg, training=False)}
     assert sorted(raw) == sorted(stored) and len(raw) == 5
+    # extraction ran in batches of 2, the live extractor here on 1 clip: fp32 reductions
+    # may differ in the last bits between the two on another CPU, so features and boxes
+    # compare within a tolerance (features are stored fp16: its rounding, 2^-11 relative,
+    # plus fp32 noise); which regions were kept and their labels are discrete and equal
     for key, s in raw.items():
         live = extractor(s["frames"][None])  # [1, T, K, ...]
         r = stored[key]
         assert "frames" not in r
-        assert torch.equal(r["region_feats"], live["region_feats"][0].half().float())
-        assert torch.equal(r["region_boxes"], live["region_boxes"][0])
+        assert r["region_feats"].dtype == torch.float32
+        torch.testing.assert_close(r["region_feats"], live["region_feats"][0], rtol=2e-3, atol=1e-5)
+        torch.testing.assert_close(r["region_boxes"], live["region_boxes"][0], rtol=1e-4, atol=1e-3)
         assert torch.equal(r["region_mask"], live["region_mask"][0])
         assert torch.equal(r["region_labels"], live["region_labels"][0])
         assert r["region_mask"].shape == (cfg.data.num_frames, cfg.model.detector.num_regions)

@@ -197,6 +197,25 @@ def test_learnable_temperature_trains_under_the_engine(stage):
     assert after != before and math.isfinite(after)
     assert eng.module.loss.temperature().shape == ()
 
+    # the floor lands on the parameter after the step: the module's copy and DeepSpeed's
+    # fp32 master (ZeRO-2: the fragment), so the next step starts from it
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    floor = math.log(0.2)  # above the current temperature 0.1
+    E.floor_parameter_(tau_param, floor)
+    assert float(tau_param.detach()) == pytest.approx(floor)
+    master = safe_get_full_fp32_param(tau_param)
+    assert master is None if stage == 0 else float(master) == pytest.approx(floor)
+    low = torch.tensor([math.log(0.05)])
+    tau_param.data.copy_(low)
+    if stage:
+        safe_set_full_fp32_param(tau_param, low)
+    eng.backward(eng(xv, xt))
+    assert float(safe_get_full_grad(tau_param).abs()) > 1e-5  # below the floor it still learns
+    eng.step()
+    E.floor_parameter_(tau_param, floor)
+    assert float(tau_param.detach()) == pytest.approx(floor)
+
 
 def test_nonfinite_guard_skips_then_aborts():
     g = E.NonFiniteGuard(max_in_a_row=3)

@@ -277,7 +277,7 @@ class Checkpointer:
         (rank 0), so ``train.resume=auto`` continues from the newest one whose weights still
         gave a finite loss. Returns the tags set aside."""
         bad = [t for t in list_tags(self.dir) if int(t[4:]) >= from_step]
-        if dist.is_main():
+        if dist.is_main() and bad:
             manifest.forget(self.dir, bad)
             for tag in bad:
                 shutil.rmtree(self.dir / f"{tag}.nonfinite", ignore_errors=True)  # from an earlier abort
