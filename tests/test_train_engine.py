@@ -457,3 +457,24 @@ def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     assert steps == [1, 2, 3, 4]
     assert [r.message for r in caplog.records if "unreadable" in r.message] != [] and \
         sum("unreadable" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_skipped_step_moves_no_weight_and_keeps_the_schedule(stage):
+    """ZeRO-2 calls the optimizer once per parameter group: the skip holds for all of them."""
+    cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10", "optim.warmup_steps=0", "optim.lr=1e-2",
+                             f"deepspeed.zero_optimization.stage={stage}"])
+    torch.manual_seed(0)
+    eng, _, sched, _ = E.initialize(Toy(), cfg)
+    before = {n: p.detach().clone() for n, p in eng.module.named_parameters() if p.requires_grad}
+    eng.backward(eng(torch.randn(2, 4)))
+    E.skip_next_step(sched.optimizer, sched)
+    eng.step()
+    E.clear_skip(sched.optimizer, sched)
+    assert all(torch.equal(p, before[n]) for n, p in eng.module.named_parameters() if p.requires_grad)
+    assert sched.last_epoch == 0
+    eng.backward(eng(torch.randn(2, 4)))
+    eng.step()
+    moved = {n for n, p in eng.module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert {"pathway.proj.weight", "text_tower.lin.weight", "pathway.norm.weight"} <= moved
+    assert sched.last_epoch == 1

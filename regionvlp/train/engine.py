@@ -91,11 +91,10 @@ class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step`` can be turned into a no-op (:func:`skip_next_step`): the
     engine still runs its whole step (counters, buffers, zero_grad) but no weight moves."""
 
-    skip_next = False
+    skip_next = False  # held for the whole engine step (ZeRO steps one group at a time)
 
     def step(self, closure: Any = None) -> Any:
         if self.skip_next:
-            self.skip_next = False
             return None
         return super().step(closure)
 
@@ -108,7 +107,6 @@ class SkippableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
 
     def step(self, epoch: Any = None) -> None:
         if self.skip_next:
-            self.skip_next = False
             return
         super().step(epoch)
 
@@ -127,7 +125,8 @@ def skip_next_step(opt: Any, sched: Any) -> None:
 
 
 def clear_skip(opt: Any, sched: Any) -> None:
-    """Drop a pending skip (DeepSpeed's own overflow check may have skipped the call)."""
+    """End the skip after the engine step (always called: the flags are not reset by the
+    skipped calls, since ZeRO calls the optimizer once per parameter group)."""
     opt.skip_next = False
     sched.skip_next = False
 
