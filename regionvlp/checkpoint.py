@@ -109,7 +109,7 @@ def write_manifest(tag_dir: Path) -> None:
 
 
 def check_manifest(tag_dir: Path, run_ckpt_dir: Path) -> None:
-    """Resuming unpickles DeepSpeed's and the RNG files, so it is only allowed from a
+    """Resuming unpickles DeepSpeed's files, so it is only allowed from a
     checkpoint of this run (under ``run.out_dir/checkpoints``) whose files still match the
     manifest the run wrote. Anything else is a :class:`UserError`; weights from elsewhere
     go through ``train.init_from`` (weights only, no pickle)."""

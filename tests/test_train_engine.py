@@ -406,9 +406,9 @@ def test_rng_state_round_trips_without_pickle_and_an_old_pickled_file_is_refused
 
 
 def test_resume_only_from_folders_this_run_wrote(tmp_path):
-    """A foreign folder planted among the run's checkpoints, a swapped file in a listed
-    folder, and a checkpoint of another run are refused before DeepSpeed unpickles
-    anything; the run's own checkpoint loads."""
+    """A foreign folder planted among the run's checkpoints (even one that brings a valid
+    manifest of its own), a swapped or an extra file in a listed folder, and a checkpoint of
+    another run are refused before DeepSpeed unpickles anything; the run's own loads."""
     cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10"])
     torch.manual_seed(0)
     eng, *_ = E.initialize(Toy(), cfg)
@@ -416,8 +416,8 @@ def test_resume_only_from_folders_this_run_wrote(tmp_path):
     eng.backward(eng(torch.randn(2, 4)))
     eng.step()
     ck.save(eng, 1, {})
-    listed = json.loads((ck.dir / "manifest.json").read_text())["tags"]["step00000001"]
-    assert "mp_rank_00_model_states.pt" in listed and len(listed["mp_rank_00_model_states.pt"]["sha256"]) == 64
+    listed = json.loads((ck.dir / "run_manifest.json").read_text())["tags"]
+    assert list(listed) == ["step00000001"] and len(listed["step00000001"]) == 64
 
     marker = tmp_path / "pwned"
     foreign = ck.dir / "step00000009"
@@ -425,7 +425,10 @@ def test_resume_only_from_folders_this_run_wrote(tmp_path):
     torch.save(Payload(marker), foreign / "mp_rank_00_model_states.pt")
     (foreign / "client_state.done").write_text("9")
     assert C.resolve_resume("auto", ck.dir) == (ck.dir, "step00000009")
-    with pytest.raises(UserError, match="not listed in .*manifest.json"):
+    with pytest.raises(UserError, match="no valid manifest.json"):
+        ck.load(eng, (ck.dir, "step00000009"))
+    C.write_manifest(foreign)  # as the run that made it would have: its own manifest is valid
+    with pytest.raises(UserError, match="not listed in .*run_manifest.json: this run did not write it"):
         ck.load(eng, (ck.dir, "step00000009"))
     swapped = ck.dir / "step00000001" / "mp_rank_00_model_states.pt"
     good = swapped.read_bytes()
@@ -433,10 +436,11 @@ def test_resume_only_from_folders_this_run_wrote(tmp_path):
     with pytest.raises(UserError, match="changed since this run wrote it"):
         ck.load(eng, (ck.dir, "step00000001"))
     swapped.write_bytes(good)
-    (ck.dir / "step00000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
-    with pytest.raises(UserError, match="unlisted files"):
+    extra = ck.dir / "step00000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(Payload(marker), extra)
+    with pytest.raises(UserError, match="changed since this run wrote it"):
         ck.load(eng, (ck.dir, "step00000001"))
-    (ck.dir / "step00000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    extra.unlink()
     other = E.Checkpointer(tmp_path / "other", keep_last=5)
     with pytest.raises(UserError, match="not a checkpoint of this run.*train.init_from"):
         other.load(eng, (ck.dir, "step00000001"))
