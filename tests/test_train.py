@@ -314,7 +314,8 @@ def test_torchrun_two_ranks(shards, tmp_path):
 
 def test_one_shard_two_ranks_zero2_trains_then_extends(tmp_path):
     """`synth --videos 64` (one shard) under `deepspeed --num_gpus 2` with ZeRO-2: samples,
-    not shards, are split over the ranks; 6 steps, then extended to 10 by a resume."""
+    not shards, are split over the ranks; 6 steps, then extended to 10 by a resume, which
+    trains steps 7-10 at LR > 0 (issue 12's "Done when")."""
     from regionvlp.data.synth import synth
 
     data = tmp_path / "one_shard"
@@ -340,3 +341,7 @@ def test_one_shard_two_ranks_zero2_trains_then_extends(tmp_path):
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 11))
+    # the schedule followed the new horizon: steps 7-10 ran at LR > 0 (the old one ended at 0 at step 6)
+    lrs = {r["step"]: r["lr_video_decay"] for r in records if "loss" in r}
+    assert all(lrs[step] > 0 for step in range(7, 11)), lrs
+    assert "LR schedule rebuilt from step 6 for the new config: train.max_steps 6 → 10" in more.stderr
