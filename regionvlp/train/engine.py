@@ -5,7 +5,7 @@ toy modules; :mod:`regionvlp.train.loop` wires it to the dual encoder and the da
 
 - :func:`param_groups`: AdamW groups, no weight decay on biases / norms / embeddings /
   temperature, a learning-rate multiplier per tower (``text_tower.*`` vs the rest).
-- :func:`lr_lambda`: linear warmup then cosine to ``min_lr_ratio`` by optimizer steps.
+- :func:`schedule_for`: the config's warmup + cosine (:class:`regionvlp.optim.WarmupCosine`).
 - :func:`deepspeed_config`: the ``deepspeed:`` section completed from the run config
   (micro batch, accumulation, clipping set explicitly).
 - :func:`initialize`: ``deepspeed.initialize`` with a torch AdamW and a LambdaLR, both of
