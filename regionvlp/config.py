@@ -262,7 +262,7 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "model.learner.dead_code_threshold": (0, 1, True, False),  # a share of the mean code's use
     "model.learner.commitment": (0, None, True, True),
     "model.learner.num_regions": (1, None, True, True),
-    "model.learner.interaction_layers": (0, None, True, True),
+    "model.learner.interaction_layers": (1, None, True, True),
     "model.learner.insert_after": (-1, None, True, True),
     "loss.temperature": (0, None, False, True),
     "loss.min_temperature": (0, None, False, True),
