@@ -85,8 +85,15 @@ def rss_bytes() -> int:
 
 
 def max_rss_bytes() -> int:
-    """The CPU high-water mark of this process (ru_maxrss is KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """The CPU high-water mark of this process: Linux's VmHWM (per address space, so a
+    process started by fork + exec does not inherit its parent's mark, as ru_maxrss
+    does); ru_maxrss (KiB) where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def peak_bytes(device: torch.device | None = None) -> int:
