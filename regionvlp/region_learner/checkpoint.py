@@ -21,7 +21,7 @@ Interaction layers saved before they were timm Blocks load under their new names
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -86,11 +86,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def is_learner_state(keys: Iterable[str], prefix: str = "") -> bool:
-    """True when state-dict ``keys`` hold a RegionLearner pathway under ``prefix``."""
-    return any(k.startswith(prefix) and (k == _ANCHOR or k.endswith("." + _ANCHOR)) for k in keys)
 
 
 def pathway_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

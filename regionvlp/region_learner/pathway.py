@@ -25,7 +25,7 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from regionvlp.errors import UserError
 from regionvlp.outputs import VideoOutput
 from regionvlp.region_learner.backbone import TemporalAttention, TemporalEmbedding, create_vit
+from regionvlp.region_learner.checkpoint import load_pathway_state
 from regionvlp.region_learner.interaction import RegionInteraction
 from regionvlp.region_learner.masks import RegionMasks, aggregate
 from regionvlp.region_learner.quantizer import EMAQuantizer
@@ -127,6 +128,13 @@ class RegionLearnerPathway(nn.Module):
         std = pcfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def load_pretrained(self, state: Mapping[str, torch.Tensor]) -> None:
+        """This pathway's own checkpoint adaptation (as timm's ``checkpoint_filter_fn``), used
+        by ``train.init_from``: a saved pathway's weights loaded strictly, temporal tables
+        resized to ``max_frames``, temporal attention kept at its identity init when the
+        source had none (:func:`regionvlp.region_learner.checkpoint.load_pathway_state`)."""
+        load_pathway_state(self, state)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [B, T, 3, H, W] -> normalised [B*T, 3, S, S] in the model's dtype."""

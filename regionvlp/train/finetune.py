@@ -9,8 +9,6 @@ from safetensors.torch import load_file
 
 from regionvlp.checkpoint import consolidated_state_dict, find_checkpoint
 from regionvlp.errors import UserError
-from regionvlp.region_learner import load_pathway_state
-from regionvlp.region_learner.checkpoint import is_learner_state
 
 
 def init_weights(model: torch.nn.Module, source: Path) -> None:
@@ -34,8 +32,9 @@ def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     its fresh init. Mismatches are one UserError naming the keys."""
     rest = dict(state)
     skip = ["qa_head."] if not any(k.startswith("qa_head.") for k in rest) else []
-    if model_pathway_is_learned(model):
-        load_pathway_state(model.pathway, state)
+    load_own = getattr(getattr(model, "pathway", None), "load_pretrained", None)
+    if callable(load_own):  # a pathway that adapts older/other-sized checkpoints itself
+        load_own({k[len("pathway."):]: v for k, v in state.items() if k.startswith("pathway.")})
         rest = {k: v for k, v in rest.items() if not k.startswith("pathway.")}
         skip.append("pathway.")
     try:
@@ -54,9 +53,3 @@ def raise_mismatch(source: str, missing: list[str], unexpected: list[str], misma
                                 ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
     raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
                     "use a checkpoint of the same pathway, text model and sizes")
-
-
-def model_pathway_is_learned(model: torch.nn.Module) -> bool:
-    return is_learner_state(model.state_dict(), prefix="pathway.")
-
-
