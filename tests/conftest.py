@@ -43,3 +43,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def launcher_env_restored():
+    """A test that starts a process group outside ``regionvlp.dist.process_group`` (the
+    engine tests call ``initialize`` directly) leaves RANK / WORLD_SIZE / MASTER_* behind;
+    restore them so a later test's simulated ranks do not depend on test order."""
+    from regionvlp.dist import GROUP_ENV
+
+    saved = {key: os.environ.get(key) for key in GROUP_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
