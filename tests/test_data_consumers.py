@@ -11,7 +11,7 @@ import pytest
 
 from data_shards import clip_shards
 from regionvlp.config import load_config
-from regionvlp.data import build_loader, load_tokenizer
+from regionvlp.data import build_loader
 from regionvlp.data.consumer import SampleShare, whole_blocks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,11 +21,6 @@ def cfg_for(spec: str, *extra: str):
     return load_config(None, [f"data.train.urls=['{spec}']", f"data.val.urls=['{spec}']", "data.size=16",
                               "data.num_frames=2", "data.batch_size=1", "data.num_workers=2",
                               "data.shuffle_buffer=4", "data.max_words=8", *extra])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-    return load_tokenizer(str(minilm_dir))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from data_shards import clip_shards, encode_clip, encode_image, write_tar
 from regionvlp.config import load_config
-from regionvlp.data import build_loader, epoch_size, iter_samples, load_tokenizer
+from regionvlp.data import build_loader, epoch_size, iter_samples
 from regionvlp.errors import UserError
 
 
@@ -20,11 +20,6 @@ def tiny_cfg(urls: list[str], *extra: str):
     return load_config(None, [f"data.train.urls=[{quoted}]", f"data.val.urls=[{quoted}]", "data.size=16",
                               "data.num_frames=2", "data.batch_size=2", "data.num_workers=2",
                               "data.shuffle_buffer=4", "data.max_words=8", *extra])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-    return load_tokenizer(str(minilm_dir))
 
 
 @pytest.fixture(scope="module")

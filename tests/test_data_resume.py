@@ -12,7 +12,7 @@ import torch
 
 from data_shards import clip_shards
 from regionvlp.config import load_config
-from regionvlp.data import build_loader, load_tokenizer
+from regionvlp.data import build_loader
 from regionvlp.data import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,11 +22,6 @@ def cfg_for(spec: str, *extra: str):
     return load_config(None, [f"data.train.urls=['{spec}']", "data.size=16", "data.num_frames=2",
                               "data.batch_size=2", "data.num_workers=2", "data.shuffle_buffer=5",
                               "data.max_words=8", *extra])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_dir):
-    return load_tokenizer(str(minilm_dir))
 
 
 @pytest.fixture(scope="module")
