@@ -16,10 +16,17 @@ import sys
 from typing import Callable
 
 from regionvlp.errors import UserError
-from regionvlp.runtime import print_json
 
 
 # ------------------------------------------------------------------ flag checks
+def print_json(obj: object) -> None:
+    """:func:`regionvlp.runtime.print_json`, imported on use: runtime imports torch, which
+    ``regionvlp --help`` should not wait for."""
+    from regionvlp.runtime import print_json as print_line
+
+    print_line(obj)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (exit 2), like a :class:`UserError`."""
 
