@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.errors", "regionvlp.runtime", "regionvlp.config", "regionvlp.dist", "regionvlp.optim"),
     ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
-    ("regionvlp.outputs", "regionvlp.losses", "regionvlp.text"),
+    ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),
     ("regionvlp.model",),
     ("regionvlp.checkpoint",),

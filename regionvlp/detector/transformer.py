@@ -7,12 +7,13 @@ DemoVLP initialises its region transformer from ViT-B/16). Padded regions (mask 
 outputs are zeroed, so their content cannot change anything. With ``frame_local`` a
 region attends only to the regions of its own frame while [CLS] attends to all.
 
-The temporal embedding and the [CLS] token live in small submodules
-(:class:`TemporalPosEmbed`, :class:`ClsToken`) whose own ``forward`` uses them and
-returns a plain tensor, so DeepSpeed ZeRO-3's per-module gather hooks see every use of
-them (a parameter used directly by a parent whose forward returns a dataclass is not
-re-gathered for backward). Checkpoints with the older top-level names (``temporal``,
-``cls_token``) still load.
+The temporal embedding and the [CLS] token are the shared layers
+:class:`~regionvlp.layers.FrameEmbedding` (its table named ``pos_embed`` here, as saved
+checkpoints name it) and :class:`~regionvlp.layers.ClsToken`: submodules whose own
+``forward`` uses their parameter and returns a plain tensor, so DeepSpeed ZeRO-3's
+per-module gather hooks see every use of them (a parameter used directly by a parent
+whose forward returns a dataclass is not re-gathered for backward). Checkpoints with the
+older top-level names (``temporal``, ``cls_token``) still load.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from regionvlp.errors import UserError
+from regionvlp.layers import ClsToken, FrameEmbedding
 from regionvlp.outputs import VideoOutput
 
 
@@ -66,36 +68,6 @@ def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor
     return allowed | eye
 
 
-class TemporalPosEmbed(nn.Module):
-    """Learned embedding of the frame index: ``forward(x [B, T, K, H]) -> x + pos_embed[:T]``."""
-
-    def __init__(self, max_frames: int, hidden: int) -> None:
-        super().__init__()
-        self.pos_embed = nn.Parameter(torch.zeros(max_frames, hidden))  # [T_max, H]; init by the owner
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
-        return {"pos_embed"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pos_embed[: x.shape[1], None, :].to(x.dtype)
-
-
-class ClsToken(nn.Module):
-    """A learned [CLS] token: ``forward(x [B, N, H]) -> [B, 1+N, H]`` with [CLS] first."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))  # [1, 1, H]; init by the owner
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
-        return {"cls_token"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-
-
 # top-level parameter names of older checkpoints -> their submodule names now
 RENAMED = {"temporal": "temporal.pos_embed", "cls_token": "cls.cls_token"}
 # inside each block: the hand-written MLP of older checkpoints -> timm's Mlp
@@ -115,7 +87,7 @@ class RegionTransformer(nn.Module):
         self.frame_local = frame_local
         self.feat_proj = nn.Linear(feature_dim, hidden)
         self.box_proj = nn.Linear(7, hidden)
-        self.temporal = TemporalPosEmbed(max_frames, hidden)  # temporal.pos_embed [T_max, H]
+        self.temporal = FrameEmbedding(max_frames, hidden, param="pos_embed")  # temporal.pos_embed [T_max, H]
         self.cls = ClsToken(hidden)  # cls.cls_token [1, 1, H]
         self.input_norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)

@@ -92,26 +92,6 @@ def _load_local(model: nn.Module, path: Path, name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-class TemporalEmbedding(nn.Module):
-    """A learned embedding per frame index, added to every token of that frame.
-
-    Zero at init, so a pretrained image ViT computes what it did per frame until trained.
-    (A module of its own, not a bare parameter of the pathway, so DeepSpeed ZeRO-3 sees
-    it used inside a module whose output is a tensor.)"""
-
-    def __init__(self, max_frames: int, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(max_frames, dim))  # [T_max, C]
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that must not decay (collected by :func:`regionvlp.optim.no_decay_names`)."""
-        return {"weight"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, S, C] -> x + weight[t] for the frame t of each token."""
-        return x + self.weight[: x.shape[1], None, :].to(x.dtype)
-
-
 class TemporalAttention(nn.Module):
     """Pre-norm self-attention across frames at each token position (divided space-time).
 

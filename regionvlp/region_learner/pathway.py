@@ -34,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from regionvlp.errors import UserError
 from regionvlp.outputs import VideoOutput
-from regionvlp.region_learner.backbone import TemporalAttention, TemporalEmbedding, create_vit
+from regionvlp.layers import FrameEmbedding
+from regionvlp.region_learner.backbone import TemporalAttention, create_vit
 from regionvlp.region_learner.checkpoint import load_pathway_state
 from regionvlp.region_learner.interaction import RegionInteraction
 from regionvlp.region_learner.masks import RegionMasks, aggregate
@@ -110,7 +111,7 @@ class RegionLearnerPathway(nn.Module):
         self.grid = tuple(vit.patch_embed.grid_size)  # (h, w)
         self.num_prefix = vit.num_prefix_tokens
         self.num_regions = int(lcfg.num_regions)
-        self.time_embed = TemporalEmbedding(self.max_frames, dim)  # zero at init
+        self.time_embed = FrameEmbedding(self.max_frames, dim)  # time_embed.weight [T_max, C], zero at init
         self.temporal = (nn.ModuleList(TemporalAttention(dim, heads) for _ in range(depth))
                          if lcfg.divided_space_time else None)
         self.learner = RegionLearner(
