@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Callable
 
+from regionvlp import pathways
 from regionvlp.errors import UserError
 
 
@@ -373,7 +374,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> dict:
 
 def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("train", help="train-step clips/s: in-memory batches (baseline) vs the real data loader")
-    p.add_argument("--regions", choices=("detector", "learned"), default="detector")
+    p.add_argument("--regions", choices=pathways.names(), default="detector", help="the pathway (model.regions)")
     p.add_argument("--config", default=None, help="run config (default: configs/tiny/<regions>.yaml on CPU, "
                                                     "configs/pretrain_<regions>.yaml on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -522,20 +523,27 @@ def _cmd_compare(args: argparse.Namespace) -> dict:
     from regionvlp.compare import compare_main
 
     return compare_main(out=args.out, detector=args.detector, learned=args.learned, runs=args.runs,
-                        overrides=args.overrides)
+                        overrides=args.overrides, pathways_arg=args.pathways, configs=args.configs or [])
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="detector vs learned regions under one budget -> report.md + plots",
-                       description="Train both pathways on the same data, losses, steps and seed (--detector "
-                                   "CONFIG --learned CONFIG, shared key=value overrides apply to both), or report "
-                                   "on two finished run dirs (--runs A B). Writes OUT/report.md, PNG plots and "
+    p = sub.add_parser("compare", help="pathways (detector, learned, ...) under one budget -> report.md + plots",
+                       description="Train two or more pathways on the same data, losses, steps and seed "
+                                   "(--pathways detector,learned,fused with --config NAME=CONFIG for each; "
+                                   "--detector CONFIG / --learned CONFIG are short for --config detector=CONFIG / "
+                                   "learned=CONFIG; shared key=value overrides apply to all), or report on two or "
+                                   "more finished run dirs (--runs A B ...). Writes OUT/report.md, PNG plots and "
                                    "OUT/summary.json.")
-    p.add_argument("--out", required=True, help="output folder (runs go to OUT/detector and OUT/learned)")
-    p.add_argument("--detector", metavar="CONFIG", help="config of the detector pathway")
-    p.add_argument("--learned", metavar="CONFIG", help="config of the learned pathway")
-    p.add_argument("--runs", nargs=2, metavar="RUN_DIR", help="two finished run directories instead of training")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
+    p.add_argument("--out", required=True, help="output folder (runs go to OUT/<pathway>)")
+    p.add_argument("--pathways", metavar="A,B,...", help="the pathways to train, comma-separated (default: those "
+                                                         "given a config)")
+    p.add_argument("--config", dest="configs", action="append", metavar="NAME=CONFIG",
+                   help="the config of pathway NAME (repeatable, one per pathway)")
+    p.add_argument("--detector", metavar="CONFIG", help="config of the detector pathway (= --config detector=CONFIG)")
+    p.add_argument("--learned", metavar="CONFIG", help="config of the learned pathway (= --config learned=CONFIG)")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="two or more finished run directories instead of "
+                                                                "training")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every config")
     p.set_defaults(func=_cmd_compare)
 
 

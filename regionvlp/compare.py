@@ -1,15 +1,16 @@
-"""Detector regions vs learned regions under one budget: ``regionvlp compare``.
+"""Pathways under one budget (detector regions vs learned regions vs ...): ``regionvlp compare``.
 
 Two ways in:
 
-* :func:`compare` trains both pathways with ``regionvlp.train.train`` on the same data,
-  losses, steps and seed (each in its own process, so peak memory is measured per
-  pathway), then reports;
-* :func:`compare_runs` takes two finished run directories and reports.
+* :func:`compare` trains two or more pathways (any registered in :mod:`regionvlp.pathways`)
+  with ``regionvlp.train.train`` on the same data, losses, steps and seed (each in its
+  own process, so peak memory is measured per pathway), then reports;
+* :func:`compare_runs` takes two or more finished run directories and reports.
 
-The report (``OUT/report.md``) has PNG plots — text→video R@1 over steps and over
-wall-clock, training loss over steps, throughput and peak memory per pathway — and a
-final metrics table; ``OUT/summary.json`` holds the same figures (also returned).
+The report (``OUT/report.md``, :mod:`regionvlp.report`) has PNG plots — text→video R@1
+over steps and over wall-clock, training loss over steps, throughput and peak memory per
+pathway — and a final metrics table; ``OUT/summary.json`` holds the same figures (also
+returned).
 
 What is read from a run directory (the trainer's layout): ``metrics.jsonl`` (one JSON
 object per line: ``step``, ``time`` / ``elapsed``, ``loss`` for training records,
@@ -26,49 +27,29 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from regionvlp import dist
+from regionvlp import dist, pathways
 from regionvlp.config import default_config, load_config, saved_container
 from regionvlp.errors import UserError
 from regionvlp.evaluation import evaluate_model, load_eval_model
 from regionvlp.runtime import device_name, local_device, peak_bytes, resolve_device
 from regionvlp.qa.evaluate import evaluate_qa
-from regionvlp.qa.stage import qa_section, run_qa_stage, wants_qa
+from regionvlp.qa.stage import run_qa_stage, wants_qa
+from regionvlp.report import RunResult, write_report
 from regionvlp.show import report_figures
 from regionvlp.train import train
 
 
 log = logging.getLogger(__name__)
 
-PATHWAYS = ("detector", "learned")
-FINAL_KEYS = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_r50", "t2v_medr", "t2v_meanr",
-              "v2t_r1", "v2t_r5", "v2t_r10", "v2t_r50", "v2t_medr", "v2t_meanr", "mc_accuracy")
-# config keys both pathways must share for the comparison to be fair
+# config keys every pathway must share for the comparison to be fair
 SHARED_KEYS = ("seed", "data.train", "data.val", "data.num_frames", "data.size", "data.batch_size",
                "data.max_words", "data.train_sampling", "data.eval_sampling", "loss", "train.max_steps",
                "train.grad_accum", "model.embed_dim", "model.text", "qa")
-
-
-@dataclass
-class RunResult:
-    """What the report needs from one trained pathway."""
-
-    name: str
-    run_dir: str
-    val: list[dict[str, float]] = field(default_factory=list)  # {step, elapsed, t2v_r1, ...} per validation
-    loss: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
-    final: dict[str, Any] = field(default_factory=dict)  # eval metrics at the end
-    clips_per_s: float | None = None
-    peak_bytes: int | None = None
-    train_seconds: float | None = None
-    steps: int | None = None
-    final_loss: float | None = None
 
 
 # ------------------------------------------------------------------ run dirs
@@ -131,77 +112,6 @@ def _run_regions(run_dir: Path) -> str | None:
         return None
 
 
-# -------------------------------------------------------------------- report
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    return str(v)
-
-
-def _fmt_bytes(n: int | None) -> str:
-    return "–" if n is None else f"{n / 2**20:.0f} MiB"
-
-
-@contextmanager
-def _figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (5.5, 3.6)):
-    """Axes for one PNG (Agg backend, no display); saved to ``path`` and closed on exit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=figsize)
-    try:
-        yield axes
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-
-
-def _finish_lines(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-
-
-def _plot_curves(runs: Sequence[RunResult], x: str, path: Path, xlabel: str, chance: float | None) -> None:
-    with _figure(path) as ax:
-        for r in runs:
-            pts = [(v[x], v["t2v_r1"]) for v in r.val if not math.isnan(v.get(x, math.nan))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", label=r.name)
-        if chance is not None:
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
-        _finish_lines(ax, xlabel, "text→video R@1 (%)", f"val R@1 over {xlabel.split(' ')[0]}")
-
-
-def _plot_loss(runs: Sequence[RunResult], path: Path) -> None:
-    with _figure(path) as ax:
-        for r in runs:
-            if r.loss:
-                xs, ys = zip(*r.loss)
-                ax.plot(xs, ys, label=r.name)
-        _finish_lines(ax, "step", "training loss", "training loss")
-
-
-def _plot_cost(runs: Sequence[RunResult], path: Path) -> None:
-    names = [r.name for r in runs]
-    colors = ["C0", "C1"][: len(runs)]
-    with _figure(path, ncols=2, figsize=(7.5, 3.4)) as (a, b):
-        a.bar(names, [r.clips_per_s or 0.0 for r in runs], color=colors)
-        a.set_title("training throughput")
-        a.set_ylabel("clips / s")
-        b.bar(names, [(r.peak_bytes or 0) / 2**20 for r in runs], color=colors)
-        b.set_title("peak memory")
-        b.set_ylabel("MiB")
-
-
 def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") -> dict[str, str]:
     """``regions.png`` + ``retrieval.png`` of the runs' checkpoints (:mod:`regionvlp.show`);
     when they cannot be drawn (e.g. a run without a checkpoint), ``{"note": why}``."""
@@ -215,97 +125,11 @@ def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") ->
         return {"note": f"drawing them failed ({type(err).__name__}: {err}); see the log"}
 
 
-def _figure_lines(figures: Mapping[str, str]) -> list[str]:
-    lines = ["## Regions", ""]
-    if "regions" in figures:
-        lines += ["What each pathway calls a region, on a few validation clips (one sampled frame each): "
-                  "the detector's real boxes coloured by score, the argmax of the RegionLearner's masks.", "",
-                  f"![regions per pathway]({Path(figures['regions']).name})", "",
-                  "Top-5 clips each pathway retrieves for a few validation captions (the true clip outlined):", "",
-                  f"![top-5 retrieved clips per pathway]({Path(figures['retrieval']).name})", ""]
-    else:
-        lines += [f"No region figures: {figures.get('note', 'not drawn')}", ""]
-    return lines
-
-
-def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title: str = "Detector vs learned regions",
-                 setup: Mapping[str, Any] | None = None, device: str | None = None,
-                 figures: Mapping[str, str] | None = None, qa: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``out_dir/report.md`` + PNG plots + ``summary.json``; returns the summary.
-    ``figures``: what :func:`region_figures` returned (a "Regions" section); ``qa``: the
-    QA stage's metrics (a "Video QA" table and ``qa.png``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not runs:
-        raise ValueError("no runs to report")
-    num_videos = next((r.final.get("num_videos") for r in runs if r.final.get("num_videos")), None)
-    chance = 100.0 / num_videos if num_videos else None
-    plots = {"r1_steps": "r1_vs_steps.png", "r1_time": "r1_vs_time.png", "loss": "loss.png", "cost": "cost.png"}
-    _plot_curves(runs, "step", out / plots["r1_steps"], "steps", chance)
-    _plot_curves(runs, "elapsed", out / plots["r1_time"], "wall-clock seconds", chance)
-    _plot_loss(runs, out / plots["loss"])
-    _plot_cost(runs, out / plots["cost"])
-
-    lines = [f"# {title}", ""]
-    if setup:
-        lines += ["Both pathways ran with the same data, losses, steps and seed:", ""]
-        lines += [f"- `{k}`: `{v}`" for k, v in setup.items()]
-        lines.append("")
-    if device:
-        lines += [f"Device: {device}", ""]
-    lines += ["## Final metrics (val)", ""]
-    if chance is not None:
-        lines += [f"{num_videos} val videos; chance text→video R@1 = {chance:.2f} %.", ""]
-    lines.append("| metric | " + " | ".join(r.name for r in runs) + " |")
-    lines.append("|---|" + "---|" * len(runs))
-    keys = [k for k in FINAL_KEYS if any(k in r.final for r in runs)] + ["num_videos", "num_texts"]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(_fmt(r.final.get(k)) for r in runs) + " |")
-    if chance:
-        lines.append("| t2v_r1 / chance | " + " | ".join(
-            _fmt(r.final["t2v_r1"] / chance if "t2v_r1" in r.final else None) + ("×" if "t2v_r1" in r.final else "")
-            for r in runs) + " |")
-    lines += ["", "## Cost", "", "| | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
-    lines.append("| steps | " + " | ".join(_fmt(r.steps) for r in runs) + " |")
-    lines.append("| final training loss | " + " | ".join(_fmt(r.final_loss) for r in runs) + " |")
-    lines.append("| throughput (clips/s) | " + " | ".join(_fmt(r.clips_per_s) for r in runs) + " |")
-    lines.append("| peak memory | " + " | ".join(_fmt_bytes(r.peak_bytes) for r in runs) + " |")
-    lines.append("| training wall-clock (s) | " + " | ".join(_fmt(r.train_seconds) for r in runs) + " |")
-    lines += ["", "## Plots", "",
-              f"![R@1 over steps]({plots['r1_steps']})", "",
-              f"![R@1 over wall-clock]({plots['r1_time']})", "",
-              f"![training loss]({plots['loss']})", "",
-              f"![throughput and peak memory]({plots['cost']})", ""]
-    if qa:
-        lines += qa_section(qa, out, _figure)
-    if figures is not None:
-        lines += _figure_lines(figures)
-    lines += ["## Runs", ""]
-    lines += [f"- {r.name}: `{r.run_dir}`" for r in runs]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
-    summary: dict[str, Any] = {
-        "report": str(out / "report.md"),
-        "plots": [str(out / p) for p in plots.values()],
-        "chance_r1": chance,
-    }
-    if figures is not None:
-        summary["figures"] = dict(figures)
-    if qa:
-        summary["qa"] = dict(qa)
-    for r in runs:
-        summary[r.name] = {**r.final, "clips_per_s": r.clips_per_s, "peak_bytes": r.peak_bytes,
-                           "steps": r.steps, "final_loss": r.final_loss, "train_seconds": r.train_seconds,
-                           "run_dir": r.run_dir, "curve": r.val}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    return summary
-
-
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                  names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Report on finished run directories (names default to each run's model.regions)."""
+    """Report on two or more finished run directories (names default to each run's model.regions)."""
     if len(run_dirs) < 2:
-        raise UserError("compare needs two run directories (detector and learned)")
+        raise UserError(f"compare needs at least two run directories, got {len(run_dirs)}")
     runs = [read_run(d, names[i] if names else None) for i, d in enumerate(run_dirs)]
     seen = [r.name for r in runs]
     if len(set(seen)) < len(seen):  # two runs of one pathway: label by folder
@@ -324,13 +148,15 @@ def _select(cfg: Any, key: str) -> Any:
 
 
 def check_same_budget(cfgs: Mapping[str, Any]) -> None:
-    """Both pathways must share data, losses, steps and seed; raise naming what differs."""
-    (na, a), (nb, b) = list(cfgs.items())[:2]
-    differ = [k for k in SHARED_KEYS if _select(a, k) != _select(b, k)]
-    if differ:
-        detail = "; ".join(f"{k}: {na}={_select(a, k)!r} {nb}={_select(b, k)!r}" for k in differ[:3])
-        raise UserError(f"compare: the two configs differ in {', '.join(differ)} ({detail}); "
-                        f"set them equal (shared key=value overrides apply to both)")
+    """Every pathway must share data, losses, steps and seed with the first; raise naming
+    what differs."""
+    (na, a), *others = list(cfgs.items())
+    for nb, b in others:
+        differ = [k for k in SHARED_KEYS if _select(a, k) != _select(b, k)]
+        if differ:
+            detail = "; ".join(f"{k}: {na}={_select(a, k)!r} {nb}={_select(b, k)!r}" for k in differ[:3])
+            raise UserError(f"compare: the {na} and {nb} configs differ in {', '.join(differ)} ({detail}); "
+                            f"set them equal (shared key=value overrides apply to all)")
 
 
 def _train_child(cfg_container: dict[str, Any], result_file: str, eval_urls: list[str] | None = None) -> None:
@@ -384,12 +210,13 @@ def train_in_process(cfg: Any, result_file: Path | None = None, eval_urls: Seque
 
 def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: int = 4,
             isolate: bool = True) -> dict[str, Any]:
-    """Train each config (``{"detector": cfg, "learned": cfg}``) under one budget into
-    ``out_dir/<name>`` and write the report. Periodic validation is switched on
-    (``val_points`` evaluations over the run) when the configs leave it at the end only.
-    ``isolate``: each training in its own spawned process (clean peak memory per pathway)."""
-    if len(cfgs) != 2:
-        raise UserError("compare trains exactly two configs")
+    """Train each config (``{"detector": cfg, "learned": cfg, ...}``, two or more) under
+    one budget into ``out_dir/<name>`` and write the report. Periodic validation is
+    switched on (``val_points`` evaluations over the run) when the configs leave it at the
+    end only. ``isolate``: each training in its own spawned process (clean peak memory
+    per pathway)."""
+    if len(cfgs) < 2:
+        raise UserError(f"compare trains two or more configs, got {len(cfgs)}")
     check_same_budget(cfgs)
     if any(cfg.qa.enabled for cfg in cfgs.values()):
         raise UserError("compare trains retrieval runs first; for video QA leave qa.enabled=false and set "
@@ -428,8 +255,10 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
         qa_seconds = time.perf_counter() - t0
 
     device = resolve_device(str(first.run.device))
+    settings = {name: {f"model.{sec}": _select(cfg, f"model.{sec}") for sec in pathways.of(cfg).sections}
+                for name, cfg in cfgs.items()}
     summary = write_report(runs, out, setup=setup, device=device_name(device),
-                           figures=region_figures(runs, out, str(device)), qa=qa)
+                           figures=region_figures(runs, out, str(device)), qa=qa, settings=settings)
     if qa_seconds is not None:
         summary["qa_seconds"] = qa_seconds  # the QA stage's wall-clock (training + evaluation, both pathways)
     return summary
@@ -445,18 +274,47 @@ def _clips_per_s(cfg: Any, run: RunResult) -> float | None:
 
 
 def compare_main(out: str | os.PathLike, detector: str | None = None, learned: str | None = None,
-                 runs: Sequence[str] | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The ``compare`` command: ``runs`` (two finished run dirs) or train ``detector`` and
-    ``learned`` configs with the shared ``overrides``."""
+                 runs: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                 pathways_arg: str | None = None, configs: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``compare`` command: ``runs`` (two or more finished run dirs), or train the
+    pathways ``pathways_arg`` names (``detector,learned,fused``; default: those given a
+    config) with one config each, ``configs`` as ``NAME=CONFIG`` (``detector`` /
+    ``learned``: the ``--detector`` / ``--learned`` flags), and the shared ``overrides``."""
+    paths = pathway_configs(configs, detector=detector, learned=learned)
     if runs:
-        if detector or learned or overrides:
-            raise UserError("compare: give either --runs A B or --detector/--learned configs (+ overrides), not both")
+        if paths or overrides or pathways_arg:
+            raise UserError("compare: give either --runs A B ... or pathway configs (+ overrides), not both")
         return compare_runs(runs, out)
-    if not (detector and learned):
-        raise UserError("compare: give --detector CONFIG and --learned CONFIG to train both, or --runs RUN_A RUN_B")
-
-    cfgs = {"detector": load_config(detector, overrides), "learned": load_config(learned, overrides)}
+    names = [n.strip() for n in pathways_arg.split(",") if n.strip()] if pathways_arg else list(paths)
+    if not pathways_arg and len(names) < 2:
+        raise UserError("compare: give --detector CONFIG and --learned CONFIG to train both, "
+                        "--pathways A,B,... --config A=CONFIG ..., or --runs RUN_A RUN_B")
+    for name in names:
+        pathways.get(name)  # a registered pathway
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise UserError(f"compare: --pathways needs two or more different pathways, got {','.join(names)}")
+    missing = [n for n in names if n not in paths]
+    extra = [n for n in paths if n not in names]
+    if missing or extra:
+        raise UserError(f"compare: one config per pathway: {'no --config for ' + ', '.join(missing) if missing else ''}"
+                        f"{'; ' if missing and extra else ''}{'not in --pathways: ' + ', '.join(extra) if extra else ''}")
+    cfgs = {name: load_config(paths[name], overrides) for name in names}
     for name, cfg in cfgs.items():
         if str(cfg.model.regions) != name:
-            raise UserError(f"compare: --{name} config has model.regions={cfg.model.regions}; it must be {name}")
+            raise UserError(f"compare: the {name} config has model.regions={cfg.model.regions}; it must be {name}")
     return compare(cfgs, out)
+
+
+def pathway_configs(configs: Sequence[str], *, detector: str | None = None, learned: str | None = None
+                    ) -> dict[str, str]:
+    """``NAME=CONFIG`` items (plus the ``--detector`` / ``--learned`` shorthands) -> name -> path."""
+    paths: dict[str, str] = {}
+    shorthand = [f"{name}={path}" for name, path in (("detector", detector), ("learned", learned)) if path]
+    for item in [*shorthand, *configs]:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"compare: --config takes NAME=CONFIG (e.g. fused=configs/pretrain_fused.yaml), got {item!r}")
+        if name.strip() in paths:
+            raise UserError(f"compare: two configs for the {name.strip()} pathway")
+        paths[name.strip()] = path.strip()
+    return paths

@@ -25,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from regionvlp import pathways
 from regionvlp.errors import UserError
 
 
@@ -124,7 +125,7 @@ class LearnerConfig:
 
 @dataclass
 class ModelConfig:
-    regions: str = "detector"  # detector | learned
+    regions: str = "detector"  # a registered pathway (regionvlp.pathways): detector | learned | ...
     embed_dim: int = 256  # D, the joint space
     text: TextConfig = field(default_factory=TextConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -208,7 +209,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.regions": ("detector", "learned"),
+    "model.regions": pathways.names(),  # the registry's entries
     "data.backend": ("auto", "decord", "pyav"),
     "data.decode_device": ("cpu", "cuda"),
     "data.train_sampling": ("random_segment", "uniform", "first", "keyframe"),

@@ -1,9 +1,10 @@
 """The dual encoder: a video pathway and the text tower joined by the shared losses.
 
-``build_model(cfg)`` picks the pathway by ``cfg.model.regions`` (``detector``: the
-region transformer over frozen-detector regions; ``learned``: the RegionLearner ViT).
-``build_batch_transform(cfg)`` gives the frozen region extractor the detector pathway
-needs when a batch carries frames instead of precomputed regions; it is kept outside
+``build_model(cfg)`` picks the pathway by ``cfg.model.regions`` from the registry
+(:mod:`regionvlp.pathways`: ``detector``, the region transformer over frozen-detector
+regions; ``learned``, the RegionLearner ViT; ...). ``build_batch_transform(cfg)`` gives
+the frozen batch transform a pathway's entry names (the detector's region extractor,
+needed when a batch carries frames instead of precomputed regions); it is kept outside
 the model so DeepSpeed, the optimizer and checkpoints never see it.
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from regionvlp.detector import build_extractor
+from regionvlp import pathways
 from regionvlp.errors import UserError
 from regionvlp.losses import AlignmentLoss, check_loss_config, fp32, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
@@ -159,15 +160,9 @@ class QAModel(DualEncoder):
 
 
 def build_pathway(cfg) -> nn.Module:
-    """The video pathway ``cfg.model.regions`` names (imported lazily)."""
-    kind = cfg.model.regions
-    if kind == "detector":
-        from regionvlp.detector import build_pathway as build
-    elif kind == "learned":
-        from regionvlp.region_learner import build_pathway as build
-    else:
-        raise UserError(f"config key 'model.regions' is {kind!r}; choose one of detector, learned")
-    return build(cfg)
+    """The video pathway ``cfg.model.regions`` names (its registry entry's builder,
+    imported now)."""
+    return pathways.of(cfg).build(cfg)
 
 
 def build_model(cfg) -> DualEncoder:
@@ -185,11 +180,9 @@ def build_model(cfg) -> DualEncoder:
 
 
 def build_batch_transform(cfg) -> Callable[[torch.Tensor], dict[str, torch.Tensor]] | None:
-    """The frozen region extractor (detector pathway) or None (learned pathway)."""
-    if cfg.model.regions != "detector":
-        return None
-
-    return build_extractor(cfg)
+    """The frozen batch transform of ``cfg.model.regions``'s entry (the detector's region
+    extractor) or None (a pathway without one, e.g. learned)."""
+    return pathways.of(cfg).build_batch_transform(cfg)
 
 
 CLIP_KEYS = ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")  # per clip

@@ -3,11 +3,12 @@
 
 * :func:`pick_clips` — N clips of a shard set, fixed by a seed (the N keys with the
   smallest ``sha256(seed:key)`` among the first ``pool`` samples), decoded as eval does;
-* :func:`region_views` — per clip, one sampled frame with the detector pathway's real
-  boxes (the frozen extractor's output where ``region_mask`` is True: pixel
-  coordinates, scores, class names when the weights name them) and/or the
-  RegionLearner's R masks for that frame (the model's own mask output, recorded by
-  :meth:`~regionvlp.region_learner.pathway.RegionLearnerPathway.capture_masks`);
+* :func:`region_views` — per clip, one sampled frame with each model's views, the ones
+  its pathway's registry entry names (:mod:`regionvlp.pathways`): ``boxes``, the real
+  boxes of its frozen extractor (its output where ``region_mask`` is True: pixel
+  coordinates, scores, class names when the weights name them), and/or ``masks``, the
+  RegionLearner's R masks for that frame (the model's own mask output, recorded by the
+  pathway's ``capture_masks()``);
 * :func:`plot_regions` — one row per clip: the frame, the boxes coloured by score, the
   argmax of the R masks as a colour overlay, the caption;
 * :func:`retrieval_views` / :func:`plot_retrieval` — for a few captions, the top-5 clips
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regionvlp import data
+from regionvlp import data, pathways
 from regionvlp.data import SkipCounter, collate, decode_sample, iter_samples, parse_specs, register_webdataset_handlers
 from regionvlp.data.decode import DecodeError
 from regionvlp.data.pipeline import decode_spec, tar_samples, tokenizer_name
@@ -42,7 +43,6 @@ from regionvlp.evaluation.embed import similarity_matrix
 from regionvlp.model import prepare_batch
 
 MAX_PNG_BYTES = 500_000
-PATHWAYS = ("detector", "learned")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Loaded:
     """A model ready to look at: the dual encoder, its batch transform, its config."""
 
     model: Any
-    transform: Any  # the frozen region extractor (detector pathway) or None
+    transform: Any  # the pathway's frozen batch transform (the detector's region extractor) or None
     cfg: Any
     source: str
 
@@ -85,12 +85,12 @@ class ClipView:
     frame: np.ndarray  # [H, W, 3] uint8, the frame shown
     frame_index: int  # which of the clip's sampled frames
     num_frames: int
-    views: dict[str, DetectorView | LearnedView] = field(default_factory=dict)  # pathway name -> view
+    views: dict[str, DetectorView | LearnedView] = field(default_factory=dict)  # column name -> view
 
 
 # ------------------------------------------------------------------ loading
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """A run directory or export folder of either pathway; anything else is a UserError."""
+    """A run directory or export folder of any registered pathway; anything else is a UserError."""
     path = Path(checkpoint)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} but no GPU is visible; use --device cpu")
@@ -102,16 +102,17 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
         raise UserError(f"{path} holds no trained model (no model.safetensors, no checkpoints/); pass a "
                         "`regionvlp train` run dir or a `regionvlp export` dir")
     model, transform, cfg, _ = load_eval_model(path, device)
-    if str(cfg.model.regions) not in PATHWAYS:
-        raise UserError(f"{path}: model.regions={cfg.model.regions}; expected one of {', '.join(PATHWAYS)}")
+    pathways.get(str(cfg.model.regions))  # a UserError naming the registered ones
     return Loaded(model=model, transform=transform, cfg=cfg, source=str(path))
 
 
-def expect_pathway(loaded: Loaded, name: str) -> None:
-    """A UserError when ``loaded`` is not a ``name`` (detector | learned) pathway model."""
-    if loaded.regions != name:
+def expect_view(loaded: Loaded, view: str, name: str) -> None:
+    """A UserError when ``loaded``'s pathway has no ``view`` (boxes | masks) to draw;
+    ``name`` is the pathway the view comes from."""
+    if view not in pathways.get(loaded.regions).views:
         raise UserError(f"{loaded.source} is a {loaded.regions}-pathway checkpoint, not a {name} one "
-                        f"(its config has model.regions={loaded.regions})")
+                        f"(its config has model.regions={loaded.regions}; pathways with {view}: "
+                        f"{', '.join(pathways.with_view(view))})")
 
 
 # -------------------------------------------------------------------- clips
@@ -187,7 +188,7 @@ def class_names(dcfg: Any) -> list[str] | None:
 @torch.no_grad()
 def detector_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[DetectorView]:
     """frames uint8 [B, T, 3, H, W] -> per clip the extractor's real boxes of frame ``t``."""
-    expect_pathway(loaded, "detector")
+    expect_view(loaded, "boxes", "detector")
     batch = prepare_batch({"frames": frames.to(loaded.transform.device)}, loaded.transform)
     H, W = frames.shape[-2:]
     scale = torch.tensor([W, H, W, H], dtype=torch.float32)
@@ -206,19 +207,23 @@ def detector_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[Detecto
 @torch.no_grad()
 def learned_views(loaded: Loaded, frames: torch.Tensor, t: int) -> list[LearnedView]:
     """frames uint8 [B, T, 3, H, W] -> per clip the R masks of frame ``t``, as the model's
-    own forward computes them."""
-    expect_pathway(loaded, "learned")
+    own forward computes them (after the pathway's batch transform, when it has one)."""
+    expect_view(loaded, "masks", "learned")
     model = loaded.model
     device = next(model.parameters()).device
     with model.pathway.capture_masks() as masks:
-        model.encode_video({"frames": frames.to(device)})
+        model.encode_video(prepare_batch({"frames": frames.to(device)}, loaded.transform))
     m = masks[-1].float().cpu()  # [B, T, R, h, w]
     return [LearnedView(masks=m[b, t].numpy()) for b in range(frames.shape[0])]
 
 
+VIEWS = {"boxes": detector_views, "masks": learned_views}  # a registry entry's views -> how they are taken
+
+
 def region_views(models: Mapping[str, Loaded], clips: Sequence[Clip], *, frame: int | None = None) -> list[ClipView]:
-    """One :class:`ClipView` per clip with each model's view of one sampled frame (the
-    middle one unless ``frame`` is given)."""
+    """One :class:`ClipView` per clip with each model's views of one sampled frame (the
+    middle one unless ``frame`` is given): one column per view its pathway's registry
+    entry names, called by the model's name (``NAME VIEW`` when it has several)."""
     frames = torch.stack([c.frames for c in clips])  # [B, T, 3, H, W]
     T = frames.shape[1]
     t = T // 2 if frame is None else frame
@@ -227,9 +232,11 @@ def region_views(models: Mapping[str, Loaded], clips: Sequence[Clip], *, frame: 
     out = [ClipView(key=c.key, caption=c.caption, frame=c.frames[t].permute(1, 2, 0).numpy(), frame_index=t,
                     num_frames=T) for c in clips]
     for name, loaded in models.items():
-        per_clip = detector_views(loaded, frames, t) if loaded.regions == "detector" else learned_views(loaded, frames, t)
-        for view, pv in zip(out, per_clip):
-            view.views[name] = pv
+        kinds = pathways.get(loaded.regions).views
+        for kind in kinds:
+            per_clip = VIEWS[kind](loaded, frames, t)
+            for view, pv in zip(out, per_clip):
+                view.views[name if len(kinds) == 1 else f"{name} {kind}"] = pv
     return out
 
 

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 # Lowest layer first; a module may import its own layer or a lower one. The first
 # matching prefix places a module (longest prefixes are listed before shorter ones).
 LAYERS: list[tuple[str, ...]] = [
-    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.config", "regionvlp.dist", "regionvlp.optim"),
+    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.config", "regionvlp.dist", "regionvlp.optim"),
     ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.evaluation", "regionvlp.qa.evaluate"),
     ("regionvlp.train",),
     ("regionvlp.bench",),
-    ("regionvlp.compare", "regionvlp.demo", "regionvlp.show", "regionvlp.qa.stage"),
+    ("regionvlp.compare", "regionvlp.report", "regionvlp.demo", "regionvlp.show", "regionvlp.qa.stage"),
     ("regionvlp.cli", "regionvlp.__main__"),
 ]
 # pairs in one layer that must not know each other (either direction)

@@ -45,7 +45,7 @@ def export_untrained(name: str, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
-    return {name: export_untrained(name, root / name) for name in show.PATHWAYS}
+    return {name: export_untrained(name, root / name) for name in ("detector", "learned")}
 
 
 def spy(monkeypatch, name: str) -> list[tuple]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from regionvlp import dist
+from regionvlp import dist, pathways
 from regionvlp.config import load_config
 from regionvlp.data import build_loader
 from regionvlp.data.pipeline import resolve_num_workers
@@ -47,8 +47,10 @@ def bench_overrides(regions: str, batch: int | None, frames: int | None, size: i
                     dtype: str) -> list[str]:
     """The config overrides the benchmark's flags stand for."""
     ov = [f"model.regions={regions}", "train.max_steps=1000000", "optim.warmup_steps=0"]
-    flags = {"data.batch_size": batch, "data.num_frames": frames, "data.size": size,
-             "model.learner.img_size": size if regions == "learned" else None}
+    flags = {"data.batch_size": batch, "data.num_frames": frames, "data.size": size}
+    own_size = pathways.get(regions).img_size  # the pathway's own input side follows --size
+    if own_size:
+        flags[own_size] = size
     ov += [f"{key}={value}" for key, value in flags.items() if value]
     return ov + [f"deepspeed.bf16.enabled={dtype == 'bf16'}"]
 
@@ -130,7 +132,7 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
         peak = peak_bytes(dev)
     bsz = len(first["__key__"])
     mem_ps, load_ps = bsz * steps / memory.seconds, bsz * steps / loader.seconds
-    k = int(cfg.model.detector.num_regions) if regions == "detector" else int(cfg.model.learner.num_regions)
+    k = pathways.of(cfg).regions_per_frame(cfg)
     return {
         "bench": "train",
         "device": device_name(dev),

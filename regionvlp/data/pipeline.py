@@ -34,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from regionvlp import dist
+from regionvlp import dist, pathways
 from regionvlp.config import DataConfig, default_config, mask_secrets
 from regionvlp.data import decode as dec
 from regionvlp.data.consumer import (ReadCursor, SampleShare, ShuffleBuffer, WholeBlocks, consumer_count, position,
@@ -408,10 +408,12 @@ class DecodeSpec:
 
 
 def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None, region_shape: bool = True) -> DecodeSpec:
-    """How to decode for ``cfg``; ``region_shape=False`` takes K and F from the stream's
-    first region sample instead of the config (``shards check`` without ``--config``)."""
+    """How to decode for ``cfg``; region samples must have the K and F that the
+    pathway's registry entry names (``region_shape``); ``region_shape=False`` takes them
+    from the stream's first region sample instead (``shards check`` without ``--config``)."""
     d = cfg.data
-    regions = RegionShape(int(cfg.model.detector.num_regions), int(cfg.model.region_transformer.feature_dim))
+    keys = pathways.of(cfg).region_shape  # None: the pathway reads frames only, K and F come from the stream
+    regions = RegionShape(*(int(pathways.select(cfg, k)) for k in keys)) if keys and region_shape else None
     return DecodeSpec(
         num_frames=int(num_frames or d.num_frames),
         size=int(d.size),
@@ -421,7 +423,7 @@ def decode_spec(cfg, *, training: bool, num_frames: Optional[int] = None, region
         decode_device=str(d.get("decode_device", "cpu")),
         max_image_pixels=int(d.max_image_pixels),
         max_caption_chars=int(d.max_caption_chars),
-        regions=regions if region_shape else None,
+        regions=regions,
     )
 
 
