@@ -124,6 +124,17 @@ class LearnerConfig:
 
 
 @dataclass
+class FusedConfig:
+    """``model.regions: fused``: the fusion layers over the detector's box tokens and the
+    RegionLearner's regions (which keep their own sections, detector/region_transformer/learner)."""
+
+    layers: int = 1  # transformer blocks over [CLS] + box tokens + learned tokens, at width model.embed_dim
+    heads: int = 4  # must divide model.embed_dim
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     regions: str = "detector"  # a registered pathway (regionvlp.pathways): detector | learned | ...
     embed_dim: int = 256  # D, the joint space
@@ -131,6 +142,7 @@ class ModelConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     region_transformer: RegionTransformerConfig = field(default_factory=RegionTransformerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    fused: FusedConfig = field(default_factory=FusedConfig)
 
 
 # --------------------------------------------------------------------------- loss
@@ -265,6 +277,10 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "model.learner.num_regions": (1, None, True, True),
     "model.learner.interaction_layers": (1, None, True, True),
     "model.learner.insert_after": (-1, None, True, True),
+    "model.fused.layers": (0, None, True, True),
+    "model.fused.heads": (1, None, True, True),
+    "model.fused.mlp_ratio": (0, None, False, True),
+    "model.fused.dropout": (0, 1, True, False),
     "loss.temperature": (0, None, False, True),
     "loss.min_temperature": (0, None, False, True),
     "loss.align_temperature": (0, None, False, True),
@@ -435,6 +451,8 @@ def _check_lists(cfg: DictConfig) -> None:
     rt = cfg.model.region_transformer
     if rt.hidden % rt.heads:
         raise _bad("model.region_transformer.heads", rt.heads, f"a divisor of region_transformer.hidden ({rt.hidden})")
+    if cfg.model.embed_dim % cfg.model.fused.heads:
+        raise _bad("model.fused.heads", cfg.model.fused.heads, f"a divisor of model.embed_dim ({cfg.model.embed_dim})")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -132,3 +132,13 @@ register(Pathway(
     img_size="model.learner.img_size",
     summary="RegionLearner inside a timm ViT",
 ))
+register(Pathway(
+    name="fused",
+    sections=("detector", "region_transformer", "learner", "fused"),
+    builder="regionvlp.fused:build_pathway",
+    batch_transform="regionvlp.detector:build_extractor",
+    views=("boxes", "masks"),
+    tokens_per_frame=("model.detector.num_regions", "model.learner.num_regions"),
+    img_size="model.learner.img_size",
+    summary="detector box tokens and learned regions in one region set",
+))

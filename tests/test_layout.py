@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),
+    ("regionvlp.fused",),  # joins both pathways
     ("regionvlp.model",),
     ("regionvlp.checkpoint",),
     ("regionvlp.evaluation", "regionvlp.qa.evaluate"),
