@@ -56,12 +56,15 @@ def s3_env(monkeypatch, endpoint: str) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
-@pytest.mark.parametrize("scheme", ["http", "s3"])
+@pytest.mark.parametrize("scheme", ["http", "s3", "gs"])
 def test_hung_endpoint_skipped_within_timeout_times_tries(hung_endpoint, monkeypatch, scheme):
     pytest.importorskip("boto3") if scheme == "s3" else None
     if scheme == "s3":
         s3_env(monkeypatch, hung_endpoint)
         url = "s3://bucket/000000.tar"
+    elif scheme == "gs":  # gcsfs (the test extra) against an emulator host that never answers
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", hung_endpoint)
+        url = "gs://bucket/000000.tar"
     else:
         url = f"{hung_endpoint}/000000.tar"
     counter = SkipCounter()

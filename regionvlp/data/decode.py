@@ -10,6 +10,8 @@ one-frame clip, repeated to T frames like any clip with fewer frames than T.
 
 from __future__ import annotations
 
+import os
+
 import io
 import math
 import random
@@ -316,9 +318,10 @@ def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side:
 
 
 @lru_cache(maxsize=1)
-def _reformatter():
-    """One swscale reformatter per process: it keeps its scaler context between frames
-    of the same geometry (a fresh one per frame costs more than the scaling)."""
+def _reformatter(pid: int):
+    """One swscale reformatter per process (``pid``: a forked DataLoader worker makes its
+    own; the parent's can deadlock it): it keeps its scaler context between frames of
+    the same geometry (a fresh one per frame costs more than the scaling)."""
     from av.video.reformatter import VideoReformatter
 
     return VideoReformatter()
@@ -328,9 +331,9 @@ def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
     """``[H, W, 3]`` RGB; swscale scales to ``short_side`` (area filter, antialiased)
     in the same pass as the colour conversion: no full-size RGB frame is made."""
     dims = scaled_dims(frame.width, frame.height, short_side)
-    if dims is None:
-        return frame.to_ndarray(format="rgb24")
-    rgb = _reformatter().reformat(frame, width=dims[0], height=dims[1], format="rgb24", interpolation="AREA", threads=1)
+    if dims is None:  # not frame.to_ndarray(format=...): PyAV's own scaler runs slice threads a fork deadlocks
+        return _reformatter(os.getpid()).reformat(frame, format="rgb24", threads=1).to_ndarray()
+    rgb = _reformatter(os.getpid()).reformat(frame, width=dims[0], height=dims[1], format="rgb24", interpolation="AREA", threads=1)
     return rgb.to_ndarray()
 
 

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 import braceexpand
 
 from regionvlp.config import mask_secrets
+from regionvlp.data.buckets import PermanentError, emulator_host, open_gs
 from regionvlp.errors import UserError
 
 
@@ -127,10 +128,6 @@ def check_url(url: str, *, allow_pipe: bool) -> None:
 
 
 # ----------------------------------------------------------------------- opening
-class PermanentError(OSError):
-    """Not worth retrying: missing object, no permission, bad request."""
-
-
 DEFAULT_TIMEOUT = 60.0  # seconds to connect and between bytes read (data.read_timeout_s)
 _s3_clients: dict[tuple[int, float], object] = {}
 
@@ -150,7 +147,7 @@ def endpoint_of(url: str) -> str:
         parsed = urlparse(url)
         return f"{parsed.scheme}://{parsed.netloc}"
     if scheme in ("gs", "gcs"):
-        return os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
+        return emulator_host() or "Google Cloud Storage"
     if scheme == "pipe":
         return url[:80]
     return str(Path(url[len("file://"):] if url.startswith("file://") else url).parent)
@@ -210,23 +207,6 @@ def _open_http(url: str, offset: int, timeout: float) -> IO[bytes]:
     return resp
 
 
-def _open_gs(url: str, offset: int, timeout: float) -> IO[bytes]:
-    try:
-        import aiohttp
-        import fsspec
-
-        # gcsfs passes session_kwargs to its aiohttp session: bound the connect and every read
-        limits = aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)
-        f = fsspec.open(url, "rb", session_kwargs={"timeout": limits}).open()
-    except ImportError as err:
-        raise UserError(f"gs:// shards need gcsfs: pip install 'regionvlp[gcs]' ({err})") from None
-    except FileNotFoundError as err:
-        raise PermanentError(str(err)) from None
-    if offset:
-        f.seek(offset)
-    return f
-
-
 class _PipeStream:
     """stdout of a shell command; a non-zero exit is a read error at EOF."""
 
@@ -267,7 +247,7 @@ def open_raw(url: str, offset: int = 0, *, allow_pipe: bool = False, timeout: fl
     if scheme == "s3":
         return _open_s3(url, offset, timeout)
     if scheme in ("gs", "gcs"):
-        return _open_gs(url, offset, timeout)
+        return open_gs(url, offset, timeout)
     if scheme == "pipe":
         if offset:
             raise PermanentError("a pipe: shard cannot resume after a read error")
