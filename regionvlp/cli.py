@@ -681,8 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code == 2:  # a usage error, already printed as one line by _Parser.error
             return 2
         raise
+    from regionvlp.runtime import json_stdout
+
     try:
-        result = args.func(args)
+        with json_stdout():  # stdout: only the JSON lines; third-party chatter to stderr
+            result = args.func(args)
+            if result is not None:
+                print_json(result)
     except UserError as err:
         from regionvlp.config import mask_secrets
 
@@ -691,6 +696,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regionvlp: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
-        print_json(result)
     return 0

@@ -8,12 +8,13 @@ the package can import it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
 import sys
-from contextlib import nullcontext
-from typing import Any, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -130,7 +131,51 @@ def json_default(obj: Any) -> Any:
     return str(obj)
 
 
+_RESULT_OUT: list[Any] = []  # the real stdout while :func:`json_stdout` holds fd 1 on stderr
+
+
 def print_json(obj: Any) -> None:
-    """One JSON line on stdout (the machine-readable result), flushed."""
-    sys.stdout.write(json.dumps(obj, sort_keys=False, default=json_default) + "\n")
-    sys.stdout.flush()
+    """One JSON line on stdout (the machine-readable result), flushed; inside
+    :func:`json_stdout` on the real stdout, where nothing else writes."""
+    out = _RESULT_OUT[-1] if _RESULT_OUT else sys.stdout
+    out.write(json.dumps(obj, sort_keys=False, default=json_default) + "\n")
+    out.flush()
+
+
+@contextmanager
+def json_stdout() -> Iterator[None]:
+    """Inside: stdout is only :func:`print_json`'s lines. Everything else written to
+    stdout goes to stderr: ``print`` and loggers bound to ``sys.stdout`` (DeepSpeed's),
+    C-level writes to fd 1 and child processes (DeepSpeed's op builders)."""
+    real = sys.stdout
+    real.flush()
+    try:
+        on_fd1 = real.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (pytest capsys)
+        on_fd1 = False
+    saved_fd = os.dup(1)
+    out = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8") if on_fd1 else real
+    os.dup2(2, 1)
+    bound = [h for h in _stream_handlers() if h.stream is real or h.stream is sys.__stdout__]
+    for h in bound:
+        h.setStream(sys.stderr)
+    sys.stdout = sys.stderr
+    _RESULT_OUT.append(out)
+    try:
+        yield
+    finally:
+        _RESULT_OUT.pop()
+        sys.stderr.flush()
+        sys.stdout = real
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        for h in bound:
+            h.setStream(real)
+        if out is not real:
+            out.close()
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]

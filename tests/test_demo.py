@@ -38,7 +38,8 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *TINY]) == 0
     captured = capsys.readouterr()
-    summary = json.loads(captured.out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in captured.out.strip().splitlines()]  # stdout: JSON lines only
+    summary = lines[-1]
     assert "=== demo: synth" in captured.err and "=== demo: compare" in captured.err  # progress on stderr
 
     for name in ("detector", "learned"):

@@ -10,7 +10,7 @@ import sys
 import torch.distributed as tdist
 
 from regionvlp.errors import UserError
-from regionvlp.runtime import print_json
+from regionvlp.runtime import json_stdout, print_json
 from regionvlp.train import run
 
 
@@ -30,12 +30,13 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        summary = run(config, overrides)
+        with json_stdout():  # stdout: only the summary; DeepSpeed's chatter to stderr
+            summary = run(config, overrides)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print_json(summary)
     except UserError as err:
         print(f"regionvlp: error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", 0)) == 0:
-        print_json(summary)
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
