@@ -71,32 +71,10 @@ def launcher_env_restored():
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    """``gcp-storage-emulator`` (the test extra) on a free loopback port, in memory:
-    yields its ``http://127.0.0.1:PORT`` for ``STORAGE_EMULATOR_HOST``."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
+    """``gcp-storage-emulator`` on a free loopback port, in memory: yields its
+    ``http://127.0.0.1:PORT`` for ``STORAGE_EMULATOR_HOST``."""
+    from emulators import emulator
 
-    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
-    if not Path(exe).exists():
-        pytest.fail("gcp-storage-emulator not installed: pip install gcp-storage-emulator (the test extra)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("gcp-storage-emulator did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with emulator("gcp-storage-emulator", lambda port: ["start", "--host", "127.0.0.1", "--port", str(port),
+                                                        "--in-memory"], "gcp-storage-emulator") as url:
+        yield url

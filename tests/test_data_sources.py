@@ -4,17 +4,14 @@ resume), s3 from a moto_server on loopback, pipe: gating."""
 from __future__ import annotations
 
 import http.server
-import shutil
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from data_shards import clip_shards
+from emulators import emulator
 from regionvlp.config import load_config
 from regionvlp.data import build_loader, epoch_size, iter_samples, load_tokenizer, parse_specs
 from regionvlp.data import sources
@@ -146,33 +143,10 @@ def test_http_shards_with_retries_and_resume(http_server, minilm_dir, monkeypatc
 
 
 # --------------------------------------------------------------------------- s3
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
-        pytest.fail("moto_server not installed: pip install 'moto[server]' (the test extra)")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with emulator("moto_server", lambda port: ["-H", "127.0.0.1", "-p", str(port)], "'moto[server]'") as url:
+        yield url
 
 
 def test_s3_shards_from_moto_server(moto_endpoint, shard_dir, minilm_dir, monkeypatch):
