@@ -59,7 +59,9 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
     from regionvlp.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(to_yaml(cfg))
+    from regionvlp.runtime import result_stream
+
+    result_stream().write(to_yaml(cfg))  # the result is YAML here, not a JSON line
     return None
 
 

@@ -205,6 +205,7 @@ class RunSection:
     out_dir: str = "runs/default"
     name: str = "regionvlp"
     device: str = "auto"  # auto | cpu | cuda
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # of REPORT_TO; metrics.jsonl always
 
 
 @dataclass
@@ -232,6 +233,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.detector.selection": ("region", "stock"),
     "run.device": ("auto", "cpu", "cuda"),
 }
+
+REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trackers beside metrics.jsonl
 
 # key -> (lowest, highest, lowest allowed?, highest allowed?); None: no bound. Optional keys may be null.
 RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
@@ -471,6 +474,9 @@ def validate(cfg: DictConfig) -> None:
     _check_lists(cfg)
     if not str(cfg.run.out_dir).strip():
         raise _bad("run.out_dir", cfg.run.out_dir, "a folder path")
+    report_to = [str(name) for name in cfg.run.report_to]
+    if any(name not in REPORT_TO for name in report_to) or len(set(report_to)) != len(report_to):
+        raise _bad("run.report_to", report_to, f"a list of distinct names from {', '.join(REPORT_TO)} (or [])")
     check_qa_config(cfg)
 
 

@@ -134,10 +134,15 @@ def json_default(obj: Any) -> Any:
 _RESULT_OUT: list[Any] = []  # the real stdout while :func:`json_stdout` holds fd 1 on stderr
 
 
+def result_stream() -> Any:
+    """Where a command's result goes: the real stdout (also inside :func:`json_stdout`)."""
+    return _RESULT_OUT[-1] if _RESULT_OUT else sys.stdout
+
+
 def print_json(obj: Any) -> None:
     """One JSON line on stdout (the machine-readable result), flushed; inside
     :func:`json_stdout` on the real stdout, where nothing else writes."""
-    out = _RESULT_OUT[-1] if _RESULT_OUT else sys.stdout
+    out = result_stream()
     out.write(json.dumps(obj, sort_keys=False, default=json_default) + "\n")
     out.flush()
 

@@ -41,6 +41,7 @@ from regionvlp.runtime import add_counts, autocast_for, local_device, peak_bytes
 from regionvlp.train import engine as E
 from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
+from regionvlp.train.trackers import check_report_to, protocol_of
 from regionvlp.train.state import (MetricsLog, TrainState, mean_finite, read_rng, read_train_state, set_rng_state,
                                    write_rng, write_train_state)
 from regionvlp.train.validate import validate
@@ -196,6 +197,7 @@ def build_extractor_for(cfg: Any, run_dir: Path, device: torch.device) -> Any | 
 def setup_run(cfg: Any) -> Run:
     """Model, extractor, DeepSpeed engine and run folder; resumed when asked to."""
     run_dir = Path(cfg.run.out_dir)
+    check_report_to(list(cfg.run.report_to))  # every rank, before anything starts
     device = local_device()
     write_run_config(cfg, run_dir)
     torch.manual_seed(int(cfg.seed))  # same init on every rank
@@ -217,7 +219,10 @@ def setup_run(cfg: Any) -> Run:
     if where is not None:
         resume(run, where)
     run.guard.total = run.state.nonfinite
-    run.metrics = MetricsLog(run_dir, dist.is_main(), run.state.step if run.resumed_from else None)
+    protocol = protocol_of(cfg, run.world, run.zero_stage, str(run.dtype).replace("torch.", ""))
+    run.metrics = MetricsLog(run_dir, dist.is_main(), run.state.step if run.resumed_from else None,
+                             report_to=list(cfg.run.report_to), name=str(cfg.run.name),
+                             config={"config": saved_container(cfg), "protocol": protocol})
     return run
 
 

@@ -9,12 +9,13 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from regionvlp.errors import UserError
+from regionvlp.train.trackers import Tracker, open_trackers, scalars_of
 
 log = logging.getLogger("regionvlp.train")
 TRAIN_STATE = "train_state.json"
@@ -36,24 +37,21 @@ class TrainState:
 
 
 class MetricsLog:
-    """Rank 0: metrics.jsonl + TensorBoard in the run dir. Other ranks: no-op."""
+    """Rank 0: metrics.jsonl + the ``run.report_to`` trackers (TensorBoard, W&B) in the
+    run dir. Other ranks: no-op."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, report_to: Sequence[str] = (),
+                 name: str = "regionvlp", config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.trackers: list[Tracker] = []
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             self.cut_back(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-        except Exception as err:  # tensorboard missing/broken: JSONL still written
-            log.warning("tensorboard disabled: %s", err)
+        self.trackers = open_trackers(report_to, run_dir, resume_step, name, config or {})
 
     def cut_back(self, resume_step: int) -> None:
         """The loss curve continues from the checkpoint: drop the records after it, and a
@@ -78,18 +76,14 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = int(record["step"])
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k.replace(".", "/"), v, step)
-            self.tb.flush()
+        scalars = scalars_of(record)
+        for tracker in self.trackers:
+            tracker.log(scalars, int(record["step"]))
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def rng_state() -> dict[str, Any]:
