@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
 
     files = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    deadline = time.time() + 30  # wandb-core may still be writing the last records after finish() returns
+    while time.time() < deadline and not all(any(r.WhichOneof("record_type") == "exit" for r in wandb_records(f))
+                                             for f in files):
+        time.sleep(0.2)
     steps, config_keys = [], set()
     for f in files:
         for r in wandb_records(f):
