@@ -98,7 +98,8 @@ class RegionTransformerConfig:
     dropout: float = 0.1
     max_frames: int = 16
     frame_local: bool = False  # a region attends only to its own frame's regions and [CLS]
-    init: str = "none"  # none | a timm ViT name (its cached weights) | a local ViT weights file: blocks 0..layers-1
+    init: str = "none"  # none | a timm ViT name (timm's weights) | an http(s) URL (torch hub cache) | a local ViT weights file: blocks 0..layers-1
+    temporal_resize: str = "zeros"  # zeros | interpolate: frame rows beyond an init_from source run's frames
 
 
 @dataclass
@@ -229,6 +230,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_sampling": ("random_segment", "uniform", "first"),
     "model.learner.mask_norm": ("softmax", "sigmoid"),
     "model.learner.temporal_resize": ("interpolate", "zeros"),
+    "model.region_transformer.temporal_resize": ("zeros", "interpolate"),
     "model.detector.autocast": ("bf16", "fp16", "none"),
     "model.detector.selection": ("region", "stock"),
     "run.device": ("auto", "cpu", "cuda"),

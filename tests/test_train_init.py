@@ -72,3 +72,47 @@ def test_init_from_an_older_detector_checkpoint_adapts_its_names() -> None:
     target = _model("detector")
     load_init_state(target, old, "old-ckpt")
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.items())
+
+
+def _export(model: torch.nn.Module, cfg, folder: Path) -> Path:
+    """An export-like folder: model.safetensors + the run's config.yaml."""
+    from safetensors.torch import save_file
+
+    from regionvlp.config import to_yaml
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    return folder
+
+
+def _regions(frames: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"region_feats": torch.randn(2, frames, 4, 1024, generator=g),
+            "region_boxes": torch.rand(2, frames, 4, 4, generator=g).sort(-1).values,
+            "region_mask": torch.ones(2, frames, 4, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("mode", ["zeros", "interpolate"])
+def test_detector_init_from_fewer_frames_zero_fills_or_repeats_the_untrained_rows(tmp_path, mode) -> None:
+    from regionvlp.train.finetune import init_weights
+
+    assert not _model("detector").pathway.temporal.pos_embed.any()  # zero at init
+    one_cfg = load_config(TINY / "detector.yaml", ["data.num_frames=1", "model.region_transformer.max_frames=8"])
+    one = _model("detector", "data.num_frames=1", "model.region_transformer.max_frames=8")
+    with torch.no_grad():  # as a checkpoint whose rows were trunc-normal at init: rows 1-7 never trained
+        one.pathway.temporal.pos_embed.normal_(std=0.02)
+    source = _export(one, one_cfg, tmp_path / "one_frame")
+    eight = _model("detector", "data.num_frames=8", "model.region_transformer.max_frames=8",
+                   f"model.region_transformer.temporal_resize={mode}")
+    init_weights(eight, source)
+    table, row0 = eight.pathway.temporal.pos_embed.detach(), one.pathway.temporal.pos_embed.detach()[0]
+    if mode == "zeros":
+        assert torch.equal(table[0], row0) and not table[1:].any()
+    else:
+        assert torch.equal(table, row0.expand(8, -1))
+    one.eval(), eight.eval()
+    with torch.no_grad():
+        a, b = one.pathway(_regions(1)), eight.pathway(_regions(1))
+    torch.testing.assert_close(b.cls, a.cls, rtol=0, atol=0)  # the same function at T = 1
+    torch.testing.assert_close(b.regions, a.regions, rtol=0, atol=0)

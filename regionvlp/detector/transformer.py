@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from regionvlp.errors import UserError
 from regionvlp.layers import ClsToken, FrameEmbedding
@@ -68,6 +69,32 @@ def attention_mask(region_mask: torch.Tensor, frame_local: bool) -> torch.Tensor
     return allowed | eye
 
 
+TEMPORAL_RESIZE = ("zeros", "interpolate")
+
+
+def adapt_temporal(table: torch.Tensor, source_frames: int | None, max_frames: int, clip_frames: int,
+                   mode: str = "zeros") -> torch.Tensor:
+    """A source run's frame table [T0_max, H] -> [max_frames, H]: its first
+    ``source_frames`` rows (the ones its clips trained) copied (``zeros``) or linearly
+    resampled over ``clip_frames`` rows (``interpolate``; one row is repeated); every
+    other row zero."""
+    if mode not in TEMPORAL_RESIZE:
+        raise UserError(f"model.region_transformer.temporal_resize is {mode!r}; choose one of "
+                        f"{', '.join(TEMPORAL_RESIZE)}")
+    trained = min(source_frames or table.shape[0], table.shape[0])
+    rows = table[:trained].float()  # [T0, H]
+    out = torch.zeros(max_frames, table.shape[1])  # [T_max, H]
+    if mode == "zeros" or trained == clip_frames:
+        n = min(trained, max_frames)
+        out[:n] = rows[:n]
+    elif trained == 1:
+        out[:clip_frames] = rows.expand(clip_frames, -1)
+    else:
+        resampled = F.interpolate(rows.t()[None], size=clip_frames, mode="linear", align_corners=True)  # [1, H, T]
+        out[:clip_frames] = resampled[0].t()
+    return out.to(table.dtype)
+
+
 # top-level parameter names of older checkpoints -> their submodule names now
 RENAMED = {"temporal": "temporal.pos_embed", "cls_token": "cls.cls_token"}
 # inside each block: the hand-written MLP of older checkpoints -> timm's Mlp
@@ -80,22 +107,26 @@ class RegionTransformer(nn.Module):
 
     def __init__(self, feature_dim: int = 1024, hidden: int = 768, layers: int = 4, heads: int = 12,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, max_frames: int = 16,
-                 frame_local: bool = False, embed_dim: int = 256) -> None:
+                 frame_local: bool = False, embed_dim: int = 256, temporal_resize: str = "zeros",
+                 clip_frames: int | None = None) -> None:
         super().__init__()
         self.feature_dim = feature_dim
         self.max_frames = max_frames
+        self.temporal_resize = temporal_resize  # zeros | interpolate: rows of a checkpoint with fewer frames
+        self.clip_frames = min(clip_frames or max_frames, max_frames)  # frames this run's clips have (at most)
         self.frame_local = frame_local
         self.feat_proj = nn.Linear(feature_dim, hidden)
         self.box_proj = nn.Linear(7, hidden)
-        self.temporal = FrameEmbedding(max_frames, hidden, param="pos_embed")  # temporal.pos_embed [T_max, H]
+        # temporal.pos_embed [T_max, H], zero at init (as Frozen-in-Time and DemoVLP): a row no
+        # clip reached stays zero, so a run with more frames starts from the fewer-frame run's function
+        self.temporal = FrameEmbedding(max_frames, hidden, param="pos_embed")
         self.cls = ClsToken(hidden)  # cls.cls_token [1, 1, H]
         self.input_norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(make_block(hidden, heads, mlp_ratio, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, embed_dim)
-        nn.init.trunc_normal_(self.temporal.pos_embed, std=0.02)  # last, as before: same init per seed
-        nn.init.trunc_normal_(self.cls.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls.cls_token, std=0.02)  # temporal.pos_embed stays zero
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Checkpoint adaptation (as timm's ``checkpoint_filter_fn``): older names load."""
@@ -107,6 +138,24 @@ class RegionTransformer(nn.Module):
                 if f".{old}" in key:
                     state_dict[key.replace(f".{old}", f".{new}")] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def checkpoint_filter(self, state: dict[str, torch.Tensor], source_frames: int | None = None
+                          ) -> dict[str, torch.Tensor]:
+        """``train.init_from`` adaptation (as timm's ``checkpoint_filter_fn``): the temporal
+        table of a source run with fewer frames (``source_frames``: the most frames its clips
+        had; None: every row of its table) becomes this run's: ``temporal_resize: zeros``
+        keeps the source's first ``source_frames`` rows and zero-fills the rest (rows no clip
+        reached are untrained), ``interpolate`` resamples them over this run's clip frames.
+        The result is then loaded strictly."""
+        state = dict(state)
+        for old, new in RENAMED.items():
+            if old in state and new not in state:
+                state[new] = state.pop(old)
+        table = state.get("temporal.pos_embed")
+        if table is not None and table.dim() == 2 and table.shape[1] == self.temporal.pos_embed.shape[1]:
+            state["temporal.pos_embed"] = adapt_temporal(table, source_frames, self.max_frames,
+                                                         self.clip_frames, self.temporal_resize)
+        return state
 
     def forward(self, batch: dict[str, Any]) -> VideoOutput:
         if "region_feats" not in batch:
@@ -191,6 +240,11 @@ def init_from_vit(model: RegionTransformer, source: str) -> list[str]:
     return sorted(own)
 
 
+def clip_frames(cfg: Any) -> int:
+    """The most frames a clip of the run ``cfg`` has (``data.num_frames``, ``train.frame_curriculum``)."""
+    return max([int(cfg.data.num_frames)] + [int(t) for _, t in (cfg.train.frame_curriculum or [])])
+
+
 def build_pathway(cfg: Any) -> RegionTransformer:
     """The detector pathway's trainable part (reads region_feats/boxes/mask from the batch);
     blocks from a ViT when ``model.region_transformer.init`` names one."""
@@ -198,6 +252,7 @@ def build_pathway(cfg: Any) -> RegionTransformer:
     model = RegionTransformer(
         feature_dim=r.feature_dim, hidden=r.hidden, layers=r.layers, heads=r.heads, mlp_ratio=r.mlp_ratio,
         dropout=r.dropout, max_frames=r.max_frames, frame_local=r.frame_local, embed_dim=cfg.model.embed_dim,
+        temporal_resize=str(r.temporal_resize), clip_frames=clip_frames(cfg),
     )
     if str(r.init).strip().lower() not in ("none", "", "null"):
         init_from_vit(model, str(r.init))
