@@ -486,7 +486,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _eval_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--checkpoint", required=required, metavar="DIR",
                         help="a `regionvlp train` run dir (newest checkpoint), a checkpoints/stepN folder, or an export dir")
-    parser.add_argument("--split", default=None, choices=("val", "train"), help="which data.<split>.urls (default val)")
+    parser.add_argument("--split", default=None, choices=("val", "test", "train"),
+                        help="which data.<split>.urls (default val)")
     parser.add_argument("--cache", default=None, metavar="DIR", help="save/reuse the eval embeddings in DIR")
     parser.add_argument("--limit", type=_positive_int, default=None, help="stop after N clips per rank (smoke tests only)")
 

@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from regionvlp import dist, pathways
 from regionvlp.config import default_config, load_config, saved_container
 from regionvlp.errors import UserError
-from regionvlp.evaluation import evaluate_model, load_eval_model
+from regionvlp.evaluation import checkpoint_stamp, evaluate_model, load_eval_model, loaded_weights
 from regionvlp.runtime import device_name, local_device, peak_bytes, resolve_device
 from regionvlp.qa.evaluate import evaluate_qa
 from regionvlp.qa.stage import run_qa_stage, wants_qa
@@ -180,7 +180,9 @@ def final_eval(cfg: Any, eval_urls: Sequence[str] | None = None) -> dict[str, An
         cfg.data.val.urls = list(eval_urls)
     if cfg.qa.enabled:
         return evaluate_qa(model, cfg, "val", batch_transform=transform, device=device)
-    return evaluate_model(model, cfg, "val", batch_transform=transform, device=device)
+    out = evaluate_model(model, cfg, "val", batch_transform=transform, device=device)
+    out["protocol"].update(checkpoint_stamp(str(cfg.run.out_dir), loaded_weights(Path(cfg.run.out_dir))))
+    return out
 
 
 def train_isolated(cfg: Any, result_file: Path, eval_urls: Sequence[str] | None = None) -> dict[str, Any]:

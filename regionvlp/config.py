@@ -43,6 +43,7 @@ class SplitConfig:
 class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
+    test: SplitConfig = field(default_factory=SplitConfig)  # `regionvlp eval --split test`; never read in training
     num_frames: int = 4  # T frames per clip
     size: int = 224  # output H = W
     train_sampling: str = "random_segment"  # random_segment | uniform | first | keyframe
@@ -53,6 +54,7 @@ class DataConfig:
     num_workers: Any = 2  # DataLoader workers per rank, or "auto": cores per local rank, minus one
     shuffle_buffer: int = 1000  # samples; 0 disables
     resampled: bool = False  # True: sample shards with replacement, with_epoch per rank
+    qa_pairs_per_visit: str = "one"  # QA training: one pair drawn per clip visit | all: every pair of the clip
     allow_pipe: bool = False  # pipe: URLs run shell commands; off unless asked for
     max_words: int = 32  # token ids per caption, [CLS]/[SEP] included
     tokenizer: Optional[str] = None  # None: the text tower's model.text.name
@@ -169,6 +171,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     text_lr_mult: float = 1.0
     video_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0  # the QA head's lr = optim.lr x this (DemoVLP: 1e-4 head over a 3e-5 backbone)
     grad_clip: float = 1.0
 
 
@@ -202,11 +205,22 @@ class QAConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How ``regionvlp eval`` scores retrieval (stamped in every result's ``protocol``)."""
+
+    rescore: str = "none"  # none | dual_softmax: each direction's scores times a softmax over the other axis
+    rescore_temperature: float = 0.01  # tau of that softmax (over cosine-scale scores)
+    clips_per_video: int = 1  # N evenly spaced clips of data.num_frames each; their embeddings averaged
+    captions: str = "all"  # all: every caption of a video is a query | first: only its first caption
+
+
+@dataclass
 class RunSection:
     out_dir: str = "runs/default"
     name: str = "regionvlp"
     device: str = "auto"  # auto | cpu | cuda
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # of REPORT_TO; metrics.jsonl always
+    offline: bool = False  # true: never download pretrained weights (as HF_HUB_OFFLINE=1)
 
 
 @dataclass
@@ -219,6 +233,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     qa: QAConfig = field(default_factory=QAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # passed to deepspeed.initialize
 
 
@@ -234,6 +249,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.detector.autocast": ("bf16", "fp16", "none"),
     "model.detector.selection": ("region", "stock"),
     "run.device": ("auto", "cpu", "cuda"),
+    "data.qa_pairs_per_visit": ("one", "all"),
+    "eval.rescore": ("none", "dual_softmax"),
+    "eval.captions": ("all", "first"),
 }
 
 REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trackers beside metrics.jsonl
@@ -243,6 +261,10 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "seed": (0, None, True, True),
     "data.train.samples_per_epoch": (1, None, True, True),
     "data.val.samples_per_epoch": (1, None, True, True),
+    "data.test.samples_per_epoch": (1, None, True, True),
+    "eval.rescore_temperature": (0, None, False, True),
+    "eval.clips_per_video": (1, 64, True, True),
+    "optim.head_lr_mult": (0, None, True, True),
     "data.num_frames": (1, 1024, True, True),
     "data.size": (1, 8192, True, True),
     "data.batch_size": (1, None, True, True),
@@ -450,7 +472,7 @@ def _check_lists(cfg: DictConfig) -> None:
             raise _bad("train.frame_curriculum", to_container(cfg.train.frame_curriculum),
                        "[[step, T], ...] with steps >= 0 in increasing order and T >= 1")
         last = pair[0]
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         if any(not str(u).strip() for u in cfg.data[split].urls):
             raise _bad(f"data.{split}.urls", list(cfg.data[split].urls), "shard specs without empty entries")
     rt = cfg.model.region_transformer

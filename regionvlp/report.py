@@ -138,6 +138,19 @@ def settings_lines(settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def protocol_lines(runs: Sequence[RunResult]) -> list[str]:
+    """A "Protocol" table (how each final number was obtained), from the eval results'
+    ``protocol`` objects; nothing when no run has one."""
+    protocols = [r.final.get("protocol") if isinstance(r.final.get("protocol"), dict) else {} for r in runs]
+    keys = list(dict.fromkeys(k for p in protocols for k in p))
+    if not keys:
+        return []
+    lines = ["", "## Protocol", "", "| | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join("—" if p.get(k) is None else str(p.get(k)) for p in protocols) + " |")
+    return lines
+
+
 def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title: str | None = None,
                  setup: Mapping[str, Any] | None = None, device: str | None = None,
                  figures: Mapping[str, str] | None = None, qa: Mapping[str, Any] | None = None,
@@ -180,6 +193,7 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
         lines.append("| t2v_r1 / chance | " + " | ".join(
             _fmt(r.final["t2v_r1"] / chance if "t2v_r1" in r.final else None) + ("×" if "t2v_r1" in r.final else "")
             for r in runs) + " |")
+    lines += protocol_lines(runs)
     lines += ["", "## Cost", "", "| | " + " | ".join(r.name for r in runs) + " |", "|---|" + "---|" * len(runs)]
     lines.append("| steps | " + " | ".join(_fmt(r.steps) for r in runs) + " |")
     lines.append("| final training loss | " + " | ".join(_fmt(r.final_loss) for r in runs) + " |")

@@ -309,7 +309,7 @@ def test_real_loader_split_over_ranks_counts_each_clip_once(val_shards, minilm_d
     assert len(set(merged.keys)) == N_SAMPLES
     got = metrics_from_embeddings(model, merged)
     for key, value in ref.items():
-        if key != "cached":
+        if key not in ("cached", "protocol"):  # the protocol is stamped by evaluate_model
             assert got[key] == pytest.approx(value, abs=1e-6), key
 
 

@@ -743,7 +743,7 @@ class ConsumerStream:
         if self.ds.qa:
             counter = self.counter
             samples = qa_samples(samples, training=self.ds.training, vocab=self.ds.qa_vocab, rng=self.rng,
-                                 skip=lambda reason, s, detail: counter.add(reason, s["__key__"], s["__url__"], detail))
+                                 pairs_per_visit=str(self.ds.cfg.data.qa_pairs_per_visit), skip=lambda reason, s, detail: counter.add(reason, s["__key__"], s["__url__"], detail))
         return samples
 
     def position(self) -> dict[str, Any]:
@@ -752,8 +752,8 @@ class ConsumerStream:
 
 # ----------------------------------------------------------------------- loader
 def _split_cfg(cfg, split: str):
-    if split not in ("train", "val"):
-        raise UserError(f"unknown data split '{split}'; use train or val")
+    if split not in ("train", "val", "test"):
+        raise UserError(f"unknown data split '{split}'; use train, val or test")
     return cfg.data[split]
 
 

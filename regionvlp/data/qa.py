@@ -2,7 +2,8 @@
 
 A QA sample is a clip whose json holds ``"qa": [{"question": str, "answer": str}, ...]``
 (or one ``question``/``answer`` pair at the top level). The pipeline's QA stage turns a
-decoded clip into QA samples: in training one pair drawn per visit, in evaluation one
+decoded clip into QA samples: in training one pair drawn per visit (or, with
+``data.qa_pairs_per_visit: all``, every pair of the clip), in evaluation one
 sample per pair, so every pair is visited exactly once across ranks (the loader visits
 every clip exactly once). A pair with an empty question or no answer is skipped and
 counted (``bad_qa``); a clip without a usable pair is skipped (``no_qa``); in training an
@@ -165,9 +166,12 @@ def count_answers(raw_samples: Iterable[dict[str, Any]], skipped: Counter) -> tu
 
 # --------------------------------------------------------------- pipeline stage
 def qa_samples(samples: Iterable[dict[str, Any]], *, training: bool, vocab: QAVocab | None, rng: random.Random,
-               skip: Any) -> Iterator[dict[str, Any]]:
+               skip: Any, pairs_per_visit: str = "one") -> Iterator[dict[str, Any]]:
     """Decoded clips -> QA samples (``caption`` = the question, ``answer``, ``answer_id``,
-    ``question_type``, ``qa_index``). ``skip(reason, sample, detail)`` counts a skip."""
+    ``question_type``, ``qa_index``). ``skip(reason, sample, detail)`` counts a skip.
+    Training yields one pair drawn per clip visit (``pairs_per_visit="one"``) or every
+    pair of the clip in a shuffled order (``"all"``: an epoch over the clips is one over
+    the pairs, as DemoVLP trains); evaluation always yields every pair once."""
     for s in samples:
         pairs, bad = qa_pairs(s["meta"])
         for detail in bad:
@@ -185,7 +189,10 @@ def qa_samples(samples: Iterable[dict[str, Any]], *, training: bool, vocab: QAVo
                 chosen = kept
             if not chosen:
                 continue
-            chosen = [chosen[rng.randrange(len(chosen))]]
+            if pairs_per_visit == "all":
+                rng.shuffle(chosen)
+            else:
+                chosen = [chosen[rng.randrange(len(chosen))]]
         for i, pair in chosen:
             yield {**s, "caption": pair.question, "question": pair.question, "answer": pair.answer,
                    "answer_id": vocab.id_of(pair.answer) if vocab is not None else -1,

@@ -21,7 +21,7 @@ from regionvlp.data import load_tokenizer
 from regionvlp.data import tokenize as tokenize_captions
 from regionvlp.errors import UserError
 from regionvlp.evaluation.metrics import MC_ANSWER_KEY, MC_OPTIONS_KEY
-from regionvlp.model import prepare_batch
+from regionvlp.model import CLIP_KEYS, prepare_batch
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.runtime import add_counts, model_dtype
 
@@ -194,22 +194,56 @@ def score_options(model: Any, video: VideoOutput, options: list[str], tokenize: 
     return s.float().flatten().cpu()
 
 
+def split_clips(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """A batch of clips of N*T frames -> one of B*N clips of T frames (clip j of a video: its
+    j-th run of T frames, so N evenly spaced clips of a uniformly sampled video)."""
+    out = dict(batch)
+    for key in CLIP_KEYS:
+        value = batch.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        b, frames = value.shape[:2]
+        if frames % n:
+            raise UserError(f"eval.clips_per_video={n}: the batch's {key} has {frames} frames per video, not a "
+                            f"multiple of {n} (region shards hold the frames they were extracted with)")
+        out[key] = value.reshape(b * n, frames // n, *value.shape[2:])  # [B*N, T, ...]
+    return out
+
+
+def encode_clips(model: Any, batch: dict[str, Any], batch_transform: Any, device: torch.device,
+                 clips_per_video: int) -> VideoOutput:
+    """Video embeddings on the CPU; with N clips per video the N clips' [CLS] are averaged
+    (then renormalised) and their regions concatenated ([B, N*R, D])."""
+    n = clips_per_video
+    with autocast_like(model, device):
+        video = video_to_cpu(model.encode_video(prepare_batch(split_clips(batch, n) if n > 1 else batch,
+                                                              batch_transform, device)))
+    if n == 1:
+        return video
+    b = video.cls.shape[0] // n
+    cls = torch.nn.functional.normalize(video.cls.reshape(b, n, -1).mean(1), dim=-1)  # [B, D]
+    regions = video.regions.reshape(b, n * video.regions.shape[1], -1)  # [B, N*R, D]
+    return VideoOutput(cls=cls, regions=regions, region_mask=video.region_mask.reshape(b, -1))
+
+
 def embed_batch(model: Any, batch: dict[str, Any], acc: LocalEmbeddings, tokenize: Any, *,
-                batch_transform: Any, device: torch.device) -> int:
+                batch_transform: Any, device: torch.device, clips_per_video: int = 1,
+                first_caption: bool = False) -> int:
     """Embed one loader batch's videos into ``acc`` (and score its multiple-choice
-    questions); returns how many videos were kept."""
+    questions); returns how many videos were kept. ``first_caption``: only each video's
+    first caption is a query (else all of them)."""
     for reason, n in (batch.get("skipped") or {}).items():
         acc.skip(str(reason), int(n))
     keys = list(batch["__key__"])
     captions = batch.get("captions") or [[c] for c in batch["caption"]]
+    if first_caption:
+        captions = [[next((c for c in caps if str(c).strip()), "")] for caps in captions]
     keep = [i for i, caps in enumerate(captions) if any(str(c).strip() for c in caps)]
     if len(keep) < len(keys):
         acc.skip("no_caption", len(keys) - len(keep))
     if not keep:
         return 0
-    with autocast_like(model, device):
-        video = video_to_cpu(model.encode_video(prepare_batch(batch, batch_transform, device)))
-    video = slice_video(video, torch.tensor(keep))
+    video = slice_video(encode_clips(model, batch, batch_transform, device, clips_per_video), torch.tensor(keep))
     acc.videos.append(video)
     metas = batch.get("meta") or [{}] * len(keys)
     for j, i in enumerate(keep):
@@ -241,8 +275,11 @@ def embed_texts(model: Any, captions: list[str], tokenize: Any, device: torch.de
 @torch.no_grad()
 def embed_local(model: Any, batches: Iterable[Mapping[str, Any]], tokenize: Any, *,
                 batch_transform: Any = None, device: torch.device | str = "cpu",
-                text_batch: int = 64, limit: int | None = None, progress: bool = False) -> EvalEmbeddings:
-    """Embed the videos and all their captions that this rank's ``batches`` hold.
+                text_batch: int = 64, limit: int | None = None, progress: bool = False,
+                clips_per_video: int = 1, first_caption: bool = False) -> EvalEmbeddings:
+    """Embed the videos and all their captions that this rank's ``batches`` hold
+    (``clips_per_video``: each batch holds N*T frames per video, N clips averaged;
+    ``first_caption``: one query per video).
 
     ``model`` has the DualEncoder interface (``encode_video``, ``encode_text``,
     ``similarity``; normalised outputs). ``tokenize(captions) -> (ids, mask)``.
@@ -253,7 +290,8 @@ def embed_local(model: Any, batches: Iterable[Mapping[str, Any]], tokenize: Any,
     for batch in batches:
         if not list(batch["__key__"]):
             continue
-        kept = embed_batch(model, dict(batch), acc, tokenize, batch_transform=batch_transform, device=device)
+        kept = embed_batch(model, dict(batch), acc, tokenize, batch_transform=batch_transform, device=device,
+                           clips_per_video=clips_per_video, first_caption=first_caption)
         if bar is not None:
             bar.update(kept)
         if limit is not None and len(acc.keys) >= limit:

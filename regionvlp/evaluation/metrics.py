@@ -90,12 +90,29 @@ def rank_metrics(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     return out
 
 
-def retrieval_metrics(sim: torch.Tensor, text_to_video: torch.Tensor) -> dict[str, float]:
-    """All t2v and v2t metrics (DESIGN.md keys) plus ``num_videos``, ``num_texts``."""
+RESCORE = ("none", "dual_softmax")
+
+
+def dual_softmax(sim: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-softmax re-scoring (the inverted softmax of CAMoE and the peers that report
+    with it): ``(t2v, v2t)`` scores [Nv, Nt]. Text->video scores are ``sim`` times a
+    softmax over the texts of each video (a video that every text likes counts less);
+    video->text scores are ``sim`` times a softmax over the videos of each text."""
+    s = _clean(sim).double()  # [Nv, Nt]
+    logits = s / float(temperature)
+    over_texts = torch.softmax(logits, dim=1)  # [Nv, Nt], rows sum to 1
+    over_videos = torch.softmax(logits, dim=0)  # [Nv, Nt], columns sum to 1
+    return s * over_texts, s * over_videos
+
+
+def retrieval_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, v2t_sim: torch.Tensor | None = None
+                      ) -> dict[str, float]:
+    """All t2v and v2t metrics (DESIGN.md keys) plus ``num_videos``, ``num_texts``;
+    ``v2t_sim`` (same shape): other scores for the v2t direction (re-scoring)."""
     nv, nt = sim.shape
     out: dict[str, Any] = {}
     out.update(rank_metrics(t2v_ranks(sim, text_to_video), "t2v"))
-    out.update(rank_metrics(v2t_ranks(sim, text_to_video), "v2t"))
+    out.update(rank_metrics(v2t_ranks(sim if v2t_sim is None else v2t_sim, text_to_video), "v2t"))
     out["num_videos"] = int(nv)
     out["num_texts"] = int(nt)
     return out

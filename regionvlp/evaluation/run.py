@@ -25,25 +25,34 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from regionvlp import dist
-from regionvlp.checkpoint import load_model, load_run_model
+from regionvlp.checkpoint import find_checkpoint, load_model, load_run_model
 from regionvlp.config import load_config, to_container
 from regionvlp.data import build_loader
 from regionvlp.errors import UserError
 from regionvlp.evaluation.embed import EvalEmbeddings, Tokenize, embed_local, gather_embeddings, similarity_matrix
-from regionvlp.evaluation.metrics import mc_accuracy, retrieval_metrics
+from regionvlp.evaluation.metrics import RESCORE, dual_softmax, mc_accuracy, retrieval_metrics
+from regionvlp.evaluation.protocol import checkpoint_stamp, eval_protocol
 from regionvlp.qa.evaluate import evaluate_qa
 from regionvlp.runtime import local_device
 
 log = logging.getLogger(__name__)
 
 
-def metrics_from_embeddings(model: Any, emb: EvalEmbeddings, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+def metrics_from_embeddings(model: Any, emb: EvalEmbeddings, *, device: torch.device | str = "cpu",
+                            rescore: str = "none", rescore_temperature: float = 0.01) -> dict[str, Any]:
     """The eval JSON: retrieval metrics, ``num_videos``/``num_texts``, ``mc_accuracy`` +
-    ``mc_questions`` when the set has multiple-choice questions, ``skipped``."""
+    ``mc_questions`` when the set has multiple-choice questions, ``skipped``. ``rescore``:
+    ``none`` or ``dual_softmax`` (at ``rescore_temperature``) before ranking."""
     if not emb.keys:
         raise UserError("the eval set has no usable samples: check data.val.urls (see `regionvlp shards check`)")
-    sim = similarity_matrix(model, emb, device=device)
-    out: dict[str, Any] = retrieval_metrics(sim, emb.text_to_video)
+    if rescore not in RESCORE:
+        raise UserError(f"eval.rescore is {rescore!r}; choose one of {', '.join(RESCORE)}")
+    sim = similarity_matrix(model, emb, device=device)  # [Nv, Nt]
+    if rescore == "dual_softmax":
+        t2v, v2t = dual_softmax(sim, rescore_temperature)  # [Nv, Nt] each
+        out: dict[str, Any] = retrieval_metrics(t2v, emb.text_to_video, v2t)
+    else:
+        out = retrieval_metrics(sim, emb.text_to_video)
     if emb.mc_answers:
         out["mc_accuracy"] = mc_accuracy(emb.mc_scores, emb.mc_answers)
         out["mc_questions"] = len(emb.mc_answers)
@@ -59,7 +68,8 @@ def cache_fingerprint(cfg: Any, split: str, tag: str = "") -> str:
     d = c["data"]
     keyed = {"model": c["model"], "split": split, "urls": d[split]["urls"], "num_frames": d["num_frames"],
              "size": d["size"], "eval_sampling": d["eval_sampling"], "max_words": d["max_words"],
-             "tokenizer": d["tokenizer"], "backend": d["backend"], "tag": tag}
+             "tokenizer": d["tokenizer"], "backend": d["backend"], "tag": tag,
+             "clips_per_video": c["eval"]["clips_per_video"], "captions": c["eval"]["captions"]}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,8 +97,8 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    if split not in ("train", "val"):
-        raise UserError(f"eval split must be 'train' or 'val', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise UserError(f"eval split must be 'train', 'val' or 'test', got {split!r}")
     if cfg.data.eval_sampling == "random_segment":
         log.warning("data.eval_sampling=random_segment: eval frames are not deterministic; use uniform")
     cache_file = None
@@ -106,9 +116,12 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
             if loader is None:
                 if not list(getattr(cfg.data, split).urls):
                     raise UserError(f"data.{split}.urls is empty: set it to the eval shards (data.{split}.urls=[...])")
-                loader = build_loader(cfg, split, training=False, tokenizer=getattr(tok, "tokenizer", None))
-            local = embed_local(model, loader, tok, batch_transform=batch_transform, device=device,
-                                limit=limit, progress=progress)
+                clips = int(cfg.eval.clips_per_video)
+                loader = build_loader(cfg, split, training=False, tokenizer=getattr(tok, "tokenizer", None),
+                                      num_frames=int(cfg.data.num_frames) * clips)
+            local = embed_local(model, loader, tok, batch_transform=batch_transform, device=device, limit=limit,
+                                progress=progress, clips_per_video=int(cfg.eval.clips_per_video),
+                                first_caption=cfg.eval.captions == "first")
             emb = gather_embeddings(local)
             cached = False
             if cache_file is not None and dist.is_main():
@@ -116,8 +129,12 @@ def evaluate_model(model: Any, cfg: Any, split: str = "val", batch_transform: An
                 tmp = cache_file.with_suffix(".tmp")
                 emb.save(tmp)
                 os.replace(tmp, cache_file)
-        out = metrics_from_embeddings(model, emb, device=device)
+        out = metrics_from_embeddings(model, emb, device=device, rescore=str(cfg.eval.rescore),
+                                      rescore_temperature=float(cfg.eval.rescore_temperature))
         out["cached"] = cached
+        lam = getattr(getattr(model, "loss", None), "local_weight", cfg.loss.local_weight)  # the model's own λ
+        out["protocol"] = eval_protocol(cfg, split, local_weight=float(lam), clips=out["num_videos"],
+                                        texts=out["num_texts"])
         return out
     finally:
         model.train(was_training)
@@ -142,6 +159,14 @@ def load_eval_model(checkpoint: str | os.PathLike, device: torch.device | str = 
     return model, model.batch_transform, model.config, f"run:{tag_dir.resolve()}:{stamp}"
 
 
+def loaded_weights(path: Path) -> Path:
+    """The file or checkpoint folder :func:`load_eval_model` reads for ``path``."""
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    ckpt_dir, tag = find_checkpoint(path, None)
+    return ckpt_dir / tag
+
+
 def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, overrides: Sequence[str] = (), *,
              split: str = "val", cache_dir: str | os.PathLike | None = None, limit: int | None = None) -> dict[str, Any] | None:
     """``regionvlp eval CONFIG --checkpoint DIR [k=v …]``: the architecture (``model.*``)
@@ -158,9 +183,13 @@ def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, ov
             cfg.qa = ckpt_cfg.qa
             cfg.qa.vocab = str(model.__dict__["qa_vocab_file"])
             out = evaluate_qa(model, cfg, split, batch_transform=transform, device=device, limit=limit)
+            out["protocol"] = eval_protocol(cfg, split, local_weight=None, clips=out["num_videos"],
+                                            texts=out["num_questions"], qa=True)
         else:
             out = evaluate_model(model, cfg, split, batch_transform=transform, device=device,
                                  cache_dir=cache_dir, cache_tag=tag, limit=limit, progress=True)
+        if dist.is_main():
+            out["protocol"].update(checkpoint_stamp(str(checkpoint), loaded_weights(Path(checkpoint))))
         out = {"checkpoint": str(checkpoint), "regions": str(cfg.model.regions), "split": split, **out}
         return out if dist.is_main() else None
     finally:

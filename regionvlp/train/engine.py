@@ -52,12 +52,16 @@ def _tower(name: str) -> str:
         return "text"
     if name.startswith("loss."):
         return "loss"
+    if name.startswith("qa_head."):
+        return "head"
     return "video"
 
 
 def tower_lr(tower: str, optim: Any) -> float:
-    """The base LR of a tower's groups: ``optim.lr`` times the tower's multiplier."""
-    mults = {"text": float(optim.text_lr_mult), "video": float(optim.video_lr_mult), "loss": 1.0}
+    """The base LR of a tower's groups: ``optim.lr`` times the tower's multiplier (the
+    QA head's: ``optim.head_lr_mult``)."""
+    mults = {"text": float(optim.text_lr_mult), "video": float(optim.video_lr_mult), "loss": 1.0,
+             "head": float(optim.head_lr_mult)}
     return float(optim.lr) * mults[tower]
 
 
