@@ -32,3 +32,20 @@ def test_fit_and_train_share_the_schedule():
     sched = WarmupCosine(warmup_steps=2, max_steps=10, min_lr_ratio=0.05)
     assert [round(sched(s), 6) for s in (0, 1)] == [0.5, 1.0]
     assert sched(10) == pytest.approx(0.05) and sched(6) == pytest.approx(lr_lambda(6, 2, 10, 0.05))
+
+
+def test_qa_head_trains_at_its_own_lr():
+    from regionvlp.train.engine import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = load_config(TINY / "qa_detector.yaml", ["optim.lr=3e-5", "optim.head_lr_mult=3.3333333333333335",
+                                                  "optim.text_lr_mult=0.5", "optim.warmup_steps=0"])
+    model = build_model(cfg)
+    opt, _ = build_optimizer(model, cfg)
+    by_group = {g["group"]: g for g in opt.param_groups}
+    head = [n for g in by_group.values() if g["group"].startswith("head_") for n in g["names"]]
+    assert sorted(head) == sorted(n for n, p in model.named_parameters() if n.startswith("qa_head.") and p.requires_grad)
+    assert by_group["head_decay"]["lr"] == pytest.approx(1e-4) and by_group["head_no_decay"]["lr"] == pytest.approx(1e-4)
+    assert by_group["video_decay"]["lr"] == pytest.approx(3e-5) and by_group["text_decay"]["lr"] == pytest.approx(1.5e-5)
+    assert not any(n.startswith("qa_head.") for g in by_group.values() if not g["group"].startswith("head_")
+                   for n in g["names"])

@@ -94,6 +94,10 @@ def test_qa_samples_decode_bad_ones_skipped_and_counted(tmp_path, minilm_dir):
     assert sorted(x["__key__"][0] for x in train) == ["a", "b"]
     assert sum(sum(x["skipped"].values()) for x in train) == 4
     assert {k for x in train for k in x["skipped"]} == {"bad_qa", "no_qa", "qa_answer_not_in_vocab"}
+    cfg.data.qa_pairs_per_visit = "all"  # every in-vocabulary pair of a clip per visit (DemoVLP's epochs)
+    every = list(build_loader(cfg, "train", training=True))
+    assert sorted((x["__key__"][0], x["question"][0]) for x in every) == [
+        ("a", "how many?"), ("a", "what color is it?"), ("b", "where does it go?")]
 
 
 def test_vocab_deterministic_any_shard_order(qa_shards, tmp_path):
