@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from regionvlp import pathways
 from regionvlp.errors import UserError
+from regionvlp.hub import apply_offline
 from regionvlp.losses import AlignmentLoss, check_loss_config, fp32, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.qa.head import QAHead, predict, qa_loss
@@ -169,6 +170,7 @@ def build_model(cfg) -> DualEncoder:
     """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32; with
     ``qa.enabled`` a :class:`QAModel` (+ the QA head)."""
     check_loss_config(cfg.loss)  # before the (slow) towers are built
+    apply_offline(cfg)  # run.offline: no pretrained piece downloads
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))
     if cfg.qa.enabled:

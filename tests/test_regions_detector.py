@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from regionvlp.errors import UserError
-from regionvlp.detector.detector import build_detector, hub_checkpoint_path, save_detector
+from regionvlp.detector.detector import build_detector, save_detector
+from regionvlp.hub import cache_path
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -74,7 +75,7 @@ def test_pretrained_names_never_download(tmp_path, monkeypatch):
     from torchvision.models import get_model_weights
 
     member = get_model_weights(arch).DEFAULT
-    cached = hub_checkpoint_path(member.url)
+    cached = cache_path(member.url)
     assert cached.is_relative_to(tmp_path)
     cached.parent.mkdir(parents=True)
     src = build_detector(arch, "none")

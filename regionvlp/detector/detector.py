@@ -7,8 +7,11 @@ it separately). ``weights`` is one of
 - ``none``: random init (tests, CPU demo);
 - ``DEFAULT`` or an enum name (``COCO_V1``, ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``):
   torchvision's pretrained weights, read from the torch hub cache
-  (``$TORCH_HOME/hub/checkpoints``). Nothing is ever downloaded here: a missing file is a
-  :class:`UserError` that says where to put it or how to pass a local path;
+  (``$TORCH_HOME/hub/checkpoints``) and downloaded there when missing and online, as
+  torchvision does (:mod:`regionvlp.hub`); offline (``HF_HUB_OFFLINE=1``,
+  ``run.offline: true``) or without a network a missing file is a :class:`UserError`
+  that names the URL, where to put it and how to pass a local path;
+- an ``http(s)://`` URL of such a file: through the same cache and rule;
 - a local checkpoint path: either ``{"arch", "num_classes", "state_dict"}`` (what
   ``save_detector`` and ``regionvlp detector fit`` write) or a plain state_dict.
 
@@ -23,12 +26,12 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from regionvlp.errors import UserError
+from regionvlp.hub import cached_file, is_url
 
 
 TORCHVISION_ARCHS = (
@@ -126,11 +129,6 @@ def _resolve_enum(arch: str, weights: str):
         return None
 
 
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torchvision's ``load_state_dict_from_url`` caches ``url``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
 def _load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -202,6 +200,8 @@ def build_detector(
             torch.manual_seed(RANDOM_INIT_SEED)
             return _construct(arch, num_classes or COCO_NUM_CLASSES, kw)
 
+    if is_url(w):  # a weights file by URL: through the torch hub cache, as torchvision's own
+        w = str(cached_file(w, "model.detector.weights", local="/path/to/detector.pth"))
     path = Path(w).expanduser()
     looks_like_path = path.suffix in (".pt", ".pth", ".bin", ".ckpt") or os.sep in w or path.exists()
     if looks_like_path:
@@ -231,13 +231,7 @@ def build_detector(
             f"model.detector.weights '{w}' is neither a file nor a weights name for {arch} "
             f"(names: {names}; or none, or a local checkpoint path)"
         )
-    cached = hub_checkpoint_path(member.url)
-    if not cached.is_file():
-        raise UserError(
-            f"pretrained weights {type(member).__name__}.{member.name} are not on this machine "
-            f"(expected {cached}) and regionvlp never downloads them; download {member.url} to that path "
-            "(or set TORCH_HOME), or pass a local file with model.detector.weights=/path/to/detector.pth"
-        )
+    cached = cached_file(member.url, "model.detector.weights", local="/path/to/detector.pth")
     weight_classes = len(member.meta["categories"])
     model = _construct(arch, weight_classes, kw)
     _load_into(model, _load_file(cached), str(cached))

@@ -41,6 +41,7 @@ from torch import nn
 from regionvlp.detector.detector import build_detector, detector_kwargs
 from regionvlp.detector.select import cluster_nms, host_ints, top_kept
 from regionvlp.errors import UserError
+from regionvlp.hub import apply_offline
 
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")
@@ -357,6 +358,7 @@ def pad_slots(values: torch.Tensor, k: int) -> torch.Tensor:
 def build_extractor(cfg: Any) -> RegionExtractor:
     """The frozen extractor for ``cfg.model.detector`` (not an nn.Module; call ``.to(device)``)."""
     d = cfg.model.detector
+    apply_offline(cfg)  # run.offline: pretrained detector weights only from the cache
     det = build_detector(d.arch, d.weights, **detector_kwargs(d, size=int(cfg.data.size)))
     return RegionExtractor(det, num_regions=d.num_regions, nms_thresh=d.nms_thresh,
                            score_thresh=d.score_thresh, autocast=d.autocast, selection=str(d.selection),

@@ -37,6 +37,7 @@ from regionvlp.data.decode import sample_indices
 from regionvlp.detector.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
+from regionvlp.hub import apply_offline
 from regionvlp.optim import WarmupCosine, no_decay_names
 
 
@@ -203,6 +204,7 @@ def _build_model(cfg: Any, num_classes: int, trainable_layers: int) -> tuple[tor
     # box head dominates a step at these sizes and a few objects per frame need few samples
     train_kw = {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "box_batch_size_per_image": 64}
     kw = {**detector_kwargs(d, size=int(cfg.data.size)), **train_kw}
+    apply_offline(cfg)  # run.offline: pretrained weights only from the cache
     model = build_detector(d.arch, d.weights, num_classes=num_classes, **kw)
     pretrained = str(d.weights).strip().lower() not in ("none", "", "null", "random")
     frozen = freeze_for_finetune(model, str(d.arch), trainable_layers) if pretrained else None

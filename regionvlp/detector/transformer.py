@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from regionvlp.errors import UserError
+from regionvlp.hub import cached_file, is_url
 from regionvlp.layers import ClsToken, FrameEmbedding
 from regionvlp.outputs import VideoOutput
 
@@ -195,10 +196,14 @@ class RegionTransformer(nn.Module):
 
 
 def vit_state(source: str) -> dict[str, torch.Tensor]:
-    """A ViT's weights: a timm model name (timm's pretrained weights from the local cache; never
-    downloaded when offline) or a local file (``.safetensors``/``.pth``/``.bin``, timm-readable)."""
+    """A ViT's weights: a timm model name (timm's pretrained weights: its cache, downloaded
+    there when online; never when offline), an ``http(s)://`` URL of a weights file (the
+    torch hub cache, :mod:`regionvlp.hub`) or a local file (``.safetensors``/``.pth``/``.bin``,
+    timm-readable)."""
     import timm
 
+    if is_url(source):
+        source = str(cached_file(source, "model.region_transformer.init"))
     path = Path(source).expanduser()
     if path.is_file():
         from timm.models import load_state_dict

@@ -10,13 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp.errors import UserError
+from regionvlp.hub import cached_file, is_url
 
 
 def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 0) -> nn.Module:
     """A timm ``VisionTransformer`` without classifier (``num_classes=0``).
 
-    ``pretrained``: ``none`` (random init), ``timm`` (timm's own weights; needs them in
-    the local cache or a reachable hub), or a path to a local checkpoint file
+    ``pretrained``: ``none`` (random init), ``timm`` (timm's own weights: its cache,
+    downloaded there when online), an ``http(s)://`` URL of a weights file (the torch hub
+    cache, downloaded there when online; :mod:`regionvlp.hub`), or a path to a local checkpoint file
     (``.safetensors``/``.pth``/``.bin``/``.npz`` as timm reads them; position embeddings
     are resampled to ``img_size`` by timm's filter). ``depth > 0`` overrides the number
     of blocks (tiny test/CPU configs).
@@ -48,6 +50,8 @@ def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 
                 "when offline, download them elsewhere and set model.learner.pretrained=/path/to/weights "
                 "(or pretrained=none for random init)") from None
     else:
+        if is_url(pretrained):
+            pretrained = str(cached_file(pretrained, "model.learner.pretrained"))
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise UserError(f"model.learner.pretrained: no checkpoint file at {path} "
