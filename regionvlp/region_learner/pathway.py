@@ -97,6 +97,7 @@ class RegionLearnerPathway(nn.Module):
         self.vit = vit
         self.img_size = int(lcfg.img_size)
         self.max_frames = int(lcfg.max_frames)
+        self.temporal_resize = str(lcfg.temporal_resize)  # init_from: time tables of another frame count
         if self.max_frames < 1:
             raise UserError(f"model.learner.max_frames must be >= 1, got {self.max_frames}")
         dim = vit.embed_dim
@@ -135,7 +136,7 @@ class RegionLearnerPathway(nn.Module):
         by ``train.init_from``: a saved pathway's weights loaded strictly, temporal tables
         resized to ``max_frames``, temporal attention kept at its identity init when the
         source had none (:func:`regionvlp.region_learner.checkpoint.load_pathway_state`)."""
-        load_pathway_state(self, state)
+        load_pathway_state(self, state, temporal=self.temporal_resize)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [B, T, 3, H, W] -> normalised [B*T, 3, S, S] in the model's dtype."""
