@@ -9,9 +9,15 @@
 #   train_detector  bench train: detector pathway, 1 frame, 224 px, bf16 (memory vs loader)
 #   train_learned   bench train: learned pathway, 1 frame, 224 px, bf16
 #   loss            bench loss: the shared loss at B = 256
+#   paper_demovlp, paper_demovlp_ft, paper_regionlearner, paper_regionlearner_ft
+#                   bench train of configs/paper/{demovlp_pretrain,demovlp_finetune_msrvtt,
+#                   regionlearner_pretrain,regionlearner_finetune_msrvtt}.yaml at their own batch,
+#                   frames and sizes (clips/s of the papers' recipes; the DemoVLP ones run the
+#                   detector in the loop at 600 px, the cost of both of its steps per batch;
+#                   weights random: speed does not depend on them)
 # Each line is the benchmark's own JSON (device, dtype, sizes, <variant>_per_s, baseline ...),
 # or {"bench": NAME, "error": ..., "rc": ...} when it failed, so one failure never hides the
-# rest. Per check at most CHECK_TIMEOUT seconds (default 150): under 10 minutes in all.
+# rest. Per check at most CHECK_TIMEOUT seconds (default 150).
 #
 #   --out FILE   where the lines go (default gpu_check.jsonl; appended)
 #   --small      CPU-sized settings on --device cpu (a smoke run of this script, not figures)
@@ -41,7 +47,9 @@ WEIGHTS=${DETECTOR_WEIGHTS:-none}
 TEXT=()
 [ -n "${TEXT_MODEL:-}" ] && TEXT=(--set "model.text.name=$TEXT_MODEL")
 
-NAMES=(regions learner train_detector train_learned loss)
+NAMES=(regions learner train_detector train_learned loss paper_demovlp paper_demovlp_ft paper_regionlearner
+       paper_regionlearner_ft)
+PAPER=configs/paper
 if [ "$SMALL" = 1 ]; then
   declare -A ARGS=(
     [regions]="regions --arch fasterrcnn_tiny --size 64 --batch 2 --iters 1 --warmup 0 --device cpu"
@@ -49,6 +57,10 @@ if [ "$SMALL" = 1 ]; then
     [train_detector]="train --regions detector --device cpu --steps 1 --warmup 1"
     [train_learned]="train --regions learned --device cpu --steps 1 --warmup 1"
     [loss]="loss --batch 16 --regions 8 --words 8 --dim 32 --repeats 1 --device cpu"
+    [paper_demovlp]="train --config $PAPER/tiny/demovlp_pretrain.yaml --device cpu --steps 1 --warmup 1"
+    [paper_demovlp_ft]="train --config $PAPER/tiny/demovlp_finetune_msrvtt.yaml --device cpu --steps 1 --warmup 1"
+    [paper_regionlearner]="train --config $PAPER/tiny/regionlearner_pretrain.yaml --regions learned --device cpu --steps 1 --warmup 1"
+    [paper_regionlearner_ft]="train --config $PAPER/tiny/regionlearner_finetune_msrvtt.yaml --regions learned --device cpu --steps 1 --warmup 1"
   )
 else
   declare -A ARGS=(
@@ -57,6 +69,10 @@ else
     [train_detector]="train --regions detector --device cuda --dtype bf16 --frames 1 --size 224 --steps 5 --set model.detector.weights=$WEIGHTS"
     [train_learned]="train --regions learned --device cuda --dtype bf16 --frames 1 --size 224 --steps 5 --set model.learner.pretrained=none"
     [loss]="loss --batch 256 --device cuda"
+    [paper_demovlp]="train --config $PAPER/demovlp_pretrain.yaml --device cuda --dtype bf16 --steps 3 --warmup 1 --set model.detector.weights=$WEIGHTS --set model.region_transformer.init=none"
+    [paper_demovlp_ft]="train --config $PAPER/demovlp_finetune_msrvtt.yaml --device cuda --dtype bf16 --steps 5 --set model.detector.weights=$WEIGHTS --set train.init_from=none"
+    [paper_regionlearner]="train --config $PAPER/regionlearner_pretrain.yaml --regions learned --device cuda --dtype bf16 --steps 5 --set model.learner.pretrained=none"
+    [paper_regionlearner_ft]="train --config $PAPER/regionlearner_finetune_msrvtt.yaml --regions learned --device cuda --dtype bf16 --steps 5 --set train.init_from=none"
   )
 fi
 
@@ -70,7 +86,7 @@ for name in "${NAMES[@]}"; do
   fi
   # shellcheck disable=SC2206
   cmd=("$PY" -m regionvlp bench ${ARGS[$name]})
-  case "$name" in train_*) cmd+=("${TEXT[@]}") ;; esac
+  case "$name" in train_*|paper_*) cmd+=("${TEXT[@]}") ;; esac
   if [ "$PRINT" = 1 ]; then
     echo "${cmd[*]}"
     continue

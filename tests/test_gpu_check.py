@@ -25,7 +25,7 @@ def test_gpu_commands_parse_with_the_cli():
     proc = _run("--print")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 9
     benches = []
     for line in lines:
         argv = shlex.split(line)
@@ -33,7 +33,11 @@ def test_gpu_commands_parse_with_the_cli():
         args = build_parser().parse_args(argv[3:])  # a wrong flag exits here
         benches.append(argv[4])
         assert getattr(args, "device") == "cuda"
-    assert benches == ["regions", "learner", "train", "train", "loss"]
+    assert benches == ["regions", "learner", "train", "train", "loss"] + ["train"] * 4
+    paper = [build_parser().parse_args(shlex.split(line)[3:]) for line in lines[5:]]
+    assert [Path(a.config).name for a in paper] == ["demovlp_pretrain.yaml", "demovlp_finetune_msrvtt.yaml",
+                                                     "regionlearner_pretrain.yaml", "regionlearner_finetune_msrvtt.yaml"]
+    assert all((ROOT / a.config).is_file() for a in paper) and [a.regions for a in paper][2:] == ["learned"] * 2
     assert "--size 384 --batch 64 --dtype bf16" in lines[0] and "--batch 256" in lines[4]
 
 
