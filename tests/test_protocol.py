@@ -140,3 +140,16 @@ def test_checkpoint_stamp_hashes_what_was_loaded(tmp_path):
     first = checkpoint_stamp("run", tag)["checkpoint_sha256"]
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"b")
     assert checkpoint_stamp("run", tag)["checkpoint_sha256"] != first  # the content, not the names
+
+
+def test_compare_report_prints_each_runs_protocol(tmp_path):
+    from regionvlp.report import RunResult, write_report
+
+    runs = [RunResult(name=n, run_dir=str(tmp_path / n), val=[{"step": 1, "elapsed": 1.0, "t2v_r1": 10.0}],
+                      loss=[(1, 2.0)], final={"t2v_r1": 10.0, "num_videos": 4, "protocol": {
+                          "frames": 8, "rescore": "none", "checkpoint_sha256": f"sha-{n}"}})
+            for n in ("detector", "learned")]
+    write_report(runs, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Protocol" in text and "| checkpoint_sha256 | sha-detector | sha-learned |" in text
+    assert "| frames | 8 | 8 |" in text
