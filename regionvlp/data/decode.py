@@ -10,10 +10,9 @@ one-frame clip, repeated to T frames like any clip with fewer frames than T.
 
 from __future__ import annotations
 
-import os
-
 import io
 import math
+import os
 import random
 import re
 from bisect import bisect_right
@@ -319,22 +318,23 @@ def _pyav_read(container, stream, wanted: Sequence[int], fps: float, short_side:
 
 @lru_cache(maxsize=1)
 def _reformatter(pid: int):
-    """One swscale reformatter per process (``pid``: a forked DataLoader worker makes its
-    own; the parent's can deadlock it): it keeps its scaler context between frames of
-    the same geometry (a fresh one per frame costs more than the scaling)."""
     from av.video.reformatter import VideoReformatter
 
     return VideoReformatter()
+
+
+def reformat(frame, **kwargs):
+    """``frame`` converted on one thread by this process's one reformatter (kept between
+    frames), never PyAV's ``frame.reformat``: its slice threads hang a forked worker."""
+    return _reformatter(os.getpid()).reformat(frame, threads=1, **kwargs)
 
 
 def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
     """``[H, W, 3]`` RGB; swscale scales to ``short_side`` (area filter, antialiased)
     in the same pass as the colour conversion: no full-size RGB frame is made."""
     dims = scaled_dims(frame.width, frame.height, short_side)
-    if dims is None:  # not frame.to_ndarray(format=...): PyAV's own scaler runs slice threads a fork deadlocks
-        return _reformatter(os.getpid()).reformat(frame, format="rgb24", threads=1).to_ndarray()
-    rgb = _reformatter(os.getpid()).reformat(frame, width=dims[0], height=dims[1], format="rgb24", interpolation="AREA", threads=1)
-    return rgb.to_ndarray()
+    size = {} if dims is None else {"width": dims[0], "height": dims[1], "interpolation": "AREA"}
+    return reformat(frame, format="rgb24", **size).to_ndarray()
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional
 
 from tqdm import tqdm
 
-from regionvlp.data.decode import DecodeError, decode_pyav
+from regionvlp.data.decode import DecodeError, decode_pyav, reformat
 from regionvlp.data.output import cut_captions, local_output
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.data.synth import write_sizes
@@ -318,7 +318,7 @@ def reencode(data: bytes, info: dict[str, Any], opts: WriteOptions) -> tuple[byt
             if t + 1e-6 < next_t:  # drop frames to reach out_fps
                 continue
             next_t = (n_out + 1) / float(rate)
-            new = frame.reformat(width=out_w, height=out_h, format="yuv420p")
+            new = reformat(frame, width=out_w, height=out_h, format="yuv420p")
             new.pts, new.time_base = n_out, Fraction(1) / rate
             for packet in out.encode(new):
                 dst.mux(packet)
