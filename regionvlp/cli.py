@@ -212,7 +212,7 @@ def _data_config(args: argparse.Namespace):
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> dict:
-    from regionvlp.data.pipeline import inspect_samples
+    from regionvlp.data.inspect import inspect_samples
 
     return inspect_samples(args.urls, _data_config(args), limit=args.limit, training=args.train, emit=print_json,
                            region_shape=args.config is not None)  # no config: K/F of the first region sample

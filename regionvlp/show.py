@@ -33,13 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regionvlp import data, pathways
-from regionvlp.data import SkipCounter, collate, decode_sample, iter_samples, parse_specs, register_webdataset_handlers
-from regionvlp.data.decode import DecodeError
-from regionvlp.data.pipeline import decode_spec, tar_samples, tokenizer_name
+from regionvlp import pathways
+from regionvlp.data import SkipCounter, iter_samples, parse_specs, register_webdataset_handlers
+from regionvlp.data.loader import batched
+from regionvlp.data.reader import ReadOptions, tar_samples
+from regionvlp.data.samples import decode_spec, decoded, with_frames
 from regionvlp.errors import UserError
 from regionvlp.evaluation import embed_local, load_eval_model
-from regionvlp.evaluation.embed import similarity_matrix
+from regionvlp.evaluation.embed import Tokenize, similarity_matrix
 from regionvlp.model import prepare_batch
 
 MAX_PNG_BYTES = 500_000
@@ -127,12 +128,10 @@ def pick_clips(urls: Sequence[str], cfg: Any, n: int, seed: int, *, pool: int = 
     clips and the skip counts (reason -> count) of the samples that could not be shown."""
     if n < 1:
         raise UserError(f"--clips must be >= 1, got {n}")
-    d = cfg.data
-    shards = parse_specs(list(urls), allow_pipe=bool(d.allow_pipe))
+    shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe))
     register_webdataset_handlers()
     counter = SkipCounter()
-    raw = tar_samples(shards.urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                      allow_pipe=bool(d.allow_pipe), timeout=float(d.read_timeout_s))
+    raw = tar_samples(shards.urls, counter, ReadOptions.of(cfg))
     best: list[tuple[str, int, dict[str, Any]]] = []  # the 2n smallest ranks; top = largest (_neg)
     for i, sample in enumerate(raw):
         if i >= pool:
@@ -152,24 +151,15 @@ def _neg(hexdigest: str) -> str:
     return hexdigest.translate(str.maketrans("0123456789abcdef", "fedcba9876543210"))
 
 
-def _decode_clips(raws: Sequence[dict[str, Any]], cfg: Any, n: int, counter: Any) -> list[Clip]:
+def _decode_clips(raws: Sequence[dict[str, Any]], cfg: Any, n: int, counter: SkipCounter) -> list[Clip]:
+    """The first ``n`` of ``raws`` that decode to frames, decoded as eval does (bad ones counted)."""
     spec = decode_spec(cfg, training=False)
+    spec.decode_device = "cpu"  # a picture needs the pixels here, never JPEGs left for a GPU
     clips: list[Clip] = []
-    for raw in raws:
+    for s in with_frames(decoded(raws, spec, counter, random.Random(0)), counter):
+        clips.append(Clip(key=str(s["__key__"]), caption=str(s["caption"]), frames=s["frames"]))
         if len(clips) == n:
             break
-        try:
-            s = decode_sample(raw, spec, random.Random(0))
-        except DecodeError as err:
-            counter.add(err.reason, key=raw["__key__"], detail=err.detail)
-            continue
-        except Exception as err:  # noqa: BLE001 - a decoder bug on odd input skips the clip
-            counter.add("corrupt_media", key=raw["__key__"], detail=str(err)[:200])
-            continue
-        if "frames" not in s:
-            counter.add("no_frames", key=raw["__key__"], detail="region shard without frames")
-            continue
-        clips.append(Clip(key=str(s["__key__"]), caption=str(s["caption"]), frames=s["frames"]))
     return clips
 
 
@@ -335,35 +325,19 @@ def _thumb(frames: torch.Tensor, side: int) -> np.ndarray:
     return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _batches(urls: Sequence[str], cfg: Any, thumbs: dict[str, np.ndarray], side: int,
-             skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Eval-decoded batches of ``urls``; the middle frame of every clip lands in ``thumbs``,
-    samples without frames are counted in ``skipped``."""
-    size = max(1, int(cfg.data.batch_size))
-    buf: list[dict[str, Any]] = []
+def _batches(urls: Sequence[str], cfg: Any, thumbs: dict[str, np.ndarray], side: int) -> Iterator[dict[str, Any]]:
+    """Eval-decoded batches of ``urls`` (the loader's :func:`~regionvlp.data.loader.batched`,
+    skip counts in each batch's ``skipped``, samples without frames as ``no_frames``);
+    the middle frame of every clip lands in ``thumbs``."""
     stream = iter_samples(list(urls), cfg, training=False)
-    for sample in stream:
-        if "frames" not in sample:  # a region shard: no picture to show
-            skipped["no_frames"] = skipped.get("no_frames", 0) + 1
-            continue
-        thumbs[str(sample["__key__"])] = _thumb(sample["frames"], side)
-        buf.append(sample)
-        if len(buf) == size:
-            yield collate(buf, None, int(cfg.data.max_words))
-            buf = []
-    if buf:
-        yield collate(buf, None, int(cfg.data.max_words))
 
+    def thumbed() -> Iterator[dict[str, Any]]:
+        for sample in with_frames(stream, stream.counter):
+            thumbs[str(sample["__key__"])] = _thumb(sample["frames"], side)
+            yield sample
 
-def _tokenizer(cfg: Any):
-    tok = data.load_tokenizer(tokenizer_name(cfg))
-    max_words = int(cfg.data.max_words)
-
-    def tokenize(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = data.tokenize(tok, captions, max_words)
-        return torch.as_tensor(ids).long(), torch.as_tensor(mask).long()
-
-    return tokenize
+    return batched(thumbed(), max(1, int(cfg.data.batch_size)), drop_last=False, counter=stream.counter,
+                   tokenizer=None, max_words=int(cfg.data.max_words))
 
 
 def rank_clips(loaded: Loaded, urls: Sequence[str], *, max_clips: int = 1000, side: int = 64
@@ -371,11 +345,9 @@ def rank_clips(loaded: Loaded, urls: Sequence[str], *, max_clips: int = 1000, si
     """(embeddings, similarity [Nv, Nt], thumbnails by key) of the first ``max_clips``
     clips of ``urls``, scored as ``regionvlp eval`` scores them."""
     thumbs: dict[str, np.ndarray] = {}
-    no_frames: dict[str, int] = {}
     device = next(loaded.model.parameters()).device
-    emb = embed_local(loaded.model, _batches(urls, loaded.cfg, thumbs, side, no_frames), _tokenizer(loaded.cfg),
+    emb = embed_local(loaded.model, _batches(urls, loaded.cfg, thumbs, side), Tokenize(loaded.cfg),
                       batch_transform=loaded.transform, device=device, limit=max_clips)
-    emb.skipped.update(no_frames)
     if not emb.keys:
         raise UserError(f"no clip with frames to rank in {' '.join(urls)}; check them with `regionvlp shards check`")
     return emb, similarity_matrix(loaded.model, emb, device=device), thumbs

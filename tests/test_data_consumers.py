@@ -45,7 +45,7 @@ def per_rank_keys(spec: str, tokenizer, monkeypatch, *, training: bool, epoch: i
 
 def test_eval_one_shard_two_ranks_two_workers_every_clip_once(few_shards, tokenizer, monkeypatch, caplog):
     spec = str(few_shards / "shard-000.tar")  # 7 clips, 4 consumers
-    with caplog.at_level(logging.WARNING, logger="regionvlp.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="regionvlp.data.loader"):
         keys, _ = per_rank_keys(spec, tokenizer, monkeypatch, training=False)
     seen = keys[0] + keys[1]
     assert Counter(seen) == Counter(f"s0_{i}" for i in range(7))  # each clip exactly once

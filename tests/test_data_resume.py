@@ -13,7 +13,7 @@ import torch
 from data_shards import clip_shards
 from regionvlp.config import load_config
 from regionvlp.data import build_loader
-from regionvlp.data import pipeline
+from regionvlp.data import decode as dec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,8 +74,8 @@ def test_resume_decodes_only_what_comes_after(shard_dir, tokenizer, monkeypatch)
     cfg = cfg_for(str(shard_dir / "shard-{000..002}.tar"), "data.num_workers=0", "data.shuffle_buffer=4")
     full = epoch(cfg, tokenizer)  # 18 clips, batch 2: 9 batches
     calls = []
-    real = pipeline.dec.decode_video
-    monkeypatch.setattr(pipeline.dec, "decode_video", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dec.decode_video
+    monkeypatch.setattr(dec, "decode_video", lambda *a, **k: calls.append(1) or real(*a, **k))
     positions, nxt = resume_after(full, 7, 0)
     rest = epoch(cfg, tokenizer, positions=positions, worker_offset=nxt)
     same(rest, full[7:])

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from regionvlp.config import ConfigError, load_config
-from regionvlp.data.pipeline import SkipCounter, tar_samples
+from regionvlp.data.reader import ReadOptions, tar_samples
+from regionvlp.data.skips import SkipCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,7 +71,7 @@ def test_hung_endpoint_skipped_within_timeout_times_tries(hung_endpoint, monkeyp
     counter = SkipCounter()
     timeout, retries, backoff = 0.4, 1, 0.05
     start = time.perf_counter()
-    got = list(tar_samples([url], counter, retries=retries, backoff=backoff, timeout=timeout))
+    got = list(tar_samples([url], counter, ReadOptions(retries=retries, backoff=backoff, timeout=timeout)))
     took = time.perf_counter() - start
     assert got == [] and counter.skipped == {"unreadable_shard": 1}
     tries = 1 + retries

@@ -9,7 +9,7 @@ import pytest
 from data_shards import clip_shards
 from regionvlp.config import ConfigError, load_config
 from regionvlp.data import build_loader
-from regionvlp.data.pipeline import resolve_num_workers
+from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.text import load_tokenizer
 
 

@@ -233,7 +233,8 @@ def test_batch_jpeg_decode_matches_the_worker_decode():
 
 def test_batch_jpeg_decoder_drops_and_counts_bad_samples(tmp_path, minilm_dir):
     from regionvlp.data.jpeg_batch import BatchJpegDecoder
-    from regionvlp.data.pipeline import DecodeSpec, collate, decode_sample
+    from regionvlp.data.loader import collate
+    from regionvlp.data.samples import DecodeSpec, decode_sample
     from regionvlp.data.text import load_tokenizer
 
     blobs = _frame_jpegs()

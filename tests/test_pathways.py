@@ -49,7 +49,7 @@ def test_model_builds_by_the_registry_entry():
 
 
 def test_loader_checks_the_region_shape_the_entry_names():
-    from regionvlp.data.pipeline import decode_spec
+    from regionvlp.data.samples import decode_spec
 
     det = load_config(TINY / "detector.yaml", ["model.detector.num_regions=7"])
     spec = decode_spec(det, training=False)

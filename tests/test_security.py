@@ -101,7 +101,7 @@ def test_train_cli_out_dir_is_a_file(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------- resolvers
 def test_env_secret_never_saved_or_logged(monkeypatch, tmp_path: Path) -> None:
-    from regionvlp.data.pipeline import SkipCounter
+    from regionvlp.data.skips import SkipCounter
 
     monkeypatch.setenv("SHARD_TOKEN", "s3cr3t-token-value")
     cfg = load_config(None, ['data.train.urls=["https://h/{000..001}.tar?sig=${oc.env:SHARD_TOKEN}"]',
@@ -305,7 +305,7 @@ def test_still_image_frames_are_views_until_the_crop() -> None:
 
     from regionvlp.config import default_config
     from regionvlp.data.decode import DecodeError
-    from regionvlp.data.pipeline import decode_sample, decode_spec
+    from regionvlp.data.samples import decode_sample, decode_spec
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")

@@ -13,7 +13,9 @@ import torch
 
 from regionvlp.bench.common import interleaved_times
 from regionvlp.data import decode as dec
-from regionvlp.data.pipeline import DecodeSpec, SkipCounter, decode_sample, tar_samples
+from regionvlp.data.reader import tar_samples
+from regionvlp.data.samples import DecodeSpec, decode_sample
+from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
 from regionvlp.data.writer import frame_members
 from regionvlp.errors import UserError

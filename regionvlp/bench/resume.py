@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from regionvlp.config import load_config
-from regionvlp.data.pipeline import ClipDataset, ConsumerStream
+from regionvlp.data.loader import ClipDataset, ConsumerStream
 from regionvlp.data.sources import parse_specs
 from regionvlp.errors import UserError
 from regionvlp.runtime import device_name

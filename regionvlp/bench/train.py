@@ -25,7 +25,7 @@ import torch
 from regionvlp import dist, pathways
 from regionvlp.config import load_config
 from regionvlp.data import build_loader
-from regionvlp.data.pipeline import resolve_num_workers
+from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.synth import synth
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch

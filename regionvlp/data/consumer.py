@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from regionvlp.data.sources import ShardList
 
 
 @dataclass
@@ -147,3 +149,32 @@ def position(worker: int, cursor: ReadCursor, shuffle: ShuffleBuffer, blocks: Op
 def consumer_count(world: int, num_workers: int) -> int:
     """Consumers of one split: ranks × DataLoader workers (the main process is one worker)."""
     return world * max(1, num_workers)
+
+
+# ------------------------------------------------------------------ shard order
+def shard_order(urls: Sequence[str], *, seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """The epoch's shard order; identical on every rank (seeded by seed + epoch only)."""
+    urls = list(urls)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(urls)
+    return urls
+
+
+def splits_samples(num_shards: int, world: int, num_workers: int) -> bool:
+    """True when a non-resampled split has fewer shards than consumers (ranks × workers):
+    then every consumer reads every shard and keeps its share of the samples."""
+    return num_shards < consumer_count(world, num_workers)
+
+
+def split_shards(urls: Sequence[str], rank: int, world: int, worker: int, num_workers: int) -> list[str]:
+    """This (rank, worker)'s disjoint share: rank-major, then worker."""
+    return list(urls)[rank::world][worker::num_workers]
+
+
+def resampled_shards(shards: ShardList, rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement: a source by weight, then a shard in it uniformly."""
+    sources = [s for s in shards.sources if s.urls]
+    weights = [s.weight for s in sources]
+    while True:
+        src = rng.choices(sources, weights=weights)[0]
+        yield rng.choice(src.urls)

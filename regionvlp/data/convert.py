@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from regionvlp.data.decode import VIDEO_EXTS
 from regionvlp.data.output import local_output, safe_key
-from regionvlp.data.pipeline import SkipCounter, tar_samples
+from regionvlp.data.reader import ReadOptions, tar_samples
+from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
 from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options, finish_outputs
 from regionvlp.errors import UserError
@@ -72,7 +73,7 @@ def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> 
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            for raw in tar_samples([url], counter, allow_pipe=allow_pipe):
+            for raw in tar_samples([url], counter, ReadOptions(allow_pipe=allow_pipe)):
                 try:
                     members = convert_sample(raw, opts)
                 except SkipItem as err:

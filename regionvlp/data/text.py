@@ -41,6 +41,11 @@ def pick_caption(captions: Sequence[str], *, training: bool, rng: Optional[rando
     return captions[0]
 
 
+def tokenizer_name(cfg) -> str:
+    """The tokenizer a config reads captions with: ``data.tokenizer``, else ``model.text.name``."""
+    return str(cfg.data.tokenizer or cfg.model.text.name)
+
+
 def load_tokenizer(name: str):
     """A transformers tokenizer from a hub name or a local folder (no download when
     ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set). Cached per name, so a loader

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from regionvlp.data import iter_samples
 from regionvlp.data.output import SampleTarWriter, local_output
 from regionvlp.data.regions import regions_npz
+from regionvlp.data.samples import with_frames
 from regionvlp.data.sources import parse_specs
 from regionvlp.data.synth import write_sizes
 from regionvlp.detector.extractor import build_extractor
@@ -50,15 +51,6 @@ def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict
             batch = []
     if batch:
         yield batch
-
-
-def _with_frames(samples: Iterator[dict[str, Any]], skips: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Samples that carry decoded frames; region-shard samples (no frames) are counted as ``no_frames``."""
-    for s in samples:
-        if "frames" in s:
-            yield s
-        else:
-            skips["no_frames"] = skips.get("no_frames", 0) + 1
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -142,19 +134,16 @@ def extract_shard(url: str, tmp: Path, cfg: Any, extractor: Any, record: dict[st
     """Regions of every sample of shard ``url`` into the tar ``tmp``: ``(samples written,
     skips by reason, captions cut)``."""
     stream = iter_samples([url], cfg, training=False)
-    skips: dict[str, int] = {}
     count = 0
     with SampleTarWriter(tmp) as sink:  # plain tarfile: keys made safe, never a shell
-        for batch in _batches(_with_frames(stream, skips), batch_size):
+        for batch in _batches(with_frames(stream, stream.counter), batch_size):
             frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
             regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
             for i, s in enumerate(batch):
                 sink.write(region_sample(s, {k: v[i] for k, v in regions.items()}, record))
             count += len(batch)
             bar.update(len(batch))
-    for k, v in stream.skipped.items():
-        skips[k] = skips.get(k, 0) + int(v)
-    return count, skips, stream.counter.captions_cut
+    return count, stream.skipped, stream.counter.captions_cut
 
 
 def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from regionvlp.data import iter_samples
 from regionvlp.data.decode import sample_indices
+from regionvlp.data.samples import with_frames
 from regionvlp.detector.detector import build_detector, detector_kwargs, freeze_for_finetune, save_detector
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
@@ -103,10 +104,7 @@ def load_frames(urls: Sequence[str], cfg: Any, *, num_frames: int, max_clips: in
     extra: dict[str, int] = {}
     clips = 0
     bar = tqdm(total=max_clips, desc=f"detector fit: reading {desc}", unit="clip", file=sys.stderr, leave=False)
-    for sample in stream:
-        if "frames" not in sample:
-            extra["no_frames"] = extra.get("no_frames", 0) + 1
-            continue
+    for sample in with_frames(stream, stream.counter):
         meta = sample.get("meta") or {}
         clip = sample["frames"]  # [T, 3, S, S] uint8
         total = int(meta.get("num_frames") or 0)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from regionvlp import dist
 from regionvlp.data import load_tokenizer
 from regionvlp.data import tokenize as tokenize_captions
+from regionvlp.data.text import tokenizer_name
 from regionvlp.errors import UserError
 from regionvlp.evaluation.metrics import MC_ANSWER_KEY, MC_OPTIONS_KEY
 from regionvlp.model import CLIP_KEYS, prepare_batch
@@ -143,8 +144,7 @@ class Tokenize:
     """Captions → (input_ids, attention_mask) with the data pipeline's tokenizer."""
 
     def __init__(self, cfg: Any, tokenizer: Any = None):
-        name = cfg.data.tokenizer or cfg.model.text.name
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_name(cfg))
         self.max_words = int(cfg.data.max_words)
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from regionvlp.config import default_config
-from regionvlp.data.pipeline import SkipCounter, tar_samples
 from regionvlp.data.qa import VOCAB_FILE, QAVocab, count_answers, load_vocab, vocab_from_counts
+from regionvlp.data.reader import ReadOptions, tar_samples
+from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
 from regionvlp.errors import UserError
 
@@ -16,12 +17,10 @@ from regionvlp.errors import UserError
 def build_vocab(urls: Sequence[str], top: int, cfg: Any = None) -> QAVocab:
     """One streaming pass over ``urls`` (json members only are parsed)."""
     cfg = cfg if cfg is not None else default_config()
-    d = cfg.data
-    shards = parse_specs(list(urls), allow_pipe=bool(d.allow_pipe))
+    shards = parse_specs(list(urls), allow_pipe=bool(cfg.data.allow_pipe))
     counter = SkipCounter()
     skipped: Counter = Counter()
-    raw = tar_samples(shards.urls, counter, retries=int(d.retries), backoff=float(d.retry_backoff),
-                      allow_pipe=bool(d.allow_pipe))
+    raw = tar_samples(shards.urls, counter, ReadOptions.of(cfg))
     counts, pairs = count_answers(raw, skipped)
     skipped.update(counter.skipped)
     return vocab_from_counts(counts, top, pairs, {k: v for k, v in skipped.items() if v})

@@ -15,7 +15,7 @@ import torch
 
 from regionvlp import dist
 from regionvlp.data import build_loader, epoch_size
-from regionvlp.data.pipeline import resolve_num_workers
+from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.sources import describe_unreadable, parse_specs
 from regionvlp.errors import UserError
 from regionvlp.runtime import add_counts

@@ -1,0 +1,278 @@
+"""The tar reader: shard URLs → tar members → raw samples grouped by key, and where it stands.
+
+    shard urls ─ open (retries, HTTP/S3 Range at the byte reached, unreadable shard skipped)
+      └─ tar members (sizes bounded from the header before reading) ─ grouped by key
+
+A raw sample is ``__key__``, ``__url__``, ``__ref__`` (``[shard, offset, index,
+seekable]``: where it lies, for re-reading by reference) and ext → bytes. The reader
+keeps a :class:`~regionvlp.data.consumer.ReadCursor` on the next sample, so a consumer
+resumed from its position opens each shard at its byte offset (:func:`tar_samples`) and
+re-reads only what it held by reference (:func:`read_refs`). Bad input never raises: an
+unreadable or broken shard and an oversize sample are skipped and counted
+(:class:`~regionvlp.data.skips.SkipCounter`).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from regionvlp.config import DataConfig
+from regionvlp.data.consumer import ReadCursor, SampleShare
+from regionvlp.data.skips import SkipCounter, short_error
+from regionvlp.data.sources import DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, open_shard, scheme_of
+from regionvlp.errors import UserError
+
+
+def _split_name(name: str) -> tuple[Optional[str], str]:
+    """``dir/key.ext.more`` → (``dir/key``, ``ext.more``), as webdataset groups files."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+@dataclass
+class ReadOptions:
+    """How shards are read: retries, backoff, timeout and the per-sample byte bound (``data.*``)."""
+
+    retries: int = 3
+    backoff: float = 0.5
+    allow_pipe: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    max_sample_bytes: Optional[int] = DataConfig.max_sample_bytes
+
+    @classmethod
+    def of(cls, cfg) -> "ReadOptions":
+        d = cfg.data
+        return cls(int(d.retries), float(d.retry_backoff), bool(d.allow_pipe), float(d.read_timeout_s),
+                   int(d.max_sample_bytes))
+
+
+def tar_samples(
+    urls: Iterable[str],
+    counter: SkipCounter,
+    opts: Optional[ReadOptions] = None,
+    *,
+    max_consecutive_failures: Optional[int] = None,
+    share: Optional[SampleShare] = None,
+    cursor: Optional[ReadCursor] = None,
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__``, ``__ref__``, ext → bytes) from tar shards,
+    read as ``opts`` says (default :class:`ReadOptions`; ``ReadOptions.of(cfg)`` for a
+    config's ``data.*``). An unreadable shard is skipped and counted; a tar that breaks
+    off yields what came before. A sample whose members add up to more than
+    ``opts.max_sample_bytes`` (sizes from the tar headers) is skipped as ``oversize``
+    without reading its data. With a ``share``, only its samples are read (``__index__``
+    set); the others' members are passed over by header, unread. ``cursor`` says where
+    to start (a resumed position) and, while iterating, where the next sample begins."""
+    opts = opts if opts is not None else ReadOptions()
+    cursor = cursor if cursor is not None else ReadCursor()
+    failures = 0
+    for pos, url in enumerate(urls):
+        if pos < cursor.shard:  # a resumed position lies past this shard
+            continue
+        start = cursor.offset if pos == cursor.shard else 0
+        cursor.move(pos, start, share)
+        produced = yield from shard_samples(url, pos, start, counter, opts, share=share, cursor=cursor)
+        cursor.move(pos + 1, 0, share)
+        failures = 0 if produced else failures + 1
+        if max_consecutive_failures and failures >= max_consecutive_failures:
+            last = counter.bad[-1]["detail"] if counter.bad and counter.bad[-1]["url"] == url else "no samples"
+            raise UserError(f"{failures} shards in a row gave no samples (last: {url}: {last})")
+
+
+def shard_samples(url: str, pos: int, start: int, counter: SkipCounter, opts: ReadOptions, *,
+                  share: Optional[SampleShare] = None, cursor: Optional[ReadCursor] = None):
+    """The raw samples of shard ``url`` (``pos`` in the consumer's list) from the sample
+    whose first header is at byte ``start``: a seek where the source allows it, else the
+    members before ``start`` are passed over by header. Returns whether any sample came."""
+    try:
+        stream = open_shard(url, retries=opts.retries, backoff=opts.backoff, allow_pipe=opts.allow_pipe,
+                            timeout=opts.timeout, offset=start if start and cursor_seekable(url, cursor) else 0)
+    except (UserError,) + PROGRAMMING_ERRORS:
+        raise
+    except Exception as err:
+        counter.add("unreadable_shard", url=url, detail=short_error(err))
+        return False
+    reader = _ShardReader(url, pos, stream.offset, start, counter, share, cursor)
+    reader.oversize = _Oversize(opts.max_sample_bytes, counter, url)
+    try:
+        yield from reader.samples(_CountingStream(stream))
+    except (UserError,) + PROGRAMMING_ERRORS:
+        raise
+    except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
+        broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or reader.produced
+        what = "corrupt_shard" if broken_tar else "unreadable_shard"
+        counter.add(what, key=(reader.current or {}).get("__key__", ""), url=url, detail=short_error(err))
+    finally:
+        stream.close()
+    return reader.produced
+
+
+def cursor_seekable(url: str, cursor: Optional[ReadCursor]) -> bool:
+    """Whether a position in ``url`` is reached by opening at its byte offset (plain tar
+    from a file, HTTP, S3 or GCS) rather than by passing members over from the start."""
+    return scheme_of(url) != "pipe" and (cursor is None or cursor.seekable)
+
+
+class _ShardReader:
+    """Groups one tar stream's members into samples; keeps the cursor on the next sample."""
+
+    def __init__(self, url: str, pos: int, base: int, skip_to: int, counter: SkipCounter,
+                 share: Optional[SampleShare], cursor: Optional[ReadCursor]) -> None:
+        self.url, self.pos, self.base, self.skip_to = url, pos, base, skip_to
+        self.counter, self.share, self.cursor = counter, share, cursor
+        self.current: Optional[dict[str, Any]] = None
+        self.produced = False
+        self.seekable = True  # False: a compressed tar (offsets count uncompressed bytes)
+        self.oversize = _Oversize(None, counter, url)
+
+    def emit(self) -> dict[str, Any]:
+        if not self.produced:
+            self.produced, self.counter.shards = True, self.counter.shards + 1
+        out, self.current = self.current, None
+        return out
+
+    def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
+        last_key, index = None, None
+        with tarfile.open(fileobj=counted, mode="r|*") as tf:
+            self.seekable = getattr(tf.fileobj, "comptype", "tar") == "tar"
+            if self.cursor is not None and not self.seekable:
+                self.cursor.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
+            for info in tf:
+                key, ext = _split_name(info.name) if info.isreg() else (None, "")
+                where = self.base + info.offset  # the member's first header block in the shard
+                if key is None or key.rpartition("/")[2].startswith("__") or where < self.skip_to:
+                    continue
+                if self.current is not None and self.current["__key__"] != key:
+                    if self.cursor is not None:
+                        self.cursor.move(self.pos, where, self.share)
+                    yield self.emit()
+                if key != last_key:
+                    last_key, index = key, (self.share.take() if self.share is not None else -1)
+                    start = where
+                if index is None:  # another consumer's sample: skipped by its header
+                    continue
+                if self.oversize.skip(key, info.size):
+                    self.current = None
+                    continue
+                data = tf.extractfile(info).read()
+                if self.current is None:
+                    self.current = {"__key__": key, "__url__": self.url, "__ref__": [self.pos, start, index, self.seekable]}
+                    if self.share is not None:
+                        self.current["__index__"] = index
+                self.current[ext] = data
+            problem = _tar_end_problem(counted, tf.offset)
+        if self.current is not None:  # whole files only; a missing caption/media is caught downstream
+            if self.cursor is not None:
+                self.cursor.move(self.pos + 1, 0, self.share)
+            yield self.emit()
+        if problem is not None:
+            raise tarfile.ReadError(problem)
+        if not self.produced:  # a well-formed empty tar (or none of this consumer's samples) still counts as read
+            self.counter.shards += 1
+
+
+class _Oversize:
+    """Per-sample byte budget from tar headers: a sample over it is counted once as
+    ``oversize`` and its remaining members are passed over unread."""
+
+    def __init__(self, limit: Optional[int], counter: SkipCounter, url: str) -> None:
+        self.limit, self.counter, self.url = limit, counter, url
+        self.key: Optional[str] = None  # the sample being measured
+        self.total = 0
+        self.dropped: Optional[str] = None  # key of the sample already skipped
+
+    def skip(self, key: str, size: int) -> bool:
+        if self.limit is None:
+            return False
+        if key != self.key:
+            self.key, self.total = key, 0
+        self.total += int(size)
+        if key == self.dropped:
+            return True
+        if self.total <= self.limit:
+            return False
+        self.dropped = key
+        self.counter.add("oversize", key=key, url=self.url,
+                         detail=f"members declare {self.total} bytes > data.max_sample_bytes={self.limit}")
+        return True
+
+
+class _CountingStream:
+    """Pass-through reader that counts bytes and keeps the last ``keep`` of them, so the
+    end of a tar stream can be checked after :mod:`tarfile` stops reading."""
+
+    def __init__(self, f, keep: int = 1 << 16) -> None:
+        self.f, self.keep = f, keep
+        self.count = 0
+        self.tail = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.count += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.keep:
+            del self.tail[: len(self.tail) - self.keep]
+        return data
+
+
+def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 << 20) -> Optional[str]:
+    """Why a tar that :mod:`tarfile` read "to the end" is in fact cut off or broken: the
+    block at ``end`` (where tarfile stopped) must be a whole zero block. tarfile stops
+    silently on a truncated or garbled header after the first member."""
+    trailing = 0
+    while trailing <= max_trailing:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            break
+        trailing += len(chunk)
+    if trailing > max_trailing:
+        return f"data after the end of the tar archive at byte {end} (garbled header?)"
+    if end + 512 > stream.count:
+        return f"tar cut off inside a header at byte {end} of {stream.count}"
+    start = len(stream.tail) - (stream.count - end)
+    block = bytes(stream.tail[start : start + 512]) if start >= 0 else b""
+    if len(block) < 512 or block.strip(b"\0"):
+        return f"invalid tar header at byte {end}"
+    return None
+
+
+def read_refs(shard_url: Callable[[int], str], refs: Sequence[Sequence], counter: SkipCounter,
+              opts: ReadOptions) -> list[Optional[dict[str, Any]]]:
+    """The raw samples at ``refs`` (``[shard, offset, index, seekable]``, as ``__ref__``
+    records them), in order; None where one cannot be read. A plain tar is opened at each
+    sample's offset; a compressed tar or ``pipe:`` is read once from the start with the
+    other members passed over by header."""
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    by_shard: dict[int, list[Sequence]] = {}
+    for ref in refs:
+        by_shard.setdefault(int(ref[0]), []).append(ref)
+    for pos, group in by_shard.items():
+        url = shard_url(pos)
+        if all(bool(r[3]) for r in group) and cursor_seekable(url, None):
+            for ref in group:
+                gen = shard_samples(url, pos, int(ref[1]), counter, opts)
+                found.update({(pos, int(ref[1])): s for s in [next(gen, None)] if s is not None})
+                gen.close()
+            continue
+        wanted = {int(r[1]) for r in group}
+        for s in shard_samples(url, pos, 0, counter, opts):
+            if s["__ref__"][1] in wanted:
+                found[(pos, s["__ref__"][1])] = s
+                if len(found) == len(wanted):
+                    break
+    out = []
+    for ref in refs:
+        s = found.get((int(ref[0]), int(ref[1])))
+        if s is not None:
+            s["__ref__"] = list(ref)
+            if int(ref[2]) >= 0:
+                s["__index__"] = int(ref[2])
+        out.append(s)
+    return out
+
+
