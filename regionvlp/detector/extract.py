@@ -24,11 +24,10 @@ import torch
 from tqdm import tqdm
 
 from regionvlp.data import iter_samples
-from regionvlp.data.output import SampleTarWriter, local_output
+from regionvlp.data.output import SampleTarWriter, local_output, write_sizes
 from regionvlp.data.regions import regions_npz
 from regionvlp.data.samples import with_frames
 from regionvlp.data.sources import parse_specs
-from regionvlp.data.synth import write_sizes
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
 from regionvlp.runtime import add_counts, resolve_device
@@ -135,7 +134,7 @@ def extract_shard(url: str, tmp: Path, cfg: Any, extractor: Any, record: dict[st
     skips by reason, captions cut)``."""
     stream = iter_samples([url], cfg, training=False)
     count = 0
-    with SampleTarWriter(tmp) as sink:  # plain tarfile: keys made safe, never a shell
+    with SampleTarWriter(tmp) as sink:  # keys made safe, the file opened here: never a shell
         for batch in _batches(with_frames(stream, stream.counter), batch_size):
             frames = torch.stack([s["frames"] for s in batch])  # [B, T, 3, H, W] uint8
             regions = {k: v.cpu() for k, v in extractor(frames).items()}  # one copy per batch
