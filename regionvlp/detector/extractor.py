@@ -49,15 +49,10 @@ SELECTIONS = ("region", "stock")
 MIN_BOX = 1e-2  # final boxes thinner than this are dropped, as torchvision's postprocess_detections
 
 
-def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[..., 4] boxes clipped to an image of (h, w)."""
-    h, w = size
-    return torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
-                        boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
-
-
 def big_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
-    """[..., 4] -> [...] bool: both sides >= min_size (``remove_small_boxes``)."""
+    """[..., 4] -> [...] bool: both sides >= min_size, ``torchvision.ops.remove_small_boxes``'s
+    rule as a mask: that function returns the kept indices of [N, 4] boxes (a ``nonzero``,
+    a host sync per call, and varying shapes), where the extractor keeps fixed shapes."""
     return ((boxes[..., 2:] - boxes[..., :2]) >= min_size).all(dim=-1)
 
 
@@ -204,6 +199,7 @@ class RegionExtractor:
         """RPN proposals of all frames: (boxes [N, P, 4] fp32, valid [N, P], layout), the
         stock RPN's filtering done per (frame, level) row at once."""
         from torchvision.models.detection.rpn import concat_box_prediction_layers
+        from torchvision.ops import clip_boxes_to_image
 
         rpn, n = self.detector.rpn, x.shape[0]
         self.level_names = list(feats.keys())
@@ -218,7 +214,7 @@ class RegionExtractor:
             offset += count
         top = torch.cat(top, dim=1)  # [N, S]
         boxes = rpn.box_coder.decode_single(gather_rows(dlt, top).reshape(-1, 4), lay.anchors[top].reshape(-1, 4))
-        boxes = clip_boxes(boxes.view(n, -1, 4), size)  # [N, S, 4]
+        boxes = clip_boxes_to_image(boxes.view(n, -1, 4), size)  # [N, S, 4]
         prob = torch.sigmoid(obj.gather(1, top))  # [N, S]
         ok = big_enough(boxes, rpn.min_size) & (prob >= rpn.score_thresh)
         num_levels, width = lay.slots.shape
@@ -261,12 +257,14 @@ class RegionExtractor:
                       size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """``region`` rule: max non-background class per proposal, class-agnostic NMS, top K.
         -> boxes [N, K', 4], scores [N, K'], labels [N, K'], real [N, K']."""
+        from torchvision.ops import clip_boxes_to_image
+
         n, p = pvalid.shape
         conf, cls = prob[..., 1:].max(-1)  # [N, P]
         label = cls + 1
         deltas = reg.gather(2, label[..., None, None].expand(n, p, 1, 4)).squeeze(2)  # [N, P, 4]
         coder = self.detector.roi_heads.box_coder
-        boxes = clip_boxes(coder.decode_single(deltas.reshape(-1, 4), props.reshape(-1, 4)).view(n, p, 4), size)
+        boxes = clip_boxes_to_image(coder.decode_single(deltas.reshape(-1, 4), props.reshape(-1, 4)).view(n, p, 4), size)
         valid = pvalid & (conf > self.score_thresh) & big_enough(boxes, MIN_BOX)
         kept = cluster_nms(boxes, conf, valid, self.nms_thresh)
         idx, real = top_kept(conf, kept, self.num_regions)
@@ -277,10 +275,12 @@ class RegionExtractor:
         """``stock`` rule (``postprocess_detections``): every (proposal, class) candidate, per-class
         NMS, top K, among each frame's ``window`` best candidates. Returns the ``region`` outputs
         plus ``short`` [] bool: some frame kept < K while it had more candidates than the window."""
+        from torchvision.ops import clip_boxes_to_image
+
         n, p, c = prob.shape
         coder = self.detector.roi_heads.box_coder
         boxes = coder.decode_single(reg.reshape(n * p, -1), props.reshape(-1, 4)).view(n, p, c, 4)
-        boxes = clip_boxes(boxes[:, :, 1:], size).reshape(n, -1, 4)  # [N, P*(C-1), 4]
+        boxes = clip_boxes_to_image(boxes[:, :, 1:], size).reshape(n, -1, 4)  # [N, P*(C-1), 4]
         scores = prob[..., 1:].reshape(n, -1)  # [N, P*(C-1)]
         labels = torch.arange(1, c, device=prob.device).repeat(p)[None].expand(n, -1)
         valid = (pvalid[..., None].expand(n, p, c - 1).reshape(n, -1) & (scores > self.score_thresh)
