@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from regionvlp import dist
 from regionvlp.errors import UserError
 from regionvlp.outputs import TextOutput, VideoOutput
+from regionvlp.runtime import get_autocast
 
 
 # ----------------------------------------------------------- region-word scores
@@ -91,12 +92,6 @@ def _chunk_grad_s(z, rm, tm, g_vt, g_tv) -> torch.Tensor:
     return grad
 
 
-def fp32(x: torch.Tensor):
-    """A region with autocast off on ``x``'s device: its matmuls run in the dtype of their
-    inputs (fp32 here), whatever autocast the caller runs under."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def widen(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32 when it is in a narrower float type (fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -110,7 +105,7 @@ class _RegionWordScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, rm, t, tm, tau: float, chunk: int, v2t: bool, t2v: bool):
-        with fp32(r):
+        with get_autocast("fp32", r.device.type)():
             return _RegionWordScores.scores(ctx, widen(r), rm, widen(t), tm, tau, chunk, v2t, t2v)
 
     @staticmethod
@@ -133,7 +128,7 @@ class _RegionWordScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vt, g_tv):
         r = ctx.saved_tensors[0]
-        with fp32(r):
+        with get_autocast("fp32", r.device.type)():
             return _RegionWordScores.grads(ctx, None if g_vt is None else widen(g_vt),
                                            None if g_tv is None else widen(g_tv))
 
@@ -264,7 +259,7 @@ class AlignmentLoss(nn.Module):
     def forward(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:
         # the loss runs in fp32 whatever the towers ran in, with autocast off: under
         # autocast a `.float()` alone is recast to bf16 by the matmul (the ranking is lost)
-        with fp32(video.cls):
+        with get_autocast("fp32", video.cls.device.type)():
             return self.terms(video, text)
 
     def terms(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:

@@ -13,8 +13,9 @@ import os
 import platform
 import resource
 import sys
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -66,11 +67,25 @@ def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype
     return out
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """Autocast to ``dtype`` on ``device``; a no-op context for fp32."""
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                 "fp32": torch.float32, "none": None}
+
+
+def get_autocast(precision: torch.dtype | str | None, device_type: str) -> Callable[[], AbstractContextManager]:
+    """The one autocast helper (open_clip's ``get_autocast``): a context factory for
+    ``with get_autocast(precision, device.type)():``.
+
+    ``precision`` is a dtype or its name (``bf16`` | ``fp16`` | ``fp32`` | ``none``):
+    bf16 / fp16 autocast to it on ``device_type``; fp32 turns autocast off, so the region
+    runs in its inputs' dtype whatever autocast the caller runs under; None / ``none``
+    leaves the caller's autocast (if any) as it is.
+    """
+    dtype = AUTOCAST_DTYPES[precision] if isinstance(precision, str) else precision
+    if dtype is None:
+        return nullcontext
     if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return partial(torch.autocast, device_type=device_type, enabled=False)
+    return partial(torch.autocast, device_type=device_type, dtype=dtype)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
