@@ -93,6 +93,42 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+# ------------------------------------------------------------------------ weights
+def _keys(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def weights_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> UserError:
+    """One line: ``what: missing keys: …; unexpected keys: …; shape mismatch (checkpoint vs
+    model): …`` (the parts that are not empty)."""
+    parts = [f"{label}: {_keys(keys)}" for label, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("shape mismatch (checkpoint vs model)", mismatched)) if keys]
+    return UserError(f"{what}: {'; '.join(parts)}")
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, *,
+                      allow_missing: tuple[str, ...] = ()) -> None:
+    """The one strict weight loader: every key of ``model`` from ``state`` by name and
+    shape, after the modules' own load hooks (which may rename keys of older
+    checkpoints). Only missing keys starting with an ``allow_missing`` prefix may stay at
+    their init. Otherwise :class:`UserError` (:func:`weights_mismatch`) naming the keys;
+    ``what`` says which weights into what, e.g. ``"train.init_from=X does not match …"``."""
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise weights_mismatch(what, [], [], mismatched)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch behind a load hook's renamed key
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise weights_mismatch(what, [], [], lines or [str(err).splitlines()[0]]) from None
+    missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
+    if missing or result.unexpected_keys:
+        raise weights_mismatch(what, missing, list(result.unexpected_keys), [])
+
+
 # ------------------------------------------------------------------------- memory
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc)."""
