@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp import dist
-from regionvlp.errors import UserError
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.runtime import get_autocast
 
@@ -195,18 +194,6 @@ def _pad_dim1(x: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor
     return F.pad(x, (0, 0, 0, n - x.shape[1])), F.pad(mask, (0, n - mask.shape[1]), value=False)
 
 
-def check_loss_config(cfg) -> None:
-    """Values of the ``loss:`` section the schema's types cannot rule out."""
-    if int(cfg.chunk_size) < 1:
-        raise UserError(f"config key 'loss.chunk_size' must be >= 1, got {cfg.chunk_size}")
-    if float(cfg.min_temperature) <= 0:
-        raise UserError(f"config key 'loss.min_temperature' must be > 0, got {cfg.min_temperature}")
-    if float(cfg.local_weight) < 0:
-        raise UserError(f"config key 'loss.local_weight' must be >= 0, got {cfg.local_weight}")
-    if float(cfg.temperature) <= 0 or float(cfg.align_temperature) <= 0:
-        raise UserError("config keys 'loss.temperature' and 'loss.align_temperature' must be > 0")
-
-
 class AlignmentLoss(nn.Module):
     """Global InfoNCE + lambda * region-word alignment, batch-global across ranks.
 
@@ -219,7 +206,6 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        check_loss_config(cfg)
         self.align_temperature = float(cfg.align_temperature)
         self.local_weight = float(cfg.local_weight)
         self.chunk_size = int(cfg.chunk_size)

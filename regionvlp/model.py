@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from regionvlp import pathways
 from regionvlp.errors import UserError
 from regionvlp.hub import apply_offline
-from regionvlp.losses import AlignmentLoss, check_loss_config, region_word_scores
+from regionvlp.losses import AlignmentLoss, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.qa.head import QAHead, predict, qa_loss
 from regionvlp.runtime import get_autocast, to_device
@@ -169,7 +169,6 @@ def build_pathway(cfg) -> nn.Module:
 def build_model(cfg) -> DualEncoder:
     """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32; with
     ``qa.enabled`` a :class:`QAModel` (+ the QA head)."""
-    check_loss_config(cfg.loss)  # before the (slow) towers are built
     apply_offline(cfg)  # run.offline: no pretrained piece downloads
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))

@@ -45,7 +45,6 @@ from regionvlp.runtime import get_autocast
 
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")
-SELECTIONS = ("region", "stock")
 MIN_BOX = 1e-2  # final boxes thinner than this are dropped, as torchvision's postprocess_detections
 
 
@@ -112,8 +111,6 @@ class RegionExtractor:
     def __init__(self, detector: nn.Module, num_regions: int = 30, nms_thresh: float = 0.5,
                  score_thresh: float = 0.0, autocast: str = "bf16", channels_last: bool = True,
                  arch: str = "", weights: str = "", selection: str = "region") -> None:
-        if selection not in SELECTIONS:
-            raise UserError(f"model.detector.selection is {selection!r}; choose one of {', '.join(SELECTIONS)}")
         self.detector = detector
         self.num_regions = int(num_regions)
         self.nms_thresh = float(nms_thresh)

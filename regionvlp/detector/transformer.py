@@ -45,8 +45,6 @@ def make_block(dim: int, heads: int, mlp_ratio: float, dropout: float) -> nn.Mod
     on attention weights, after the attention projection, inside and after the MLP."""
     from timm.models.vision_transformer import Block
 
-    if dim % heads:
-        raise UserError(f"model.region_transformer.hidden ({dim}) must be divisible by heads ({heads})")
     return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
 
 
