@@ -34,6 +34,7 @@ from regionvlp.config import load_config, to_yaml
 from regionvlp.data.qa import VOCAB_FILE, load_vocab
 from regionvlp.detector.weights import WEIGHTS_FILE, load_extractor_weights
 from regionvlp.errors import UserError
+from regionvlp.runtime import load_state_strict
 from regionvlp.model import DualEncoder, build_batch_transform, build_model
 
 
@@ -243,10 +244,7 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu", tag: st
     cfg = read_config(run_dir / "config.yaml")
     state = consolidated_state_dict(ckpt_dir, tag)  # refuses an unsafe file before any model is built
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt_dir / tag} does not match {run_dir / 'config.yaml'}: "
-                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_state_strict(model, state, f"checkpoint {ckpt_dir / tag} does not match {run_dir / 'config.yaml'}")
     model.to(device).eval()
     attach_qa_vocab(model, run_dir)
     if not extractor:
@@ -319,7 +317,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEnco
     if cfg.qa.enabled:
         cfg.qa.vocab = str(path / VOCAB_FILE)
     model = build_model(cfg)
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    load_state_strict(model, load_file(str(path / "model.safetensors")),
+                      f"{path / 'model.safetensors'} does not match {path / 'config.yaml'}")
     model.to(device).eval()
     attach_qa_vocab(model, path)
     return attach_extractor(model, cfg, path, device)

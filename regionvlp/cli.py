@@ -12,6 +12,7 @@ heavy libraries they need themselves so ``regionvlp --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable
 
@@ -54,6 +55,69 @@ _positive_int = _int_at_least(1)
 _count = _int_at_least(0)
 
 
+# --------------------------------------------------------------------- overrides
+# One style for every command: ``key=value`` config overrides after the command's own
+# arguments (``--set key=value`` is accepted as an alias). Where a command's positionals
+# are shard URLs, a token is an override when the text before its first ``=`` is a
+# dotted config key (letters, digits and ``_``, parts joined by ``.``, e.g.
+# ``data.num_frames=8``); anything else (``shards/{0..9}.tar``, ``s3://b/k=v.tar``) is
+# a URL. A local shard whose name looks like a key (``a=1.tar``) is given as ``./a=1.tar``.
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def is_override(token: str) -> bool:
+    """``token`` is a ``key=value`` config override (see the rule above)."""
+    return OVERRIDE.match(token) is not None
+
+
+def split_overrides(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """``(urls, overrides)`` of a positional list that mixes shard URLs and overrides."""
+    return [t for t in tokens if not is_override(t)], [t for t in tokens if is_override(t)]
+
+
+def _add_overrides(p: argparse.ArgumentParser, urls: tuple[str, ...] = (), tail: str | None = None,
+                   positional: bool | None = None) -> None:
+    """Config overrides for ``p``: trailing ``key=value`` (a positional unless the command's
+    positionals are a URL list, ``positional`` says otherwise by default), split out of the
+    lists named in ``urls`` (URLs, run dirs; the first ends with the positional ``tail`` when
+    set), and ``--set key=value``."""
+    if positional if positional is not None else not urls:
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides after the command's own arguments (also --set key=value)")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="the same as a trailing key=value (repeatable)")
+    p.set_defaults(url_args=urls, url_tail=tail)
+
+
+def _split_url_args(args: argparse.Namespace) -> list[str]:
+    """The overrides in the command's URL lists, which keep only their URLs."""
+    found: list[str] = []
+    for i, name in enumerate(args.url_args):
+        if getattr(args, name) is None:
+            continue
+        tail = args.url_tail if i == 0 else None
+        urls, more = split_overrides(list(getattr(args, name)) + ([getattr(args, tail)] if tail else []))
+        found += more
+        if tail:
+            if len(urls) < 2:
+                raise UserError(f"give shard URLS and then {tail.upper()} (then key=value overrides)")
+            urls, last = urls[:-1], urls[-1]
+            setattr(args, tail, last)
+        setattr(args, name, urls)
+    return found
+
+
+def _collect_overrides(args: argparse.Namespace, extras: list[str]) -> list[str]:
+    """``args.overrides`` from every place they may stand; returns the extras that are not
+    overrides (argparse leaves a trailing ``key=value`` after an option unparsed)."""
+    if not hasattr(args, "set_overrides"):
+        return extras
+    found = list(getattr(args, "overrides", None) or []) + _split_url_args(args)
+    found += [t for t in extras if is_override(t)]
+    args.overrides = found + list(args.set_overrides)
+    return [t for t in extras if not is_override(t)]
+
+
 # ------------------------------------------------------------------------ config
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from regionvlp.config import load_config, to_yaml
@@ -71,7 +135,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show = csub.add_parser("show", help="print the resolved config (YAML + overrides; "
                                         "environment reads stay ${oc.env:NAME})")
     show.add_argument("config", help="YAML run config")
-    show.add_argument("overrides", nargs="*", help="key=value overrides")
+    _add_overrides(show)
     show.set_defaults(func=_cmd_config_show)
 
 
@@ -150,7 +214,7 @@ def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
 def _cmd_shards_check(args: argparse.Namespace) -> dict:
     from regionvlp.data.check import check_shards
 
-    result = check_shards(args.urls, config=args.config, overrides=args.overrides or [],
+    result = check_shards(args.urls, config=args.config, overrides=args.overrides,
                           max_bad_keys=args.max_bad_keys, allow_pipe=args.allow_pipe)
     if args.strict and not result["ok"]:
         print_json(result)
@@ -190,8 +254,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     c = ssub.add_parser("check", help="decode every sample as training would; report good/bad counts and bad keys")
     c.add_argument("urls", nargs="+", help="shard specs (brace patterns allowed)")
     c.add_argument("--config", default=None, help="run config whose data section (frames, size, backend) to use")
-    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="config override, e.g. --set data.num_frames=8 (repeatable)")
+    _add_overrides(c, urls=("urls",))
     c.add_argument("--max-bad-keys", type=_count, default=1000, help="list at most this many bad keys")
     c.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     c.add_argument("--strict", action="store_true", help="exit 1 (after the JSON) when anything is bad")
@@ -205,7 +268,7 @@ def _data_config(args: argparse.Namespace):
 
     flags = [f"data.{key}={value}" for key, value in (("num_frames", args.frames), ("size", args.size),
                                                       ("backend", args.backend)) if value is not None]
-    cfg = load_config(args.config, list(args.overrides or []) + flags)  # flags checked like config values
+    cfg = load_config(args.config, list(args.overrides) + flags)  # flags checked like config values
     if args.allow_pipe:
         cfg.data.allow_pipe = True
     return cfg
@@ -224,8 +287,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_positive_int, default=None, help="output side in pixels (default: data.size)")
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default=None, help="video decoder (default: data.backend)")
     p.add_argument("--config", default=None, help="run config whose data section to start from")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="config override, e.g. --set data.eval_sampling=first (repeatable)")
+    _add_overrides(p, urls=("urls",))
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
 
 
@@ -291,7 +353,7 @@ def _cmd_regions_extract(args: argparse.Namespace) -> dict:
     from regionvlp.config import load_config
     from regionvlp.detector.extract import extract_regions
 
-    cfg = load_config(args.config, args.overrides or [])
+    cfg = load_config(args.config, args.overrides)
     return extract_regions(cfg, args.urls, args.out, batch_size=args.batch, device=args.device)
 
 
@@ -304,8 +366,7 @@ def _add_regions(sub: argparse._SubParsersAction) -> None:
     e.add_argument("out", help="output folder (one region shard per input shard, sizes.json, extract.json)")
     e.add_argument("--batch", type=_positive_int, default=None, help="clips per extractor pass (default: data.batch_size)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: run.device")
-    e.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="config override (repeatable), e.g. --set model.detector.weights=/path/det.pth")
+    _add_overrides(e, urls=("urls",), tail="out")
     e.set_defaults(func=_cmd_regions_extract)
 
 
@@ -347,7 +408,7 @@ def _cmd_train(args: argparse.Namespace) -> dict | None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a dual encoder (single process, or under deepspeed/torchrun)")
     p.add_argument("config", help="YAML run config (e.g. configs/tiny/detector.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    _add_overrides(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
@@ -371,7 +432,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> dict:
 
     return bench_train(args.config, regions=args.regions, device=args.device, batch=args.batch,
                        frames=args.frames, size=args.size, steps=args.steps, warmup=args.warmup,
-                       dtype=args.dtype, urls=args.urls, overrides=args.overrides or [])
+                       dtype=args.dtype, urls=args.urls, overrides=args.overrides)
 
 
 def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
@@ -388,7 +449,7 @@ def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_count, default=2, help="untimed steps per variant")
     p.add_argument("--urls", nargs="*", default=None, help="shards for the loader variant (default: synth clips "
                                                           "written to a temp folder)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    _add_overrides(p, urls=("urls",), positional=True)
     p.set_defaults(func=_cmd_bench_train)
 
 
@@ -416,7 +477,7 @@ def _cmd_bench_learner(args: argparse.Namespace) -> dict:
 
     flags = {k: getattr(args, k) for k in FLAG_KEYS if k != "embed_dim"}
     return bench_learner(args.config, batch=args.batch, device=args.device, dtype=args.dtype, iters=args.iters,
-                         warmup=args.warmup, overrides=args.overrides or [], **flags)
+                         warmup=args.warmup, overrides=args.overrides, **flags)
 
 
 def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
@@ -440,7 +501,7 @@ def _add_bench_learner(bsub: argparse._SubParsersAction) -> None:
                    help="temporal attention before each block (default: the config's, true when shipped)")
     p.add_argument("--iters", type=_positive_int, default=5, help="timed steps per variant (median)")
     p.add_argument("--warmup", type=_count, default=2)
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_bench_learner)
 
 
@@ -495,19 +556,10 @@ def _eval_options(parser: argparse.ArgumentParser, required: bool) -> None:
 def _cmd_eval(args: argparse.Namespace) -> dict | None:
     from regionvlp.evaluation import run_eval
 
-    # options may follow the key=value overrides (`eval CONFIG --checkpoint DIR k=v`): the
-    # overrides positional takes the rest of the line, its options are parsed here
-    later = argparse.ArgumentParser(prog="regionvlp eval", add_help=False)
-    _eval_options(later, required=False)
-    more, overrides = later.parse_known_args(args.overrides)
-    bad = [o for o in overrides if o.startswith("-")]
-    if bad:
-        raise UserError(f"eval: unknown option {bad[0]} (see regionvlp eval --help)")
-    checkpoint = more.checkpoint or args.checkpoint
-    if checkpoint is None:
+    if args.checkpoint is None:
         raise UserError("eval needs --checkpoint DIR (a training run dir, a checkpoint folder or an export dir)")
-    return run_eval(args.config, checkpoint, overrides, split=more.split or args.split or "val",
-                    cache_dir=more.cache or args.cache, limit=more.limit or args.limit)
+    return run_eval(args.config, args.checkpoint, args.overrides, split=args.split or "val", cache_dir=args.cache,
+                    limit=args.limit)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -517,7 +569,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                    "gives the data. Runs under torchrun/deepspeed too (each clip counted once).")
     p.add_argument("config", help="YAML config naming the eval shards (data.val.urls), e.g. configs/downstream/*.yaml")
     _eval_options(p, required=False)
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value config overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -546,7 +598,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--learned", metavar="CONFIG", help="config of the learned pathway (= --config learned=CONFIG)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="two or more finished run directories instead of "
                                                                 "training")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every config")
+    _add_overrides(p, urls=("runs",), positional=True)  # applied to every config
     p.set_defaults(func=_cmd_compare)
 
 
@@ -575,23 +627,12 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------- detector
-def _split_urls_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    """``URLS [key=value ...]``: a bare ``key=value`` (no ``/`` or ``:`` before the ``=``) is an override."""
-    urls, overrides = [], []
-    for item in items:
-        key = item.split("=", 1)[0]
-        is_override = "=" in item and key and not any(c in key for c in "/:{")
-        (overrides if is_override else urls).append(item)
-    return urls, overrides
-
-
 def _cmd_detector_fit(args: argparse.Namespace) -> dict:
     from regionvlp.config import load_config
     from regionvlp.detector.fit import fit_detector
 
-    urls, overrides = _split_urls_overrides(args.urls)
-    cfg = load_config(args.config, overrides)
-    return fit_detector(cfg, urls, out=args.out, val_urls=args.val_urls, steps=args.steps,
+    cfg = load_config(args.config, args.overrides)
+    return fit_detector(cfg, args.urls, out=args.out, val_urls=args.val_urls, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, num_frames=args.frames,
                         max_clips=args.max_clips, val_clips=args.val_clips, num_classes=args.num_classes,
                         trainable_layers=args.trainable_layers)
@@ -608,6 +649,7 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
                     "measures box recall at IoU 0.5 of the frozen extractor's top-K boxes on the val shards.")
     fit.add_argument("config", help="YAML run config (model.detector.*, data.size, data.num_frames)")
     fit.add_argument("urls", nargs="+", metavar="URLS", help="training shards, then optional key=value overrides")
+    _add_overrides(fit, urls=("urls", "val_urls"))
     fit.add_argument("--val-urls", nargs="+", default=None, metavar="URL",
                      help="shards for box recall (default: data.val.urls)")
     fit.add_argument("--out", default=None, help="checkpoint path (default: RUN_OUT_DIR/detector.pt)")
@@ -640,7 +682,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "Settings come from configs/demo/*.yaml (demo.yaml holds the demo's own sizes).")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--config-dir", default=None, help="folder with detector.yaml, learned.yaml (default configs/demo)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both pathways' configs")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -679,11 +721,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        extras = _collect_overrides(args, extras)
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as exc:
         if exc.code == 2:  # a usage error, already printed as one line by _Parser.error
             return 2
         raise
+    except UserError as err:
+        print(f"regionvlp: error: {err}", file=sys.stderr)
+        return 2
     from regionvlp.runtime import json_stdout
 
     try:

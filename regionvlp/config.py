@@ -14,10 +14,8 @@ differs.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -26,7 +24,23 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from regionvlp import pathways
-from regionvlp.errors import UserError
+from regionvlp.errors import ConfigError
+from regionvlp.resolvers import mask_secrets
+
+
+# ------------------------------------------------------------ declared checks
+# Every bound and choice is declared on its field (``metadata``) and checked once, by
+# :func:`validate` at load; the code that reads a value does not check it again.
+def bounded(default: Any, lo: Optional[float] = None, hi: Optional[float] = None, *,
+            lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A number field within ``[lo, hi]`` (``lo_open`` / ``hi_open``: the bound itself is
+    not allowed; None: no bound). An Optional field may also be null."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def choice(*choices: str, default: Optional[str] = None) -> Any:
+    """A string field that must be one of ``choices`` (default: the first)."""
+    return field(default=choices[0] if default is None else default, metadata={"choices": choices})
 
 
 # --------------------------------------------------------------------------- data
@@ -36,7 +50,7 @@ class SplitConfig:
     sources with optional ``@weight``, local / http(s) / s3 / gs / pipe:)."""
 
     urls: List[str] = field(default_factory=list)
-    samples_per_epoch: Optional[int] = None  # None: read sizes.json beside the shards
+    samples_per_epoch: Optional[int] = bounded(None, lo=1)  # None: read sizes.json beside the shards
 
 
 @dataclass
@@ -44,26 +58,26 @@ class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     test: SplitConfig = field(default_factory=SplitConfig)  # `regionvlp eval --split test`; never read in training
-    num_frames: int = 4  # T frames per clip
-    size: int = 224  # output H = W
-    train_sampling: str = "random_segment"  # random_segment | uniform | first | keyframe
-    eval_sampling: str = "uniform"
-    backend: str = "auto"  # auto | decord | pyav
-    decode_device: str = "cpu"  # cpu: workers decode everything | cuda: frame-shard JPEGs decoded per batch on the GPU
-    batch_size: int = 8  # per rank
+    num_frames: int = bounded(4, lo=1, hi=1024)  # T frames per clip
+    size: int = bounded(224, lo=1, hi=8192)  # output H = W
+    train_sampling: str = choice("random_segment", "uniform", "first", "keyframe")
+    eval_sampling: str = choice("random_segment", "uniform", "first", default="uniform")
+    backend: str = choice("auto", "decord", "pyav")
+    decode_device: str = choice("cpu", "cuda")  # cpu: workers decode everything | cuda: frame-shard JPEGs decoded per batch on the GPU
+    batch_size: int = bounded(8, lo=1)  # per rank
     num_workers: Any = 2  # DataLoader workers per rank, or "auto": cores per local rank, minus one
-    shuffle_buffer: int = 1000  # samples; 0 disables
+    shuffle_buffer: int = bounded(1000, lo=0)  # samples; 0 disables
     resampled: bool = False  # True: sample shards with replacement, with_epoch per rank
-    qa_pairs_per_visit: str = "one"  # QA training: one pair drawn per clip visit | all: every pair of the clip
+    qa_pairs_per_visit: str = choice("one", "all")  # QA training: one pair drawn per clip visit | all: every pair of the clip
     allow_pipe: bool = False  # pipe: URLs run shell commands; off unless asked for
-    max_words: int = 32  # token ids per caption, [CLS]/[SEP] included
+    max_words: int = bounded(32, lo=2, hi=4096)  # token ids per caption, [CLS]/[SEP] included
     tokenizer: Optional[str] = None  # None: the text tower's model.text.name
-    retries: int = 3  # transient read errors per shard
-    retry_backoff: float = 0.5  # seconds, doubled each retry
-    max_sample_bytes: int = 512 * 1024 * 1024  # one sample's tar members (from the headers); larger: skipped, oversize
-    max_image_pixels: int = 4096 * 4096  # a still image's width x height, before decoding; larger: skipped, oversize
-    max_caption_chars: int = 2000  # longer captions are cut (counted as captions_cut)
-    read_timeout_s: float = 60.0  # http(s)/s3/gs: seconds to connect and between bytes; each timeout is one retry
+    retries: int = bounded(3, lo=0, hi=100)  # transient read errors per shard
+    retry_backoff: float = bounded(0.5, lo=0, hi=3600)  # seconds, doubled each retry
+    max_sample_bytes: int = bounded(512 * 1024 * 1024, lo=1)  # one sample's tar members (from the headers); larger: skipped, oversize
+    max_image_pixels: int = bounded(4096 * 4096, lo=1)  # a still image's width x height, before decoding; larger: skipped, oversize
+    max_caption_chars: int = bounded(2000, lo=1)  # longer captions are cut (counted as captions_cut)
+    read_timeout_s: float = bounded(60.0, lo=0, hi=3600, lo_open=True)  # http(s)/s3/gs: seconds to connect and between bytes; each timeout is one retry
 
 
 # -------------------------------------------------------------------------- model
@@ -71,59 +85,59 @@ class DataConfig:
 class TextConfig:
     name: str = "distilbert-base-uncased"  # transformers hub name or local folder
     freeze_embeddings: bool = False
-    freeze_layers: int = 0  # lowest N transformer layers frozen
+    freeze_layers: int = bounded(0, lo=0)  # lowest N transformer layers frozen
 
 
 @dataclass
 class DetectorConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     weights: str = "DEFAULT"  # DEFAULT | an enum name | local checkpoint path | none
-    num_regions: int = 30  # K boxes per frame
-    min_size: Optional[int] = None  # detector input resize; None: data.size (frames are never upsampled)
-    max_size: Optional[int] = None  # None: data.size
-    rpn_pre_nms_top_n: Optional[int] = None  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
-    rpn_post_nms_top_n: Optional[int] = None  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
-    selection: str = "region"  # region (max class, class-agnostic NMS) | stock (torchvision's postprocess_detections)
-    nms_thresh: float = 0.5  # NMS IoU over the final boxes (class-agnostic for region, per class for stock)
-    score_thresh: float = 0.0  # min confidence (region: max non-background probability; stock: class probability)
-    autocast: str = "bf16"  # bf16 | fp16 | none; only applied on GPU
+    num_regions: int = bounded(30, lo=1, hi=1000)  # K boxes per frame
+    min_size: Optional[int] = bounded(None, lo=1)  # detector input resize; None: data.size (frames are never upsampled)
+    max_size: Optional[int] = bounded(None, lo=1)  # None: data.size
+    rpn_pre_nms_top_n: Optional[int] = bounded(None, lo=1)  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
+    rpn_post_nms_top_n: Optional[int] = bounded(None, lo=1)  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
+    selection: str = choice("region", "stock")  # region (max class, class-agnostic NMS) | stock (torchvision's postprocess_detections)
+    nms_thresh: float = bounded(0.5, lo=0, hi=1, lo_open=True)  # NMS IoU over the final boxes (class-agnostic for region, per class for stock)
+    score_thresh: float = bounded(0.0, lo=0, hi=1, hi_open=True)  # min confidence (region: max non-background probability; stock: class probability)
+    autocast: str = choice("bf16", "fp16", "none")  # only applied on GPU
     channels_last: bool = True  # only applied on GPU
 
 
 @dataclass
 class RegionTransformerConfig:
-    feature_dim: int = 1024
-    hidden: int = 768
-    layers: int = 4
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    max_frames: int = 16
+    feature_dim: int = bounded(1024, lo=1)
+    hidden: int = bounded(768, lo=1)
+    layers: int = bounded(4, lo=0)
+    heads: int = bounded(12, lo=1)
+    mlp_ratio: float = bounded(4.0, lo=0, lo_open=True)
+    dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
+    max_frames: int = bounded(16, lo=1)
     frame_local: bool = False  # a region attends only to its own frame's regions and [CLS]
     init: str = "none"  # none | a timm ViT name (timm's weights) | an http(s) URL (torch hub cache) | a local ViT weights file: blocks 0..layers-1
-    temporal_resize: str = "zeros"  # zeros | interpolate: frame rows beyond an init_from source run's frames
+    temporal_resize: str = choice("zeros", "interpolate")  # frame rows beyond an init_from source run's frames
 
 
 @dataclass
 class LearnerConfig:
     backbone: str = "vit_base_patch16_224"
     pretrained: str = "none"  # none | timm | local checkpoint path
-    img_size: int = 224
-    depth: int = 0  # ViT blocks; 0 = the backbone's own (fewer for tiny CPU configs)
-    max_frames: int = 16
+    img_size: int = bounded(224, lo=1)
+    depth: int = bounded(0, lo=0)  # ViT blocks; 0 = the backbone's own (fewer for tiny CPU configs)
+    max_frames: int = bounded(16, lo=1)
     divided_space_time: bool = False
-    codebook_size: int = 2048
-    code_dim: int = 256
-    ema_decay: float = 0.99
-    ema_eps: float = 1.0e-5
-    dead_code_threshold: float = 0.1  # restart a code whose EMA count < this x the mean code's; 0 = never
-    commitment: float = 0.25  # beta of the commitment loss (VQ-VAE's 0.25); 0 disables it
-    num_regions: int = 8  # R masks
-    mask_norm: str = "softmax"  # softmax | sigmoid
-    interaction_layers: int = 1
-    insert_after: int = -1  # ViT block index; -1 the last
+    codebook_size: int = bounded(2048, lo=1)
+    code_dim: int = bounded(256, lo=1)
+    ema_decay: float = bounded(0.99, lo=0, hi=1, hi_open=True)
+    ema_eps: float = bounded(1.0e-5, lo=0, lo_open=True)
+    dead_code_threshold: float = bounded(0.1, lo=0, hi=1, hi_open=True)  # restart a code whose EMA count < this x the mean code's; 0 = never
+    commitment: float = bounded(0.25, lo=0)  # beta of the commitment loss (VQ-VAE's 0.25); 0 disables it
+    num_regions: int = bounded(8, lo=1)  # R masks
+    mask_norm: str = choice("softmax", "sigmoid")
+    interaction_layers: int = bounded(1, lo=1)
+    insert_after: int = bounded(-1, lo=-1)  # ViT block index; -1 the last
     checkpoint: str = "none"  # none | a saved learned-pathway (or whole model) state dict to start from
-    temporal_resize: str = "interpolate"  # interpolate | zeros: time embeddings when max_frames changed
+    temporal_resize: str = choice("interpolate", "zeros")  # time embeddings when max_frames changed
 
 
 @dataclass
@@ -131,16 +145,16 @@ class FusedConfig:
     """``model.regions: fused``: the fusion layers over the detector's box tokens and the
     RegionLearner's regions (which keep their own sections, detector/region_transformer/learner)."""
 
-    layers: int = 1  # transformer blocks over [CLS] + box tokens + learned tokens, at width model.embed_dim
-    heads: int = 4  # must divide model.embed_dim
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
+    layers: int = bounded(1, lo=0)  # blocks over [CLS] + box tokens + learned tokens, at width model.embed_dim
+    heads: int = bounded(4, lo=1)  # must divide model.embed_dim
+    mlp_ratio: float = bounded(4.0, lo=0, lo_open=True)
+    dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
 
 
 @dataclass
 class ModelConfig:
-    regions: str = "detector"  # a registered pathway (regionvlp.pathways): detector | learned | ...
-    embed_dim: int = 256  # D, the joint space
+    regions: str = field(default="detector", metadata={"choices": pathways.names})  # a registered pathway
+    embed_dim: int = bounded(256, lo=1)  # D, the joint space
     text: TextConfig = field(default_factory=TextConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     region_transformer: RegionTransformerConfig = field(default_factory=RegionTransformerConfig)
@@ -151,41 +165,41 @@ class ModelConfig:
 # --------------------------------------------------------------------------- loss
 @dataclass
 class LossConfig:
-    temperature: float = 0.05  # tau of the global InfoNCE
+    temperature: float = bounded(0.05, lo=0, lo_open=True)  # tau of the global InfoNCE
     learnable_temperature: bool = False
-    min_temperature: float = 0.01  # floor of a learnable temperature, applied after each step
-    align_temperature: float = 0.05  # tau_a of the region-word softmax
-    local_weight: float = 1.0  # lambda
-    chunk_size: int = 32  # sentences per chunk of the region-word similarity
+    min_temperature: float = bounded(0.01, lo=0, lo_open=True)  # floor of a learnable temperature, applied after each step
+    align_temperature: float = bounded(0.05, lo=0, lo_open=True)  # tau_a of the region-word softmax
+    local_weight: float = bounded(1.0, lo=0)  # lambda
+    chunk_size: int = bounded(32, lo=1)  # sentences per chunk of the region-word similarity
     gather: bool = True  # negatives from every rank
 
 
 # ------------------------------------------------------------------ optim / train
 @dataclass
 class OptimConfig:
-    lr: float = 1.0e-4
-    weight_decay: float = 0.05
+    lr: float = bounded(1.0e-4, lo=0, lo_open=True)
+    weight_decay: float = bounded(0.05, lo=0)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1.0e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    text_lr_mult: float = 1.0
-    video_lr_mult: float = 1.0
-    head_lr_mult: float = 1.0  # the QA head's lr = optim.lr x this (DemoVLP: 1e-4 head over a 3e-5 backbone)
-    grad_clip: float = 1.0
+    eps: float = bounded(1.0e-8, lo=0, lo_open=True)
+    warmup_steps: int = bounded(100, lo=0)
+    min_lr_ratio: float = bounded(0.0, lo=0, hi=1)  # cosine floor as a fraction of lr
+    text_lr_mult: float = bounded(1.0, lo=0)
+    video_lr_mult: float = bounded(1.0, lo=0)
+    head_lr_mult: float = bounded(1.0, lo=0)  # the QA head's lr = optim.lr x this (DemoVLP: 1e-4 head over a 3e-5 backbone)
+    grad_clip: float = bounded(1.0, lo=0)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    log_every: int = 10
-    val_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500
-    keep_last: int = 2
+    max_steps: int = bounded(1000, lo=1)
+    log_every: int = bounded(10, lo=1)
+    val_every: int = bounded(0, lo=0)  # 0: only at the end
+    ckpt_every: int = bounded(500, lo=1)
+    keep_last: int = bounded(2, lo=1)
     resume: str = "none"  # none | auto | PATH
     frame_curriculum: List[List[int]] = field(default_factory=list)  # [[step, T], ...]
-    max_nonfinite: int = 10  # consecutive non-finite losses before aborting
-    grad_accum: int = 1  # micro-batches per optimizer step (deepspeed gradient_accumulation_steps)
+    max_nonfinite: int = bounded(10, lo=1)  # consecutive non-finite losses before aborting
+    grad_accum: int = bounded(1, lo=1)  # micro-batches per optimizer step (deepspeed gradient_accumulation_steps)
     init_from: str = "none"  # none | an export folder | a run dir / checkpoint: weights only (finetuning)
 
 
@@ -195,37 +209,40 @@ class QAConfig:
     over the K most frequent training answers."""
 
     enabled: bool = False  # True: the run trains / evaluates the QA head, not retrieval
-    num_answers: int = 1500  # K, the answer vocabulary (1500 MSRVTT-QA, 1000 MSVD-QA)
-    fusion_layers: int = 2  # transformer layers: question tokens cross-attend to region tokens + [CLS]
-    heads: int = 4  # attention heads of the fusion layers (must divide model.embed_dim)
-    dropout: float = 0.1
+    num_answers: int = bounded(1500, lo=1)  # K, the answer vocabulary (1500 MSRVTT-QA, 1000 MSVD-QA)
+    fusion_layers: int = bounded(2, lo=1)  # transformer layers: question tokens cross-attend to region tokens + [CLS]
+    heads: int = bounded(4, lo=1)  # attention heads of the fusion layers (must divide model.embed_dim)
+    dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
     vocab: str = "auto"  # auto: built from data.train at the start of training | a vocab.json path
-    stage_steps: int = 0  # compare / demo: > 0 fine-tunes a QA head this many steps from each retrieval run
-    stage_lr: float = 0.0  # optim.lr of that QA stage; 0: the config's optim.lr
+    stage_steps: int = bounded(0, lo=0)  # compare / demo: > 0 fine-tunes a QA head this many steps from each retrieval run
+    stage_lr: float = bounded(0.0, lo=0)  # optim.lr of that QA stage; 0: the config's optim.lr
 
 
 @dataclass
 class EvalConfig:
     """How ``regionvlp eval`` scores retrieval (stamped in every result's ``protocol``)."""
 
-    rescore: str = "none"  # none | dual_softmax: each direction's scores times a softmax over the other axis
-    rescore_temperature: float = 0.01  # tau of that softmax (over cosine-scale scores)
-    clips_per_video: int = 1  # N evenly spaced clips of data.num_frames each; their embeddings averaged
-    captions: str = "all"  # all: every caption of a video is a query | first: only its first caption
+    rescore: str = choice("none", "dual_softmax")  # dual_softmax: each direction's scores times a softmax over the other axis
+    rescore_temperature: float = bounded(0.01, lo=0, lo_open=True)  # tau of that softmax (over cosine-scale scores)
+    clips_per_video: int = bounded(1, lo=1, hi=64)  # N evenly spaced clips of data.num_frames each; their embeddings averaged
+    captions: str = choice("all", "first")  # all: every caption of a video is a query | first: only its first caption
+
+
+REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trackers beside metrics.jsonl
 
 
 @dataclass
 class RunSection:
     out_dir: str = "runs/default"
     name: str = "regionvlp"
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = choice("auto", "cpu", "cuda")
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # of REPORT_TO; metrics.jsonl always
     offline: bool = False  # true: never download pretrained weights (as HF_HUB_OFFLINE=1)
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = bounded(0, lo=0)
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -235,160 +252,6 @@ class Config:
     qa: QAConfig = field(default_factory=QAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # passed to deepspeed.initialize
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.regions": pathways.names(),  # the registry's entries
-    "data.backend": ("auto", "decord", "pyav"),
-    "data.decode_device": ("cpu", "cuda"),
-    "data.train_sampling": ("random_segment", "uniform", "first", "keyframe"),
-    "data.eval_sampling": ("random_segment", "uniform", "first"),
-    "model.learner.mask_norm": ("softmax", "sigmoid"),
-    "model.learner.temporal_resize": ("interpolate", "zeros"),
-    "model.region_transformer.temporal_resize": ("zeros", "interpolate"),
-    "model.detector.autocast": ("bf16", "fp16", "none"),
-    "model.detector.selection": ("region", "stock"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "data.qa_pairs_per_visit": ("one", "all"),
-    "eval.rescore": ("none", "dual_softmax"),
-    "eval.captions": ("all", "first"),
-}
-
-REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trackers beside metrics.jsonl
-
-# key -> (lowest, highest, lowest allowed?, highest allowed?); None: no bound. Optional keys may be null.
-RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
-    "seed": (0, None, True, True),
-    "data.train.samples_per_epoch": (1, None, True, True),
-    "data.val.samples_per_epoch": (1, None, True, True),
-    "data.test.samples_per_epoch": (1, None, True, True),
-    "eval.rescore_temperature": (0, None, False, True),
-    "eval.clips_per_video": (1, 64, True, True),
-    "optim.head_lr_mult": (0, None, True, True),
-    "data.num_frames": (1, 1024, True, True),
-    "data.size": (1, 8192, True, True),
-    "data.batch_size": (1, None, True, True),
-    "data.shuffle_buffer": (0, None, True, True),
-    "data.max_words": (2, 4096, True, True),  # [CLS] and [SEP] at least
-    "data.retries": (0, 100, True, True),
-    "data.retry_backoff": (0, 3600, True, True),
-    "data.read_timeout_s": (0, 3600, False, True),
-    "data.max_sample_bytes": (1, None, True, True),
-    "data.max_image_pixels": (1, None, True, True),
-    "data.max_caption_chars": (1, None, True, True),
-    "model.embed_dim": (1, None, True, True),
-    "model.text.freeze_layers": (0, None, True, True),
-    "model.detector.num_regions": (1, 1000, True, True),
-    "model.detector.min_size": (1, None, True, True),
-    "model.detector.max_size": (1, None, True, True),
-    "model.detector.rpn_pre_nms_top_n": (1, None, True, True),
-    "model.detector.rpn_post_nms_top_n": (1, None, True, True),
-    "model.detector.nms_thresh": (0, 1, False, True),
-    "model.detector.score_thresh": (0, 1, True, False),
-    "model.region_transformer.feature_dim": (1, None, True, True),
-    "model.region_transformer.hidden": (1, None, True, True),
-    "model.region_transformer.layers": (0, None, True, True),
-    "model.region_transformer.heads": (1, None, True, True),
-    "model.region_transformer.mlp_ratio": (0, None, False, True),
-    "model.region_transformer.dropout": (0, 1, True, False),
-    "model.region_transformer.max_frames": (1, None, True, True),
-    "model.learner.img_size": (1, None, True, True),
-    "model.learner.depth": (0, None, True, True),
-    "model.learner.max_frames": (1, None, True, True),
-    "model.learner.codebook_size": (1, None, True, True),
-    "model.learner.code_dim": (1, None, True, True),
-    "model.learner.ema_decay": (0, 1, True, False),
-    "model.learner.ema_eps": (0, None, False, True),
-    "model.learner.dead_code_threshold": (0, 1, True, False),  # a share of the mean code's use
-    "model.learner.commitment": (0, None, True, True),
-    "model.learner.num_regions": (1, None, True, True),
-    "model.learner.interaction_layers": (1, None, True, True),
-    "model.learner.insert_after": (-1, None, True, True),
-    "model.fused.layers": (0, None, True, True),
-    "model.fused.heads": (1, None, True, True),
-    "model.fused.mlp_ratio": (0, None, False, True),
-    "model.fused.dropout": (0, 1, True, False),
-    "loss.temperature": (0, None, False, True),
-    "loss.min_temperature": (0, None, False, True),
-    "loss.align_temperature": (0, None, False, True),
-    "loss.local_weight": (0, None, True, True),
-    "loss.chunk_size": (1, None, True, True),
-    "optim.lr": (0, None, False, True),
-    "optim.weight_decay": (0, None, True, True),
-    "optim.eps": (0, None, False, True),
-    "optim.warmup_steps": (0, None, True, True),
-    "optim.min_lr_ratio": (0, 1, True, True),
-    "optim.text_lr_mult": (0, None, True, True),
-    "optim.video_lr_mult": (0, None, True, True),
-    "optim.grad_clip": (0, None, True, True),
-    "train.max_steps": (1, None, True, True),
-    "train.log_every": (1, None, True, True),
-    "train.val_every": (0, None, True, True),
-    "train.ckpt_every": (1, None, True, True),
-    "train.keep_last": (1, None, True, True),
-    "train.max_nonfinite": (1, None, True, True),
-    "train.grad_accum": (1, None, True, True),
-}
-
-
-class ConfigError(UserError):
-    """A config that cannot describe a run: unknown key, wrong type, bad value."""
-
-
-# ---------------------------------------------------------------------- resolvers
-_TOP_LEVEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ENV_VALUES: dict[str, str] = {}  # resolved ${oc.env:NAME} values, masked wherever text leaves the process
-
-
-def package_dir(name: str) -> str:
-    """``${pkgdir:NAME}``: the folder of an installed top-level package (so configs can
-    point at assets that packages ship, e.g. a bundled text model). Nothing is imported:
-    only a top-level name is accepted, whose spec the path finders give without running
-    any package code (a dotted name would import its parents)."""
-    name = str(name).strip().replace("-", "_")
-    if not _TOP_LEVEL_NAME.match(name):
-        raise ConfigError(f"${{pkgdir:{name}}}: give the top-level name of an installed package "
-                          "(letters, digits, _ or -; no dots or paths)")
-    try:
-        spec = importlib.util.find_spec(name)  # a top-level name: no parent package to import
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"${{pkgdir:{name}}}: package '{name}' is not installed (pip install it)")
-    return str(Path(list(spec.submodule_search_locations)[0]))
-
-
-def _env(key: str, default: Any = None) -> Optional[str]:
-    """``${oc.env:NAME[,DEFAULT]}``, remembering the value so logs and saved configs can mask it."""
-    value = os.environ.get(str(key))
-    if value is None:
-        if default is None:
-            raise ConfigError(f"${{oc.env:{key}}}: environment variable '{key}' is not set; export it or "
-                              f"give a default, ${{oc.env:{key},DEFAULT}}")
-        return None if str(default) == "null" else str(default)
-    if len(value) >= 4:  # shorter ones (flags, counts) would mask unrelated text
-        _ENV_VALUES[str(key)] = value
-    return value
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with every resolved environment value replaced by ``${oc.env:NAME}``."""
-    for key, value in sorted(_ENV_VALUES.items(), key=lambda kv: -len(kv[1])):
-        if value in text:
-            text = text.replace(value, f"${{oc.env:{key}}}")
-    return text
-
-
-def _register(name: str, fn: Any) -> None:
-    # omegaconf >= 2.4 names it register_resolver (register_new_resolver warns); 2.3 only has the latter
-    register = getattr(OmegaConf, "register_resolver", None)
-    if register is None or not hasattr(OmegaConf, "legacy_register_resolver"):
-        register = OmegaConf.register_new_resolver
-    register(name, fn, replace=True)
-
-
-_register("pkgdir", package_dir)
-_register("oc.env", _env)
 
 
 def default_config() -> DictConfig:
@@ -446,19 +309,37 @@ def _bad(key: str, value: Any, want: str) -> ConfigError:
     return ConfigError(f"config key '{key}' is {value!r}; it must be {want} (fix it in the YAML or with {key}=...)")
 
 
-def _check_range(cfg: DictConfig, key: str, bounds: tuple[Optional[float], Optional[float], bool, bool]) -> None:
-    lo, hi, lo_ok, hi_ok = bounds
-    value = OmegaConf.select(cfg, key)
+def declared_checks(schema: Optional[type] = None, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Dotted key → the field's declared ``range`` / ``choices`` (see :func:`bounded`,
+    :func:`choice`), for every field of the schema that declares one."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields(schema or Config):
+        key = prefix + f.name
+        if f.metadata:
+            out[key] = dict(f.metadata)
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            out.update(declared_checks(f.default_factory, key + "."))
+    return out
+
+
+def _check_range(value: Any, key: str, bounds: tuple[Optional[float], Optional[float], bool, bool]) -> None:
+    lo, hi, lo_open, hi_open = bounds
     if value is None:
         return  # an optional key left unset (the schema refuses null for the others)
     want = " and ".join(w for w in (
-        None if lo is None else (">= " if lo_ok else "> ") + f"{lo:g}",
-        None if hi is None else ("<= " if hi_ok else "< ") + f"{hi:g}") if w)
+        None if lo is None else ("> " if lo_open else ">= ") + f"{lo:g}",
+        None if hi is None else ("< " if hi_open else "<= ") + f"{hi:g}") if w)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _bad(key, value, f"a number {want}")
-    if (lo is not None and (value < lo or (value == lo and not lo_ok))) or (
-            hi is not None and (value > hi or (value == hi and not hi_ok))):
+    if (lo is not None and (value < lo or (value == lo and lo_open))) or (
+            hi is not None and (value > hi or (value == hi and hi_open))):
         raise _bad(key, value, want)
+
+
+def _check_choice(value: Any, key: str, choices: Any) -> None:
+    allowed = tuple(choices() if callable(choices) else choices)  # a callable: e.g. a registry's names
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
 
 
 def _check_lists(cfg: DictConfig) -> None:
@@ -475,23 +356,38 @@ def _check_lists(cfg: DictConfig) -> None:
     for split in ("train", "val", "test"):
         if any(not str(u).strip() for u in cfg.data[split].urls):
             raise _bad(f"data.{split}.urls", list(cfg.data[split].urls), "shard specs without empty entries")
+
+
+def _check_clip_frames(cfg: DictConfig) -> None:
+    frames = max([int(cfg.data.num_frames)] + [int(pair[1]) for pair in cfg.train.frame_curriculum])
+    if "learner" in pathways.get(cfg.model.regions).sections and frames > int(cfg.model.learner.max_frames):
+        raise ConfigError(f"clips of up to {frames} frames (data.num_frames / train.frame_curriculum) but "
+                          f"model.learner.max_frames={cfg.model.learner.max_frames}; set model.learner.max_frames "
+                          f">= {frames}")
+
+
+def _check_relations(cfg: DictConfig) -> None:
+    """What no single field can declare: one key against another."""
     rt = cfg.model.region_transformer
     if rt.hidden % rt.heads:
         raise _bad("model.region_transformer.heads", rt.heads, f"a divisor of region_transformer.hidden ({rt.hidden})")
     if cfg.model.embed_dim % cfg.model.fused.heads:
         raise _bad("model.fused.heads", cfg.model.fused.heads, f"a divisor of model.embed_dim ({cfg.model.embed_dim})")
+    if int(cfg.model.embed_dim) % int(cfg.qa.heads):
+        raise ConfigError(f"config key 'qa.heads' ({cfg.qa.heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
+    _check_clip_frames(cfg)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every value in range, every choice known, lists well formed; :class:`ConfigError`
-    (one line naming the key) otherwise. Run by :func:`load_config`; call it again after
-    changing a config in code."""
-    for key, allowed in CHOICES.items():
+    """Every value in its declared range, every choice known, lists well formed, related
+    keys consistent; :class:`ConfigError` (one line naming the key) otherwise. Run by
+    :func:`load_config`; call it again after changing a config in code."""
+    for key, declared in declared_checks().items():
         value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    for key, bounds in RANGES.items():
-        _check_range(cfg, key, bounds)
+        if "choices" in declared:
+            _check_choice(value, key, declared["choices"])
+        if "range" in declared:
+            _check_range(value, key, declared["range"])
     workers = cfg.data.num_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256):
         raise _bad("data.num_workers", workers, "an integer from 0 to 256, or 'auto'")
@@ -501,24 +397,9 @@ def validate(cfg: DictConfig) -> None:
     report_to = [str(name) for name in cfg.run.report_to]
     if any(name not in REPORT_TO for name in report_to) or len(set(report_to)) != len(report_to):
         raise _bad("run.report_to", report_to, f"a list of distinct names from {', '.join(REPORT_TO)} (or [])")
-    check_qa_config(cfg)
-
-
-def check_qa_config(cfg: DictConfig) -> None:
-    """The ``qa`` section: positive sizes, heads dividing the joint width, dropout in [0, 1)."""
-    qa = cfg.qa
-    for key in ("num_answers", "fusion_layers", "heads"):
-        if int(qa[key]) <= 0:
-            raise ConfigError(f"config key 'qa.{key}' must be > 0, got {qa[key]}")
-    if int(cfg.model.embed_dim) % int(qa.heads):
-        raise ConfigError(f"config key 'qa.heads' ({qa.heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
-    if not 0.0 <= float(qa.dropout) < 1.0:
-        raise ConfigError(f"config key 'qa.dropout' must be in [0, 1), got {qa.dropout}")
-    if int(qa.stage_steps) < 0 or float(qa.stage_lr) < 0:
-        raise ConfigError(f"config keys 'qa.stage_steps' and 'qa.stage_lr' must be >= 0, got {qa.stage_steps}, "
-                          f"{qa.stage_lr}")
-    if not str(qa.vocab).strip():
-        raise ConfigError("config key 'qa.vocab' is empty; use auto or the path of a `regionvlp qa vocab` file")
+    if not str(cfg.qa.vocab).strip():
+        raise _bad("qa.vocab", cfg.qa.vocab, "auto or the path of a `regionvlp qa vocab` file")
+    _check_relations(cfg)
 
 
 def check_out_dir(path: str | Path, key: str = "run.out_dir") -> Path:

@@ -113,6 +113,14 @@ def init_launched_group() -> bool:
     return True
 
 
+def destroy_group(wait: bool = False) -> None:
+    """End this process's group (after a :func:`barrier` when ``wait``); no-op without one."""
+    if initialized():
+        if wait:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ collectives
 def gather_active() -> bool:
     """True when a process group with more than one rank is running (the group's own
@@ -196,6 +204,34 @@ def gather_nograd(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tens
     with torch.no_grad():
         out = all_gather_cat(t.to(collective_device()), sizes or all_sizes(t.shape[0]))
     return out.to(t.device)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if initialized():
+        tdist.barrier()
+
+
+def group_rank_and_size() -> tuple[int, int]:
+    """This process's rank and the group's size when a group of more than one rank runs,
+    else ``(0, 1)`` (the group's own numbers, not the launcher's environment)."""
+    if not gather_active():
+        return 0, 1
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` replaced in place by rank ``src``'s ``t`` (no-op on one rank); returns ``t``."""
+    if gather_active():
+        tdist.broadcast(t, src=src)
+    return t
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` replaced in place by its sum over ranks (no-op on one rank); returns ``t``."""
+    if gather_active():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
 
 
 def gather_objects(obj: Any) -> list[Any]:

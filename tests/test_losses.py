@@ -170,12 +170,12 @@ def test_learnable_temperature_is_clamped_and_trained():
         assert target.log_temperature.shape == (1,) and target.temperature().item() == pytest.approx(0.07)
 
 
-def test_bad_loss_values_are_user_errors():
-    from regionvlp.errors import UserError
+def test_bad_loss_values_are_config_errors_at_load():
+    from regionvlp.config import ConfigError, load_config
 
-    for bad in ({"chunk_size": 0}, {"min_temperature": 0.0}, {"local_weight": -1.0}):
-        with pytest.raises(UserError, match=f"loss.{next(iter(bad))}"):
-            AlignmentLoss(OmegaConf.structured(LossConfig(**bad)))
+    for bad in ("chunk_size=0", "min_temperature=0.0", "local_weight=-1.0", "temperature=0", "align_temperature=-1"):
+        with pytest.raises(ConfigError, match=r"config key 'loss\." + bad.split("=")[0] + "'"):
+            load_config(overrides=["loss." + bad])
 
 
 def test_local_weight_zero_skips_region_word():

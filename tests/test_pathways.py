@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from regionvlp import pathways
-from regionvlp.config import CHOICES, ConfigError, load_config
+from regionvlp.config import ConfigError, declared_checks, load_config
 from regionvlp.errors import UserError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -19,7 +19,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 def test_registry_is_what_config_and_cli_offer():
     assert pathways.names()[:2] == ("detector", "learned")
-    assert CHOICES["model.regions"] == pathways.names()
+    assert declared_checks()["model.regions"]["choices"]() == pathways.names()
     with pytest.raises(ConfigError, match="choose one of detector, learned"):
         load_config(overrides=["model.regions=nope"])
     with pytest.raises(UserError, match="'model.regions' is 'nope'"):

@@ -107,7 +107,7 @@ def test_cli_regions_extract(raw_shards, tmp_path, capsys):
 
     out = tmp_path / "cli"
     rc = main(["regions", "extract", str(TINY), str(raw_shards / "syn" / "val" / "000000.tar"), str(out),
-               "--set", "model.detector.num_regions=2"])
+               "model.detector.num_regions=2"])  # a trailing override after OUT
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 1 and summary["num_regions"] == 2

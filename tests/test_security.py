@@ -182,7 +182,7 @@ def test_deepspeed_types_are_the_only_extra_globals(tmp_path: Path) -> None:
 
 def test_resume_only_from_this_runs_unaltered_checkpoint(tmp_path: Path) -> None:
     from regionvlp.checkpoint import check_manifest, write_manifest
-    from regionvlp.train.engine import Checkpointer
+    from regionvlp.train.checkpointer import Checkpointer
 
     marker = tmp_path / "PWNED"
     ckpt = Checkpointer(tmp_path / "run", 2)

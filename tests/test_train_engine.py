@@ -18,7 +18,10 @@ from torch import nn
 
 from regionvlp import checkpoint as C
 from regionvlp.optim import lr_lambda
+from regionvlp.train.checkpointer import Checkpointer
 from regionvlp.train import engine as E
+from regionvlp.train import guards as G
+from regionvlp.train import optimizer as O
 from regionvlp.config import LossConfig, load_config
 from regionvlp.errors import UserError
 from regionvlp.losses import AlignmentLoss
@@ -53,7 +56,7 @@ class Toy(nn.Module):
 def test_param_groups_decay_and_tower_lr():
     cfg = load_config(None, ["optim.lr=1e-3", "optim.text_lr_mult=0.1", "optim.video_lr_mult=2.0",
                              "optim.weight_decay=0.05"])
-    groups = {g["group"]: g for g in E.param_groups(Toy(), cfg.optim)}
+    groups = {g["group"]: g for g in O.param_groups(Toy(), cfg.optim)}
     names = {k: set(g["names"]) for k, g in groups.items()}
     assert names["video_decay"] == {"pathway.proj.weight"}
     assert names["video_no_decay"] == {"pathway.proj.bias", "pathway.norm.weight", "pathway.norm.bias",
@@ -73,7 +76,7 @@ def test_warmup_cosine_schedule():
     assert lam[4] == pytest.approx(1.0) and lam[8] == pytest.approx(0.1 + 0.9 * 0.5)
     assert lam[12] == pytest.approx(0.1) and all(a >= b for a, b in zip(lam[3:], lam[4:]))
     cfg = load_config(None, ["optim.warmup_steps=2", "train.max_steps=6", "optim.lr=1.0"])
-    opt, sched = E.build_optimizer(Toy(), cfg)
+    opt, sched = O.build_optimizer(Toy(), cfg)
     lrs = []
     for _ in range(6):
         lrs.append(opt.param_groups[0]["lr"])
@@ -105,7 +108,7 @@ def test_toy_engine_checkpoint_keep_last_and_resume(tmp_path):
     cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10", "optim.warmup_steps=1"])
     torch.manual_seed(0)
     eng, opt, sched, ds = E.initialize(Toy(), cfg)
-    ck = E.Checkpointer(tmp_path, keep_last=2)
+    ck = Checkpointer(tmp_path, keep_last=2)
     for step in range(1, 5):
         loss = eng(torch.randn(2, 4))
         eng.backward(loss)
@@ -202,7 +205,7 @@ def test_learnable_temperature_trains_under_the_engine(stage):
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     floor = math.log(0.2)  # above the current temperature 0.1
-    E.floor_parameter_(tau_param, floor)
+    G.floor_parameter_(tau_param, floor)
     assert float(tau_param.detach()) == pytest.approx(floor)
     master = safe_get_full_fp32_param(tau_param)
     assert master is None if stage == 0 else float(master) == pytest.approx(floor)
@@ -213,22 +216,22 @@ def test_learnable_temperature_trains_under_the_engine(stage):
     eng.backward(eng(xv, xt))
     assert float(safe_get_full_grad(tau_param).abs()) > 1e-5  # below the floor it still learns
     eng.step()
-    E.floor_parameter_(tau_param, floor)
+    G.floor_parameter_(tau_param, floor)
     assert float(tau_param.detach()) == pytest.approx(floor)
 
 
 def test_nonfinite_guard_skips_then_aborts():
-    g = E.NonFiniteGuard(max_in_a_row=3)
+    g = G.NonFiniteGuard(max_in_a_row=3)
     assert g.check(True, 0) and not g.check(False, 1) and not g.check(False, 2) and g.check(True, 3)
     assert g.total == 2 and g.in_a_row == 0
     assert not g.check(False, 4) and not g.check(False, 5)
-    with pytest.raises(E.NonFiniteLossError, match="3 non-finite steps in a row"):
+    with pytest.raises(G.NonFiniteLossError, match="3 non-finite steps in a row"):
         g.check(False, 6)
 
 
 def test_stop_flag_catches_sigterm():
     before = signal.getsignal(signal.SIGTERM)
-    with E.StopFlag() as stop:
+    with G.StopFlag() as stop:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
@@ -271,7 +274,7 @@ def test_nonfinite_losses_in_the_loop(tmp_path, monkeypatch):
     calls["n"] = 0
     bad_calls.update(range(2, 100))
     cfg = load_config(CONFIG, base + ["train.max_steps=5", f"run.out_dir={tmp_path}/b"])
-    with pytest.raises(E.NonFiniteLossError, match="non-finite steps in a row"):
+    with pytest.raises(G.NonFiniteLossError, match="non-finite steps in a row"):
         train(cfg)
 
     # a fresh run never mixes with an old run's checkpoints
@@ -330,7 +333,7 @@ def test_blown_up_steps_never_reach_weights_or_checkpoints_and_a_lower_lr_recove
     base = _tiny_learned(tmp_path) + ["optim.warmup_steps=0", "train.ckpt_every=1", "train.keep_last=10",
                                       "train.max_nonfinite=2"]
     train(load_config(CONFIG, base + ["train.max_steps=2", "optim.lr=1e-4"]))
-    with pytest.raises(E.NonFiniteLossError, match="non-finite steps in a row") as err:
+    with pytest.raises(G.NonFiniteLossError, match="non-finite steps in a row") as err:
         train(load_config(CONFIG, base + ["train.max_steps=8", "optim.lr=1e30", "train.resume=auto"]))
     assert "before step 3" in str(err.value)
     ckpts = tmp_path / "run" / "checkpoints"
@@ -412,7 +415,7 @@ def test_resume_only_from_folders_this_run_wrote(tmp_path):
     cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10"])
     torch.manual_seed(0)
     eng, *_ = E.initialize(Toy(), cfg)
-    ck = E.Checkpointer(tmp_path / "run", keep_last=5)
+    ck = Checkpointer(tmp_path / "run", keep_last=5)
     eng.backward(eng(torch.randn(2, 4)))
     eng.step()
     ck.save(eng, 1, {})
@@ -441,7 +444,7 @@ def test_resume_only_from_folders_this_run_wrote(tmp_path):
     with pytest.raises(UserError, match="changed since this run wrote it"):
         ck.load(eng, (ck.dir, "step00000001"))
     extra.unlink()
-    other = E.Checkpointer(tmp_path / "other", keep_last=5)
+    other = Checkpointer(tmp_path / "other", keep_last=5)
     with pytest.raises(UserError, match="not a checkpoint of this run.*train.init_from"):
         other.load(eng, (ck.dir, "step00000001"))
     assert not marker.exists()
@@ -472,9 +475,9 @@ def test_a_skipped_step_moves_no_weight_and_keeps_the_schedule(stage):
     eng, _, sched, _ = E.initialize(Toy(), cfg)
     before = {n: p.detach().clone() for n, p in eng.module.named_parameters() if p.requires_grad}
     eng.backward(eng(torch.randn(2, 4)))
-    E.skip_next_step(sched.optimizer, sched)
+    O.skip_next_step(sched.optimizer, sched)
     eng.step()
-    E.clear_skip(sched.optimizer, sched)
+    O.clear_skip(sched.optimizer, sched)
     assert all(torch.equal(p, before[n]) for n, p in eng.module.named_parameters() if p.requires_grad)
     assert sched.last_epoch == 0
     eng.backward(eng(torch.randn(2, 4)))

@@ -44,7 +44,7 @@ def test_init_from_mismatch_is_an_error_naming_keys() -> None:
     target = _model("detector")
     dropped = next(k for k in source if k.startswith("pathway."))
     broken = {k: v for k, v in source.items() if k != dropped}
-    with pytest.raises(UserError, match="missing: " + dropped.replace(".", r"\.")):
+    with pytest.raises(UserError, match="missing keys: " + dropped.replace(".", r"\.")):
         load_init_state(target, broken, "ckpt")
     with pytest.raises(UserError, match="unexpected"):
         load_init_state(target, {**source, "pathway.extra.weight": torch.zeros(1)}, "ckpt")

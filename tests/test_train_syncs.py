@@ -11,7 +11,7 @@ import torch
 
 from regionvlp import dist
 from regionvlp.config import load_config
-from regionvlp.train import engine as E
+from regionvlp.train.guards import StopFlag
 from regionvlp.train import loop as L
 from regionvlp.train.data import BatchFeed
 
@@ -66,7 +66,7 @@ def test_one_host_sync_per_step_outside_logging_steps(tmp_path):
         run.engine.module.forward = timed_forward
         feed, meter = BatchFeed(run.cfg, run.state, run.device), L.Meter()
         feed.follow_curriculum()
-        with E.StopFlag() as stop:
+        with StopFlag() as stop:
             for _ in range(2):  # warm up: the loader, the first agreed batch
                 _step(run, feed, meter, stop)
             ours, model = _count(run, feed, meter, stop)  # step 3: not a logging step (train.log_every=4)

@@ -28,7 +28,7 @@ from regionvlp.bench.common import interleaved_times
 from regionvlp.config import load_config
 from regionvlp.errors import UserError
 from regionvlp.region_learner import build_pathway
-from regionvlp.runtime import device_name, resolve_device, synchronize
+from regionvlp.runtime import device_name, get_autocast, resolve_device, synchronize
 
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain_learned.yaml"
@@ -45,11 +45,11 @@ FLAG_KEYS = {
 def _step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
              dtype: torch.dtype) -> Callable[[], None]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = dtype != torch.float32
+    autocast = get_autocast(dtype, device.type)  # fp32: autocast off
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        with autocast():
             loss = loss_fn()
         loss.backward()
         opt.step()

@@ -25,7 +25,6 @@ with ``selection: stock`` (tuned RPN), ``real_regions_per_frame`` the extractor'
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Any
@@ -36,16 +35,10 @@ from regionvlp.config import DetectorConfig
 from regionvlp.detector.detector import build_detector, detector_kwargs
 from regionvlp.detector.extractor import RegionExtractor
 from regionvlp.errors import UserError
-from regionvlp.runtime import device_name, resolve_device, synchronize
+from regionvlp.runtime import device_name, get_autocast, resolve_device, synchronize
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def _interleaved_best(variants: dict[str, Any], device: torch.device, *, warmup: int, iters: int
@@ -136,7 +129,7 @@ def box_agreement(regions: dict[str, torch.Tensor], stock: list[dict[str, torch.
 
 def _quality(ex: Any, ex_stock_sel: Any, stock_det: torch.nn.Module, frames: torch.Tensor, dev: torch.device,
              dtype: str) -> dict[str, float]:
-    with torch.inference_mode(), _autocast(dev, dtype):
+    with torch.inference_mode(), get_autocast(dtype, dev.type)():
         stock = _stock_call(stock_det, frames)
         mine, stock_sel = ex(frames), ex_stock_sel(frames)
     size = frames.shape[-1]
@@ -171,16 +164,16 @@ def bench_regions(arch: str = "fasterrcnn_resnet50_fpn", size: int = 384, batch:
     frames = _smooth_frames(batch, size, seed, dev)
 
     def backbone() -> None:
-        with torch.inference_mode(), _autocast(dev, dtype):
+        with torch.inference_mode(), get_autocast(dtype, dev.type)():
             x, _ = ex_tuned.preprocess(frames)
             dets["tuned"].rpn.head(list(dets["tuned"].backbone(x).values()))
 
     def stock() -> None:
-        with torch.inference_mode(), _autocast(dev, dtype):
+        with torch.inference_mode(), get_autocast(dtype, dev.type)():
             _stock_call(dets["stock"], frames)
 
     def extract(ex: RegionExtractor) -> None:
-        with _autocast(dev, dtype):  # the extractor autocasts itself on GPU only; same dtype on CPU too
+        with get_autocast(dtype, dev.type)():  # the extractor autocasts itself on GPU only; same dtype on CPU too
             ex(frames)
 
     variants = {"backbone": backbone, "extractor": lambda: extract(ex_tuned),

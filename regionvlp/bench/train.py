@@ -29,7 +29,7 @@ from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.synth import synth
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
-from regionvlp.runtime import autocast_for, device_name, peak_bytes, resolve_device, synchronize
+from regionvlp.runtime import device_name, get_autocast, peak_bytes, resolve_device, synchronize
 from regionvlp.train import engine as E
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -98,7 +98,7 @@ def training_step(cfg: Any, device: torch.device) -> tuple[Callable[[dict[str, A
     dtype = E.engine_dtype(ds)
 
     def step(batch: dict[str, Any]) -> None:
-        with autocast_for(device, dtype):
+        with get_autocast(dtype, device.type)():
             out = eng(prepare_batch(batch, extractor, device, dtype))
         eng.backward(out["loss"])
         eng.step()

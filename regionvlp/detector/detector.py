@@ -32,6 +32,7 @@ from torch import nn
 
 from regionvlp.errors import UserError
 from regionvlp.hub import cached_file, is_url
+from regionvlp.runtime import load_state_strict
 
 
 TORCHVISION_ARCHS = (
@@ -162,18 +163,6 @@ def _construct(arch: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
     return getattr(det, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **kw)
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing = ", ".join(result.missing_keys[:3])
-        unexpected = ", ".join(result.unexpected_keys[:3])
-        raise UserError(
-            f"detector weights {source} do not fit this arch "
-            f"({len(result.missing_keys)} missing keys e.g. [{missing}], "
-            f"{len(result.unexpected_keys)} unexpected e.g. [{unexpected}]); check model.detector.arch"
-        )
-
-
 def _replace_predictor(model: nn.Module, num_classes: int) -> None:
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
@@ -214,7 +203,7 @@ def build_detector(
                 f"set model.detector.arch={ckpt_arch}"
             )
         model = _construct(arch, ckpt_classes or COCO_NUM_CLASSES, kw)
-        _load_into(model, state, str(path))
+        load_state_strict(model, state, f"detector weights {path} do not fit this arch (check model.detector.arch)")
         if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
             _replace_predictor(model, num_classes)
         return model
@@ -234,7 +223,8 @@ def build_detector(
     cached = cached_file(member.url, "model.detector.weights", local="/path/to/detector.pth")
     weight_classes = len(member.meta["categories"])
     model = _construct(arch, weight_classes, kw)
-    _load_into(model, _load_file(cached), str(cached))
+    load_state_strict(model, _load_file(cached), f"detector weights {cached} do not fit this arch "
+                                                     "(check model.detector.arch)")
     if num_classes is not None and num_classes != weight_classes:
         _replace_predictor(model, num_classes)
     return model

@@ -30,7 +30,6 @@ it becoming a child, so optimizers, DeepSpeed and checkpoints never see its weig
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -42,10 +41,10 @@ from regionvlp.detector.detector import build_detector, detector_kwargs
 from regionvlp.detector.select import cluster_nms, host_ints, top_kept
 from regionvlp.errors import UserError
 from regionvlp.hub import apply_offline
+from regionvlp.runtime import get_autocast
 
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")
-SELECTIONS = ("region", "stock")
 MIN_BOX = 1e-2  # final boxes thinner than this are dropped, as torchvision's postprocess_detections
 
 
@@ -107,8 +106,6 @@ class RegionExtractor:
     def __init__(self, detector: nn.Module, num_regions: int = 30, nms_thresh: float = 0.5,
                  score_thresh: float = 0.0, autocast: str = "bf16", channels_last: bool = True,
                  arch: str = "", weights: str = "", selection: str = "region") -> None:
-        if selection not in SELECTIONS:
-            raise UserError(f"model.detector.selection is {selection!r}; choose one of {', '.join(SELECTIONS)}")
         self.detector = detector
         self.num_regions = int(num_regions)
         self.nms_thresh = float(nms_thresh)
@@ -155,12 +152,6 @@ class RegionExtractor:
         """What a checkpoint stores instead of the weights."""
         return {"arch": self.arch, "weights": self.weights, "num_regions": self.num_regions,
                 "nms_thresh": self.nms_thresh, "score_thresh": self.score_thresh, "selection": self.selection}
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type != "cuda" or self.autocast == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
 
     # -- stages
     def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -332,7 +323,8 @@ class RegionExtractor:
         flat = frames.reshape(-1, *frames.shape[-3:])  # [N,3,H,W]
         if self.detector.training:  # someone called .train() on the detector itself
             self.detector.eval()
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), get_autocast(self.autocast if self.device.type == "cuda" else None,
+                                                  self.device.type)():
             x, size = self.preprocess(flat)
             out = self.regions(x, size)
         # leave inference mode: the trainable region transformer must be able to save these for backward

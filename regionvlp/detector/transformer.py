@@ -29,6 +29,7 @@ from regionvlp.errors import UserError
 from regionvlp.hub import cached_file, is_url
 from regionvlp.layers import ClsToken, FrameEmbedding
 from regionvlp.outputs import VideoOutput
+from regionvlp.runtime import load_state_strict
 
 
 def box_vector(boxes: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,6 @@ def make_block(dim: int, heads: int, mlp_ratio: float, dropout: float) -> nn.Mod
     on attention weights, after the attention projection, inside and after the MLP."""
     from timm.models.vision_transformer import Block
 
-    if dim % heads:
-        raise UserError(f"model.region_transformer.hidden ({dim}) must be divisible by heads ({heads})")
     return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
 
 
@@ -233,15 +232,10 @@ def init_from_vit(model: RegionTransformer, source: str) -> list[str]:
     if vit_blocks < len(model.blocks):
         raise UserError(f"model.region_transformer.init: {source} has {vit_blocks} blocks but "
                         f"model.region_transformer.layers is {len(model.blocks)}; use layers <= {vit_blocks}")
-    missing = [k for k in own if k not in state]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or shapes:
-        detail = "; ".join(p for p in (f"missing: {', '.join(missing[:4])}" if missing else "",
-                                       f"shape (ViT vs here): {', '.join(shapes[:3])}" if shapes else "") if p)
-        raise UserError(f"model.region_transformer.init: {source} does not fit the region transformer "
-                        f"(hidden must be the ViT's width): {detail}")
-    model.load_state_dict({k: state[k] for k in own}, strict=False)
+    rest = tuple({k.split(".")[0] + "." for k in model.state_dict() if k not in own})  # keep their init
+    load_state_strict(model, {k: state[k] for k in own if k in state},
+                      f"model.region_transformer.init: {source} does not fit the region transformer "
+                      "(hidden must be the ViT's width)", allow_missing=rest)
     return sorted(own)
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from regionvlp.runtime import load_state_strict
+
 
 WEIGHTS_FILE = "extractor.safetensors"
 
@@ -32,4 +34,4 @@ def load_extractor_weights(extractor: Any, folder: Path) -> None:
     """Load ``folder/extractor.safetensors`` into the detector when the file exists."""
     path = Path(folder) / WEIGHTS_FILE
     if path.exists():
-        extractor.detector.load_state_dict(load_file(str(path)))
+        load_state_strict(extractor.detector, load_file(str(path)), f"{path} does not fit model.detector.arch")

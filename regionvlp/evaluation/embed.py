@@ -24,7 +24,7 @@ from regionvlp.errors import UserError
 from regionvlp.evaluation.metrics import MC_ANSWER_KEY, MC_OPTIONS_KEY
 from regionvlp.model import CLIP_KEYS, prepare_batch
 from regionvlp.outputs import TextOutput, VideoOutput
-from regionvlp.runtime import add_counts, model_dtype
+from regionvlp.runtime import add_counts, get_autocast, model_dtype
 
 
 @dataclass
@@ -131,15 +131,6 @@ def cat_text(parts: Sequence[TextOutput]) -> TextOutput:
                       word_mask=cat_to_largest([p.word_mask for p in parts], False))
 
 
-def autocast_like(model: torch.nn.Module, device: torch.device):
-    """bf16/fp16 autocast when the model's weights are half precision (e.g. a DeepSpeed
-    bf16 engine's module); autocast disabled for fp32 models."""
-    dtype = model_dtype(model)
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 class Tokenize:
     """Captions → (input_ids, attention_mask) with the data pipeline's tokenizer."""
 
@@ -188,7 +179,7 @@ def score_options(model: Any, video: VideoOutput, options: list[str], tokenize: 
                   device: torch.device) -> torch.Tensor:
     """Similarity [C] of one video (a [1, ...] slice) to each candidate caption."""
     ids, mask = tokenize(options)
-    with autocast_like(model, device):
+    with get_autocast(model_dtype(model), device.type)():
         t = text_to_cpu(model.encode_text(ids.to(device), mask.to(device)))
         s = model.similarity(video, t)  # [1, C]
     return s.float().flatten().cpu()
@@ -215,7 +206,7 @@ def encode_clips(model: Any, batch: dict[str, Any], batch_transform: Any, device
     """Video embeddings on the CPU; with N clips per video the N clips' [CLS] are averaged
     (then renormalised) and their regions concatenated ([B, N*R, D])."""
     n = clips_per_video
-    with autocast_like(model, device):
+    with get_autocast(model_dtype(model), device.type)():
         video = video_to_cpu(model.encode_video(prepare_batch(split_clips(batch, n) if n > 1 else batch,
                                                               batch_transform, device)))
     if n == 1:
@@ -265,7 +256,7 @@ def embed_texts(model: Any, captions: list[str], tokenize: Any, device: torch.de
     texts: list[TextOutput] = []
     for s in range(0, len(captions), text_batch):
         ids, mask = tokenize(captions[s : s + text_batch])
-        with autocast_like(model, device):
+        with get_autocast(model_dtype(model), device.type)():
             texts.append(text_to_cpu(model.encode_text(ids.to(device), mask.to(device))))
     if not texts:
         return TextOutput(cls=torch.zeros(0, 1), words=torch.zeros(0, 1, 1), word_mask=torch.zeros(0, 1, dtype=torch.bool))
@@ -400,7 +391,7 @@ def similarity_matrix(model: Any, emb: EvalEmbeddings, *, device: torch.device |
     slices are gathered."""
     device = torch.device(device)
     nv, nt = emb.video.cls.shape[0], emb.text.cls.shape[0]
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist.gather_active() else (1, 0)
+    rank, world = dist.group_rank_and_size()
     per = -(-nt // world)
     lo, hi = min(rank * per, nt), min((rank + 1) * per, nt)
     cols = torch.empty(nv, hi - lo)  # [Nv, my texts]
@@ -411,7 +402,7 @@ def similarity_matrix(model: Any, emb: EvalEmbeddings, *, device: torch.device |
         for vs in range(0, nv, video_chunk):
             v = slice_video(emb.video, slice(vs, vs + video_chunk))
             v = VideoOutput(cls=v.cls.to(device), regions=v.regions.to(device), region_mask=v.region_mask.to(device))
-            with autocast_like(model, device):
+            with get_autocast(model_dtype(model), device.type)():
                 cols[vs : vs + video_chunk, ts - lo : te - lo] = model.similarity(v, t).float().cpu()
     if world > 1:
         return dist.gather_nograd(cols.T.contiguous()).T.contiguous()

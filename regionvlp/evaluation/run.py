@@ -194,4 +194,4 @@ def run_eval(config: str | os.PathLike | None, checkpoint: str | os.PathLike, ov
         return out if dist.is_main() else None
     finally:
         if started:
-            torch.distributed.destroy_process_group()
+            dist.destroy_group()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from regionvlp.errors import UserError
 from regionvlp.hub import cached_file, is_url
+from regionvlp.runtime import load_state_strict
 
 
 def create_vit(name: str, img_size: int, pretrained: str = "none", depth: int = 0) -> nn.Module:
@@ -83,17 +84,8 @@ def _load_local(model: nn.Module, path: Path, name: str) -> None:
         raise UserError(f"model.learner.pretrained: cannot read {path} as '{name}' weights: {detail}") from None
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in own}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatch", mismatched)) if keys]
-        raise UserError(f"model.learner.pretrained: {path} does not load into '{name}' "
-                        f"(check backbone and depth): {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, f"model.learner.pretrained: {path} does not load into '{name}' "
+                                    "(check backbone and depth)")
 
 
 class TemporalAttention(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regionvlp.errors import UserError
+from regionvlp.runtime import load_state_strict
 from regionvlp.region_learner.interaction import adapt_state
 
 
@@ -101,51 +102,25 @@ def pathway_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return adapt_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def _short_list(keys: list[str], limit: int = 12) -> str:
-    more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_pathway_state(model: nn.Module, state: Mapping[str, torch.Tensor], *,
                        temporal: str = "interpolate") -> dict[str, list[str]]:
     """Strictly load ``state`` into a RegionLearner pathway (see the module doc).
 
     Returns ``{"resized": [...], "kept_init": [...]}`` naming the adapted keys.
     Raises :class:`UserError` listing missing/unexpected keys or shape mismatches."""
-    state = pathway_state(state)
+    state = dict(pathway_state(state))
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    kept_init = [k for k in missing if k.startswith("temporal.")]  # identity-initialised temporal attention
-    missing = [k for k in missing if k not in kept_init]
+    kept_init = [k for k in own if k not in state and k.startswith("temporal.")]  # identity-initialised
     resized: list[str] = []
-    adapted: dict[str, torch.Tensor] = {}
-    mismatched: list[str] = []
-    for key, value in state.items():
-        if key not in own:
-            continue
-        target = own[key]
-        if key in _TIME_KEYS and value.dim() == 2 and value.shape[1] == target.shape[1] \
+    for key in _TIME_KEYS:
+        value, target = state.get(key), own.get(key)
+        if value is not None and target is not None and value.dim() == 2 and value.shape[1] == target.shape[1] \
                 and value.shape[0] != target.shape[0]:
-            value = resize_time_embed(value, target.shape[0], temporal)
+            state[key] = resize_time_embed(value, target.shape[0], temporal)
             resized.append(key)
-        elif value.shape != target.shape:
-            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
-            continue
-        adapted[key] = value
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_short_list(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatch (checkpoint vs config): {_short_list(mismatched)}")
-        raise UserError("checkpoint does not match the RegionLearner config (backbone, codebook_size, code_dim, "
-                        "num_regions, interaction_layers must be the same): " + "; ".join(parts))
-    for key in kept_init:
-        adapted[key] = own[key]
-    model.load_state_dict(adapted, strict=True)
+    load_state_strict(model, state, "checkpoint does not match the RegionLearner config (backbone, codebook_size, "
+                                    "code_dim, num_regions, interaction_layers must be the same)",
+                      allow_missing=("temporal.",))
     return {"resized": resized, "kept_init": kept_init}
 
 

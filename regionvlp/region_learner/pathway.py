@@ -98,8 +98,6 @@ class RegionLearnerPathway(nn.Module):
         self.img_size = int(lcfg.img_size)
         self.max_frames = int(lcfg.max_frames)
         self.temporal_resize = str(lcfg.temporal_resize)  # init_from: time tables of another frame count
-        if self.max_frames < 1:
-            raise UserError(f"model.learner.max_frames must be >= 1, got {self.max_frames}")
         dim = vit.embed_dim
         heads = vit.blocks[0].attn.num_heads
         depth = len(vit.blocks)

@@ -29,9 +29,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from regionvlp import dist
+from regionvlp.runtime import get_autocast
 
 
 _EMA_BUFFERS = ("embed", "embed_sum", "cluster_size")
@@ -44,10 +46,6 @@ class QuantizerOutput:
     commitment: torch.Tensor  # [] beta * mean ||z - sg(code)||^2 (0 when beta == 0)
     perplexity: torch.Tensor  # [] exp(entropy) of code use in this (global) batch
     usage: torch.Tensor  # [] fraction of codes used in this (global) batch
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class EMAQuantizer(nn.Module):
@@ -105,7 +103,7 @@ class EMAQuantizer(nn.Module):
         embed = self.embed  # [C, d]
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code.
         # float32 even under autocast: bf16 distances would pick the wrong code.
-        with torch.autocast(flat.device.type, enabled=False):
+        with get_autocast(torch.float32, flat.device.type)():
             dist = torch.addmm(embed.pow(2).sum(1)[None, :], flat.float(), embed.t(), alpha=-2.0)  # [M, C]
         return dist.argmin(dim=1)  # [M]
 
@@ -154,10 +152,7 @@ class EMAQuantizer(nn.Module):
         else:
             pick = torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
         self.embed.copy_(flat[pick])
-        if _dist_ready():
-            import torch.distributed as dist
-
-            dist.broadcast(self.embed, src=0)
+        dist.broadcast_(self.embed, src=0)
         self.embed_sum.copy_(self.embed)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
@@ -167,12 +162,9 @@ class EMAQuantizer(nn.Module):
         """One EMA step from this batch (all ranks' batches when distributed); returns the
         global per-code counts."""
         sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)  # [C, d]
-        distributed = _dist_ready()
+        distributed = dist.gather_active()
         if distributed:
-            import torch.distributed as dist
-
-            stats = torch.cat([counts[:, None], sums], dim=1)  # [C, 1 + d], one collective
-            dist.all_reduce(stats)
+            stats = dist.all_reduce_sum_(torch.cat([counts[:, None], sums], dim=1))  # [C, 1 + d], one collective
             counts, sums = stats[:, 0].contiguous(), stats[:, 1:]
         d = self.decay
         self.cluster_size.mul_(d).add_(counts, alpha=1.0 - d)
@@ -196,9 +188,7 @@ class EMAQuantizer(nn.Module):
                 else torch.randint(m, (self.num_codes,), device=flat.device))  # [C] candidate rows
         cand = flat[pick]  # [C, d]
         if distributed:  # rank 0's candidates everywhere, so every rank restarts alike
-            import torch.distributed as dist
-
-            dist.broadcast(cand, src=0)
+            dist.broadcast_(cand, src=0)
         self.embed.copy_(torch.where(dead[:, None], cand, self.embed))
         self.embed_sum.copy_(torch.where(dead[:, None], cand * mean, self.embed_sum))
         self.cluster_size.copy_(torch.where(dead, mean, self.cluster_size))

@@ -7,8 +7,7 @@ import argparse
 import os
 import sys
 
-import torch.distributed as tdist
-
+from regionvlp import dist
 from regionvlp.errors import UserError
 from regionvlp.runtime import json_stdout, print_json
 from regionvlp.train import run
@@ -37,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"regionvlp: error: {err}", file=sys.stderr)
         return 2
-    if tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
+    dist.destroy_group(wait=True)
     return 0
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from regionvlp.checkpoint import consolidated_state_dict, find_checkpoint
 from regionvlp.errors import UserError
+from regionvlp.runtime import load_state_strict
 
 
 def init_weights(model: torch.nn.Module, source: Path) -> None:
@@ -60,19 +61,5 @@ def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
         load_own({k[len("pathway."):]: v for k, v in state.items() if k.startswith("pathway.")})
         rest = {k: v for k, v in rest.items() if not k.startswith("pathway.")}
         skip.append("pathway.")
-    try:
-        result = model.load_state_dict(rest, strict=False)  # strict by the checks below
-    except RuntimeError as err:  # shape mismatches raise even when not strict
-        mismatched = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        raise_mismatch(source, [], [], mismatched or [str(err).splitlines()[0]])
-    missing = [k for k in result.missing_keys if not k.startswith(tuple(skip))]
-    if missing or result.unexpected_keys:
-        raise_mismatch(source, missing, list(result.unexpected_keys), [])
-
-
-def raise_mismatch(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
-    parts = [f"{name}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
-             for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                ("shape mismatch (checkpoint vs config)", mismatched)) if keys]
-    raise UserError(f"train.init_from={source} does not match this config's model ({'; '.join(parts)}); "
-                    "use a checkpoint of the same pathway, text model and sizes")
+    load_state_strict(model, rest, f"train.init_from={source} does not match this config's model (use a checkpoint "
+                                   "of the same pathway, text model and sizes)", allow_missing=tuple(skip))

@@ -37,13 +37,17 @@ from regionvlp.detector.weights import load_extractor_weights, save_extractor_we
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
-from regionvlp.runtime import add_counts, autocast_for, local_device, peak_bytes
-from regionvlp.train import engine as E
+from regionvlp.runtime import add_counts, get_autocast, local_device, peak_bytes
+from regionvlp.train.engine import engine_dtype, initialize
+from regionvlp.train.checkpointer import Checkpointer
 from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
-from regionvlp.train.trackers import check_report_to, protocol_of
+from regionvlp.train.guards import (NonFiniteGuard, NonFiniteLossError, StopFlag, floor_parameter_, grad_norm_is_finite,
+                                    weights_are_finite)
+from regionvlp.train.optimizer import SkippableLambdaLR, clear_skip, rebuild_schedule, skip_next_step, step_lrs
 from regionvlp.train.state import (MetricsLog, TrainState, mean_finite, read_rng, read_train_state, set_rng_state,
                                    write_rng, write_train_state)
+from regionvlp.train.trackers import check_report_to, protocol_of
 from regionvlp.train.validate import validate
 
 
@@ -61,13 +65,13 @@ class Run:
     world: int
     engine: Any  # the DeepSpeed engine around the DualEncoder
     optimizer: torch.optim.Optimizer
-    scheduler: E.SkippableLambdaLR  # the LR schedule DeepSpeed steps (its .optimizer: the torch AdamW)
+    scheduler: SkippableLambdaLR  # the LR schedule DeepSpeed steps (its .optimizer: the torch AdamW)
     dtype: torch.dtype  # the engine's compute dtype
     zero_stage: int
     extractor: Any | None  # the frozen region extractor (detector pathway), never an engine child
-    ckpt: E.Checkpointer
+    ckpt: Checkpointer
     state: TrainState
-    guard: E.NonFiniteGuard
+    guard: NonFiniteGuard
     metrics: MetricsLog
     resumed_from: str | None = None
     pending_rng: dict[str, Any] | None = None  # restored once the data position is reached
@@ -178,7 +182,7 @@ def write_run_config(cfg: Any, run_dir: Path) -> None:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
             prepare_run_vocab(cfg, run_dir)
-    E.barrier()
+    dist.barrier()
 
 
 def build_extractor_for(cfg: Any, run_dir: Path, device: torch.device) -> Any | None:
@@ -203,18 +207,18 @@ def setup_run(cfg: Any) -> Run:
     torch.manual_seed(int(cfg.seed))  # same init on every rank
     extractor = build_extractor_for(cfg, run_dir, device)
     model = build_model(cfg)
-    ckpt = E.Checkpointer(run_dir, int(cfg.train.keep_last))
+    ckpt = Checkpointer(run_dir, int(cfg.train.keep_last))
     where = resolve_resume(str(cfg.train.resume), ckpt.dir)
     if where is None and list_tags(ckpt.dir):
         raise UserError(f"{ckpt.dir} already holds checkpoints of another run; continue it with "
                         "train.resume=auto, or pick a new run.out_dir")
     if where is None and str(cfg.train.init_from) not in ("", "none"):
         init_weights(model, Path(str(cfg.train.init_from)))
-    engine, optimizer, scheduler, ds = E.initialize(model, cfg)
+    engine, optimizer, scheduler, ds = initialize(model, cfg)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, world=dist.world_size(), engine=engine,
-              optimizer=optimizer, scheduler=scheduler, dtype=E.engine_dtype(ds),
+              optimizer=optimizer, scheduler=scheduler, dtype=engine_dtype(ds),
               zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)), extractor=extractor,
-              ckpt=ckpt, state=TrainState(), guard=E.NonFiniteGuard(int(cfg.train.max_nonfinite)),
+              ckpt=ckpt, state=TrainState(), guard=NonFiniteGuard(int(cfg.train.max_nonfinite)),
               metrics=MetricsLog(run_dir, False, None))
     if where is not None:
         resume(run, where)
@@ -233,7 +237,7 @@ def resume(run: Run, where: tuple[Path, str]) -> None:
     run.state = read_train_state(Path(where[0]) / where[1])
     run.pending_rng = read_rng(Path(where[0]) / where[1], dist.rank())
     run.resumed_from = str(Path(where[0]) / where[1])
-    changes = E.rebuild_schedule(run.scheduler, run.cfg)
+    changes = rebuild_schedule(run.scheduler, run.cfg)
     if dist.is_main():
         log.info("resumed from %s at step %d", run.resumed_from, run.state.step)
         if changes:
@@ -241,11 +245,11 @@ def resume(run: Run, where: tuple[Path, str]) -> None:
 
 
 # ----------------------------------------------------------------------- step
-def agree(run: Run, feed: BatchFeed, stop: E.StopFlag, loss_ok: torch.Tensor) -> Verdict:
+def agree(run: Run, feed: BatchFeed, stop: StopFlag, loss_ok: torch.Tensor) -> Verdict:
     """The step's one collective and one host sync: ``[non-finite, loader ended, stop]``
     summed over ranks. Non-finite: any micro-batch loss (``loss_ok`` False) or the
     gradient norm this rank holds."""
-    ok = loss_ok & E.grad_norm_is_finite(run.engine.module).to(loss_ok.device)
+    ok = loss_ok & grad_norm_is_finite(run.engine.module).to(loss_ok.device)
     local = torch.stack([(~ok).float(), torch.tensor(float(feed.ended), device=ok.device),
                          torch.tensor(float(stop.requested), device=ok.device)])
     total = dist.all_reduce_sum(local.to(run.device))
@@ -264,7 +268,7 @@ def micro_batches(run: Run, feed: BatchFeed, meter: Meter) -> torch.Tensor:
         meter.waited(waited)
         if not feed.ended:
             add_counts(run.state.skipped, batch.get("skipped"))
-        with autocast_for(run.device, run.dtype):
+        with get_autocast(run.dtype, run.device.type)():
             out = run.engine(run.prepare(batch))
         loss_ok = loss_ok & torch.isfinite(out["loss"].detach()).all()
         run.engine.backward(out["loss"])
@@ -274,16 +278,16 @@ def micro_batches(run: Run, feed: BatchFeed, meter: Meter) -> torch.Tensor:
     return loss_ok
 
 
-def train_step(run: Run, feed: BatchFeed, meter: Meter, stop: E.StopFlag) -> Verdict:
+def train_step(run: Run, feed: BatchFeed, meter: Meter, stop: StopFlag) -> Verdict:
     """One optimizer step: the micro-batches, the ranks' agreement, then the engine step,
     which applies no update (and leaves the schedule) when the step is skipped for a
     non-finite loss / gradient norm or discarded at an epoch end."""
     verdict = agree(run, feed, stop, micro_batches(run, feed, meter))
     base_opt = run.scheduler.optimizer
     if not verdict.apply:
-        E.skip_next_step(base_opt, run.scheduler)
+        skip_next_step(base_opt, run.scheduler)
     run.engine.step()
-    E.clear_skip(base_opt, run.scheduler)
+    clear_skip(base_opt, run.scheduler)
     if verdict.apply and not run.engine.was_step_applied():  # DeepSpeed's own overflow check (ZeRO)
         verdict.nonfinite = True
     if verdict.ended:
@@ -303,7 +307,7 @@ def count_nonfinite(run: Run) -> None:
     checkpoints taken since the streak began, then abort."""
     try:
         run.guard.check(False, run.state.step)
-    except E.NonFiniteLossError:
+    except NonFiniteLossError:
         run.ckpt.set_aside(run.guard.first_of_streak)
         raise
     run.state.nonfinite = run.guard.total
@@ -316,7 +320,7 @@ def floor_temperature(run: Run) -> None:
     """A learnable temperature back to ``loss.min_temperature`` after the step."""
     loss = run.engine.module.loss
     if isinstance(loss.log_temperature, torch.nn.Parameter):
-        E.floor_parameter_(loss.log_temperature, loss.log_temperature_floor)
+        floor_parameter_(loss.log_temperature, loss.log_temperature_floor)
 
 
 def end_step(run: Run, meter: Meter) -> None:
@@ -338,7 +342,7 @@ def log_step(run: Run, meter: Meter, frames: int | None, pbar: Any) -> None:
     record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "frames": frames}
     record.update(meter.window())
     meter.flush_losses(state)
-    record.update({f"lr_{k}": v for k, v in E.step_lrs(run.scheduler, state.step).items()})
+    record.update({f"lr_{k}": v for k, v in step_lrs(run.scheduler, state.step).items()})
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None and math.isfinite(float(grad_norm)):
         record["grad_norm"] = float(grad_norm)
@@ -364,8 +368,8 @@ def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     """A checkpoint of this step: engine + optimizer + schedule (DeepSpeed, every rank),
     the train state and config as client state, this rank's RNG state and loader position.
     Weights that are not finite are never saved (the run stops instead)."""
-    if dist.any_rank(not E.weights_are_finite(run.engine.module), run.device):
-        raise E.NonFiniteLossError(f"the weights are not finite after step {run.state.step}: nothing saved; "
+    if dist.any_rank(not weights_are_finite(run.engine.module), run.device):
+        raise NonFiniteLossError(f"the weights are not finite after step {run.state.step}: nothing saved; "
                                    "lower optim.lr and resume from the last checkpoint with train.resume=auto")
     meter.flush_losses(run.state)
     saved = asdict(run.state)
@@ -379,7 +383,7 @@ def save(run: Run, meter: Meter, feed: BatchFeed | None = None) -> Path:
     return run.ckpt.save(run.engine, run.state.step, {"regionvlp_checkpoint": 2})
 
 
-def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: E.StopFlag, stop_now: bool, pbar: Any) -> str | None:
+def after_step(run: Run, meter: Meter, feed: BatchFeed, stop: StopFlag, stop_now: bool, pbar: Any) -> str | None:
     """Logging, validation and checkpointing when due; the stop reason when a signal
     asked the run to stop (``stop_now``, agreed in the step's collective; after its
     checkpoint), else None."""
@@ -460,7 +464,7 @@ def run_loop(run: Run) -> dict[str, Any]:
     stopped = "max_steps"
     run.engine.train()
     try:  # the bar is closed before an error is printed, so the error stays the last line
-        with E.StopFlag() as stop:
+        with StopFlag() as stop:
             while run.state.step < run.max_steps:
                 if feed.follow_curriculum() and run.pending_rng is not None:
                     set_rng_state(run.pending_rng)  # the replay drew randoms: restore after it

@@ -11,7 +11,7 @@ from regionvlp.data import build_loader
 from regionvlp.evaluation import evaluate_model
 from regionvlp.model import prepare_batch
 from regionvlp.qa.evaluate import evaluate_qa, run_vocab
-from regionvlp.runtime import autocast_for
+from regionvlp.runtime import get_autocast
 
 VAL_METRICS = ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "t2v_medr")
 QA_VAL_METRICS = ("qa_accuracy", "qa_majority_accuracy")
@@ -33,7 +33,7 @@ def val_loss(engine: Any, cfg: Any, extractor: Any | None, device: torch.device,
                 break
             real = batch is not None
             batch = last = batch if real else last
-            with autocast_for(device, dtype):
+            with get_autocast(dtype, device.type)():
                 out = engine(prepare_batch(batch, extractor, device, dtype))
             if real:
                 n = len(batch["__key__"])
@@ -64,12 +64,12 @@ def validate(engine: Any, cfg: Any, extractor: Any | None, device: torch.device,
     out = val_loss(engine, cfg, extractor, device, dtype, num_frames, fallback)
     if zero_stage < 3 and cfg.qa.enabled:
         engine.module.answers = run_vocab(cfg)
-        with autocast_for(device, dtype):
+        with get_autocast(dtype, device.type)():
             metrics = evaluate_qa(engine.module, cfg, "val", batch_transform=extractor, device=device)
         out.update({f"val_{k}": float(v) for k, v in metrics.items() if k in QA_VAL_METRICS})
         engine.train()
     elif zero_stage < 3:
-        with autocast_for(device, dtype):
+        with get_autocast(dtype, device.type)():
             metrics = evaluate_model(engine.module, cfg, "val", batch_transform=extractor, device=device,
                                      progress=False)
         out.update({f"val_{k}": float(v) for k, v in metrics.items() if k in VAL_METRICS})

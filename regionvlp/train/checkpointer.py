@@ -1,0 +1,81 @@
+"""DeepSpeed checkpoints of a training run: save on every rank, keep the last K, a
+manifest of what was written (:mod:`.manifest`), resume only from those."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from regionvlp import dist
+from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manifest
+from regionvlp.errors import UserError
+from regionvlp.train import manifest
+
+
+class Checkpointer:
+    """DeepSpeed checkpoints under ``run_dir/checkpoints/stepNNNNNNNN``, newest K kept.
+
+    Every rank must call :meth:`save` (DeepSpeed writes per-rank optimizer shards).
+    ``client_state.done`` marks a checkpoint whose every file is written, so a run
+    killed mid-save never resumes from a torn checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = max(1, int(keep_last))
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        dist.barrier()
+        if dist.is_main():
+            old = [t for t in list_tags(self.dir) if t != tag]
+            keep = (old + [tag])[-self.keep_last:]
+            write_manifest(self.dir / tag)  # the folder's files and their SHA-256
+            manifest.record(self.dir, tag, keep)  # and that this run wrote it; before the done marker
+            (self.dir / tag / "client_state.done").write_text(str(step))
+            for stale in old:
+                if stale not in keep:
+                    shutil.rmtree(self.dir / stale, ignore_errors=True)
+        dist.barrier()
+        return self.dir / tag
+
+    def set_aside(self, from_step: int) -> list[str]:
+        """Rename the checkpoints of step >= ``from_step`` to ``stepNNNNNNNN.nonfinite``
+        (rank 0), so ``train.resume=auto`` continues from the newest one whose weights still
+        gave a finite loss. Returns the tags set aside."""
+        bad = [t for t in list_tags(self.dir) if int(t[4:]) >= from_step]
+        if dist.is_main() and bad:
+            manifest.forget(self.dir, bad)
+            for tag in bad:
+                shutil.rmtree(self.dir / f"{tag}.nonfinite", ignore_errors=True)  # from an earlier abort
+                (self.dir / tag).rename(self.dir / f"{tag}.nonfinite")
+        dist.barrier()
+        return bad
+
+    def check(self, where: tuple[Path, str]) -> None:
+        """Refuse (on every rank, with rank 0's message) a folder this run did not write, or
+        one changed since: DeepSpeed's load unpickles its files (see
+        :mod:`regionvlp.train.manifest`)."""
+        problem = None
+        if dist.is_main():
+            try:
+                check_manifest(Path(where[0]) / where[1], self.dir)  # in this run's folder, files unchanged
+                manifest.check(self.dir, where[1])  # and saved by this run, not copied in
+            except UserError as err:
+                problem = str(err)
+        problem = dist.gather_objects(problem)[0] if dist.gather_active() else problem
+        if problem:
+            raise UserError(problem)
+
+    def load(self, engine: Any, where: tuple[Path, str]) -> dict[str, Any]:
+        """Engine, optimizer and schedule state from a checkpoint this run wrote."""
+        self.check(where)
+        load_dir, tag = where
+        path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"could not load checkpoint {load_dir}/{tag}; pass train.resume=none to start over")
+        return client or {}
+
