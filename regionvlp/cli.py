@@ -190,11 +190,8 @@ def _add_qa(sub: argparse._SubParsersAction) -> None:
 def _cmd_shards_write(args: argparse.Namespace) -> dict:
     from regionvlp.data.writer import write_shards
 
-    return write_shards(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
-                        max_side=args.max_side, max_seconds=args.max_seconds, fps=args.fps,
-                        video_col=args.video_col, caption_col=args.caption_col, keep_frames=args.keep_frames,
-                        drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, qa=args.qa,
-                        max_caption_chars=args.max_caption_chars)
+    return write_shards(args.src, args.out, video_col=args.video_col, caption_col=args.caption_col, qa=args.qa,
+                        **_write_options(args))
 
 
 def _cmd_shards_convert(args: argparse.Namespace) -> dict:
@@ -209,6 +206,26 @@ def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="frame shards: store N evenly spaced frames per clip as JPEG (frame000.jpg ...)")
     p.add_argument("--drop-video", action="store_true", help="with --keep-frames: leave the video out of the sample")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (1-100)")
+
+
+def _add_write_options(p: argparse.ArgumentParser) -> None:
+    """The shard writer's options, shared by `shards write` and `datasets prepare`."""
+    p.add_argument("--shard-size", type=_positive_int, default=1000, help="inputs per shard")
+    p.add_argument("--workers", type=_count, default=1, help="processes reading/re-encoding videos")
+    p.add_argument("--max-side", type=_positive_int, default=None,
+                   help="re-encode videos whose longer side exceeds this; with --keep-frames: the stored frames' "
+                        "short side instead (the video keeps its size)")
+    p.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
+    p.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
+    _add_frame_options(p, required=False)
+    p.add_argument("--max-caption-chars", type=_positive_int, default=2000,
+                   help="cut longer captions to this many characters (counted in captions_cut)")
+
+
+def _write_options(args: argparse.Namespace) -> dict:
+    return dict(shard_size=args.shard_size, workers=args.workers, max_side=args.max_side,
+                max_seconds=args.max_seconds, fps=args.fps, keep_frames=args.keep_frames,
+                drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars)
 
 
 def _cmd_shards_check(args: argparse.Namespace) -> dict:
@@ -228,21 +245,12 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     w = ssub.add_parser("write", help="CSV/JSONL manifest or folder of videos + .txt captions -> tar shards")
     w.add_argument("src", help="manifest (.csv/.tsv with a header, .jsonl) or a folder of videos with sidecar .txt")
     w.add_argument("out", help="output folder (NNNNNN.tar, sizes.json, skipped.jsonl)")
-    w.add_argument("--shard-size", type=_positive_int, default=1000, help="inputs per shard")
-    w.add_argument("--workers", type=_count, default=1, help="processes reading/re-encoding videos")
-    w.add_argument("--max-side", type=_positive_int, default=None,
-                   help="re-encode videos whose longer side exceeds this; with --keep-frames: the stored frames' "
-                        "short side instead (the video keeps its size)")
-    w.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
-    w.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
+    _add_write_options(w)
     w.add_argument("--video-col", default=None, help="manifest column with the video path or URL")
     w.add_argument("--caption-col", default=None, help="manifest column with the caption")
     w.add_argument("--qa", default=None, metavar="FILE",
                    help="video QA annotations joined by video id: the MSRVTT-QA / MSVD-QA JSON or JSONL "
                         "with video_id, question, answer (inputs with QA pairs need no caption)")
-    _add_frame_options(w, required=False)
-    w.add_argument("--max-caption-chars", type=_positive_int, default=2000,
-                   help="cut longer captions to this many characters (counted in captions_cut)")
     w.set_defaults(func=_cmd_shards_write)
     v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
     v.add_argument("urls", nargs="+", help="input shard specs (brace patterns allowed)")
@@ -259,6 +267,37 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     c.add_argument("--strict", action="store_true", help="exit 1 (after the JSON) when anything is bad")
     c.set_defaults(func=_cmd_shards_check)
+
+
+# ---------------------------------------------------------------------- datasets
+def _cmd_datasets_list(args: argparse.Namespace) -> dict:
+    from regionvlp.data.datasets import list_datasets
+
+    return list_datasets()
+
+
+def _cmd_datasets_prepare(args: argparse.Namespace) -> dict:
+    from regionvlp.data.datasets.prepare import prepare_dataset
+
+    return prepare_dataset(args.name, args.annotations, args.videos, args.out, args.split, **_write_options(args))
+
+
+def _add_datasets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datasets", help="public benchmarks and pretraining sets from their own annotation files")
+    dsub = p.add_subparsers(dest="datasets_command", required=True)
+    dsub.add_parser("list", help="the datasets prepare knows, the files each reads, their splits").set_defaults(
+        func=_cmd_datasets_list)
+    d = dsub.add_parser("prepare", help="a dataset's annotation files as shipped + its videos -> OUT/SPLIT shards",
+                        description="Reads NAME's annotation files as their authors ship them, finds each clip "
+                                    "under --videos by the dataset's own naming, and writes OUT/SPLIT/NNNNNN.tar, "
+                                    "sizes.json and dataset.json (see docs/datasets.md).")
+    d.add_argument("name", help="dataset (regionvlp datasets list)")
+    d.add_argument("--annotations", nargs="+", required=True, metavar="PATH", help="the annotation files, as shipped")
+    d.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (any depth)")
+    d.add_argument("out", help="output folder; each split goes to OUT/SPLIT")
+    d.add_argument("--split", default=None, help="write this split only (default: every split the files give)")
+    _add_write_options(d)
+    d.set_defaults(func=_cmd_datasets_prepare)
 
 
 # -------------------------------------------------------------------------- data
@@ -695,6 +734,7 @@ _PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_synth,
     _add_shards,
+    _add_datasets,
     _add_qa,
     _add_eval,
     _add_compare,

@@ -36,6 +36,7 @@ MAX_ANNOTATION_BYTES = 1 << 30
 class QAPair:
     question: str
     answer: str  # normalised (normalize_answer)
+    qtype: str = ""  # a stored question type (MSRVTT-QA category_id), else "" (first-word rule)
 
 
 def normalize_answer(answer: Any) -> str:
@@ -76,7 +77,9 @@ def qa_pairs(meta: dict[str, Any]) -> tuple[list[QAPair], list[str]]:
         elif answer is None or isinstance(answer, (dict, list)) or not normalize_answer(answer):
             bad.append(f"qa[{i}] has no answer")
         else:
-            pairs.append(QAPair(" ".join(question.split()), normalize_answer(answer)))
+            qtype = item.get("question_type")
+            qtype = qtype if isinstance(qtype, str) and qtype in QUESTION_TYPES else ""
+            pairs.append(QAPair(" ".join(question.split()), normalize_answer(answer), qtype))
     return pairs, bad
 
 
@@ -196,7 +199,7 @@ def qa_samples(samples: Iterable[dict[str, Any]], *, training: bool, vocab: QAVo
         for i, pair in chosen:
             yield {**s, "caption": pair.question, "question": pair.question, "answer": pair.answer,
                    "answer_id": vocab.id_of(pair.answer) if vocab is not None else -1,
-                   "question_type": question_type(pair.question), "qa_index": i}
+                   "question_type": pair.qtype or question_type(pair.question), "qa_index": i}
 
 
 # ------------------------------------------------------------------ annotations
@@ -251,21 +254,25 @@ def load_annotations(path: str | Path) -> tuple[dict[str, list[dict[str, str]]],
 
 
 def join_annotations(clip_ids: dict[int, set[str]], by_video: dict[str, list[dict[str, str]]]
-                     ) -> tuple[dict[int, list[dict[str, str]]], int]:
+                     ) -> tuple[dict[int, list[dict[str, str]]], dict[str, int]]:
     """Clip index -> its pairs (a clip matches a video id by any :func:`id_candidates`);
-    also the number of annotated pairs that matched no clip."""
+    also the annotated video ids that matched no clip (id -> pairs). An id that names two
+    clips under two naming schemes (``7`` -> ``video7`` and ``vid7``) is an error."""
     lookup: dict[str, int] = {}
     for index, names in clip_ids.items():
         for name in names:
             lookup.setdefault(name, index)
     joined: dict[int, list[dict[str, str]]] = {}
-    unmatched = 0
+    unmatched: dict[str, int] = {}
     for vid, pairs in by_video.items():
-        index = next((lookup[c] for c in sorted(id_candidates(vid)) if c in lookup), None)
-        if index is None:
-            unmatched += len(pairs)
+        hits = {lookup[c]: c for c in sorted(id_candidates(vid)) if c in lookup}
+        if len(hits) > 1:
+            raise UserError(f"--qa: video id {vid} matches {len(hits)} clips under different naming schemes "
+                            f"({' and '.join(sorted(hits.values()))}); keep the clips of one dataset only")
+        if not hits:
+            unmatched[vid] = len(pairs)
         else:
-            joined.setdefault(index, []).extend(pairs)
+            joined.setdefault(next(iter(hits)), []).extend(pairs)
     return joined, unmatched
 
 

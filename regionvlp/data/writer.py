@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from regionvlp.data.decode import DecodeError, decode_pyav, reformat
+from regionvlp.data.matching import QA_JOIN_HINT, check_match, check_written, match_report, mc_captions
 from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.errors import UserError
@@ -109,7 +110,8 @@ def _captions_of(value: Any) -> list[str]:
     return out
 
 
-def _pick_col(columns: list[str], wanted: Optional[str], candidates: tuple[str, ...], what: str, src: Path, flag: str) -> str:
+def _pick_col(columns: list[str], wanted: Optional[str], candidates: tuple[str, ...], what: str, src: Path, flag: str,
+              optional: bool = False) -> Optional[str]:
     if wanted is not None:
         if wanted not in columns:
             raise UserError(f"{src}: no column '{wanted}' (columns: {', '.join(columns)}); fix {flag}")
@@ -118,6 +120,8 @@ def _pick_col(columns: list[str], wanted: Optional[str], candidates: tuple[str, 
     for cand in candidates:
         if cand.lower() in lower:
             return lower[cand.lower()]
+    if optional:  # a QA-only manifest: the clips' QA pairs stand in for captions
+        return None
     raise UserError(f"{src}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); pass {flag}")
 
 
@@ -128,8 +132,11 @@ def _resolve(source: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path))
 
 
-def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Item]:
-    """Rows of a CSV (header line) or JSONL manifest as :class:`Item` s, in file order."""
+def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optional[str] = None,
+                  qa_join: bool = False) -> list[Item]:
+    """Rows of a CSV (header line) or JSONL manifest as :class:`Item` s, in file order. A
+    manifest needs no caption column when its rows carry ``qa`` pairs or ``qa_join``
+    (``--qa``) gives them."""
     rows: list[dict[str, Any]] = []
     try:
         if src.suffix.lower() == ".json":  # one JSON array of row objects
@@ -166,14 +173,17 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
         raise UserError(f"{src}: the manifest has no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))
     vcol = _pick_col(columns, video_col, VIDEO_COLS, "video path or URL", src, "--video-col")
-    ccol = _pick_col(columns, caption_col, CAPTION_COLS, "caption", src, "--caption-col")
+    qa_only = qa_join or all("qa" in row for row in rows)
+    ccol = _pick_col(columns, caption_col, CAPTION_COLS, "caption", src, "--caption-col", optional=qa_only)
     width = max(8, len(str(len(rows) - 1)))
     items = []
     for i, row in enumerate(rows):
         source = row.get(vcol)
         source = _resolve(str(source), src.parent) if source not in (None, "") else ""
         extra = {k: v for k, v in row.items() if k not in (vcol, ccol) and k is not None}
-        items.append(Item(i, f"{i:0{width}d}", source, _captions_of(row.get(ccol)), extra))
+        value = row.get(ccol) if ccol is not None else None
+        mc = mc_captions(value, extra)
+        items.append(Item(i, f"{i:0{width}d}", source, _captions_of(value) if mc is None else mc, extra))
     return items
 
 
@@ -200,19 +210,20 @@ def read_inputs(src: str | Path, out: str | Path, video_col: Optional[str], capt
     with every caption cut to ``max_caption_chars``, and the summary keys this adds
     (``captions_cut``, ``qa`` when QA annotations are joined)."""
     out = local_output(out, "shards write")
-    items = read_source(src, video_col, caption_col)
+    items = read_source(src, video_col, caption_col, qa_join=qa is not None)
     extra: dict[str, Any] = {"captions_cut": cut_captions(items, max_caption_chars)}
     if qa is not None:
         extra["qa"] = join_qa(items, qa)
     return out, items, extra
 
 
-def read_source(src: str | Path, video_col: Optional[str] = None, caption_col: Optional[str] = None) -> list[Item]:
+def read_source(src: str | Path, video_col: Optional[str] = None, caption_col: Optional[str] = None,
+                qa_join: bool = False) -> list[Item]:
     src = Path(src)
     if src.is_dir():
         return scan_folder(src)
     if src.is_file():
-        return read_manifest(src, video_col, caption_col)
+        return read_manifest(src, video_col, caption_col, qa_join)
     raise UserError(f"shards write: SRC '{src}' is neither a manifest file nor a folder")
 
 
@@ -230,10 +241,14 @@ def join_qa(items: list[Item], path: str | Path) -> dict[str, Any]:
                 names |= id_candidates(it.extra[col])
         clip_ids[i] = names
     joined, unmatched = join_annotations(clip_ids, by_video)
+    names = sorted({n for it in items if it.source for n in id_candidates(it.source.rsplit("/", 1)[-1])})
+    match = check_match(match_report(len(by_video) - len(unmatched), len(by_video), list(unmatched), names),
+                        f"shards write --qa {path}", QA_JOIN_HINT)
     for i, pairs in joined.items():
         items[i].extra["qa"] = pairs
     return {"pairs": sum(len(p) for p in joined.values()), "clips_with_qa": len(joined),
-            "clips_without_qa": len(items) - len(joined), "unmatched_pairs": unmatched, "skipped": skipped}
+            "clips_without_qa": len(items) - len(joined), "unmatched_pairs": sum(unmatched.values()),
+            "skipped": skipped, **({"warning": match["warning"]} if "warning" in match else {})}
 
 
 # ---------------------------------------------------------------------- per input
@@ -338,6 +353,8 @@ def _ext_for(source: str, fmt: str) -> Optional[str]:
 
 def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
     """The tar members of one input; raises :class:`SkipItem`."""
+    if "mc_error" in item.extra:
+        raise SkipItem("bad_mc_question", item.extra["mc_error"])
     if not item.captions and "qa" not in item.extra:  # a QA clip needs no caption
         raise SkipItem("missing_caption", "no caption" + (" (.txt sidecar missing or empty)" if "file" in item.extra else ""))
     data = _read_media(item.source)
@@ -484,6 +501,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
 
     sizes, skipped, skipped_items, total_bytes = finish_outputs(
         out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
+    check_written(sum(sizes.values()), len(items), skipped, "shards write")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
             "inputs": len(items), "resumed_shards": len(done), "urls": shard_urls(out, n_shards), "bytes": total_bytes,
             "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}

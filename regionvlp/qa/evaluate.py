@@ -38,6 +38,7 @@ class QARecord:
     question: str
     answer: str
     prediction: str
+    qtype: str = ""  # the sample's question type (a stored category_id, else the first-word rule)
 
 
 def unwrap(model: Any) -> Any:
@@ -62,8 +63,9 @@ def answer_local(model: Any, batches: Iterable[Mapping[str, Any]], *, batch_tran
             continue  # drain the skip counts only
         b = prepare_batch(batch, None, device)  # on the device; the extractor runs once per clip in predict_ids
         ids = model.predict_ids(b, batch_transform).cpu().tolist()  # one transfer per batch
-        records += [QARecord(k, int(i), q, a, model.answers[p]) for k, i, q, a, p in
-                    zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids)]
+        types = batch.get("question_type") or [""] * len(ids)
+        records += [QARecord(k, int(i), q, a, model.answers[p], t) for k, i, q, a, p, t in
+                    zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids, types)]
     return records, skipped
 
 
@@ -106,7 +108,7 @@ def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any =
         for k, v in part.items():
             total_skipped[k] = total_skipped.get(k, 0) + v
     out = qa_metrics([r.prediction for r in records], [r.answer for r in records],
-                     [r.question for r in records], model.answers[0])
+                     [r.question for r in records], model.answers[0], types=[r.qtype for r in records])
     out.update(qa_duplicates=duplicates, num_videos=len({r.key for r in records}), skipped=total_skipped,
                qa_vocab_size=len(model.answers), world_size=dist.world_size())
     return out

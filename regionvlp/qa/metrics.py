@@ -23,15 +23,18 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
 
 
 def qa_metrics(predictions: Sequence[str], answers: Sequence[str], questions: Sequence[str],
-               majority: str) -> dict[str, Any]:
+               majority: str, types: Sequence[str] | None = None) -> dict[str, Any]:
     """``qa_accuracy``, ``qa_majority_accuracy``, ``qa_accuracy_<type>`` and
-    ``qa_count_<type>`` for every question type, ``num_questions`` (percentages)."""
+    ``qa_count_<type>`` for every question type, ``num_questions`` (percentages). A
+    question's type is ``types[i]`` when given and not empty (a stored ``category_id``),
+    else its first word."""
     out: dict[str, Any] = {
         "qa_accuracy": accuracy(predictions, answers),
         "qa_majority_accuracy": accuracy([majority] * len(answers), answers),
         "num_questions": len(answers),
     }
-    types = [question_type(q) for q in questions]
+    given = list(types) if types is not None else [""] * len(questions)
+    types = [t or question_type(q) for t, q in zip(given, questions)]
     for kind in QUESTION_TYPES:
         idx = [i for i, t in enumerate(types) if t == kind]
         out[f"qa_count_{kind}"] = len(idx)
