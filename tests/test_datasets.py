@@ -340,3 +340,51 @@ def test_bad_mc_questions_are_counted(msrvtt, tmp_path):
                                {"video": "video7012.mp4", "caption": ["a", "b"], "answer": 1}]))
     split = read([bad])["test_mc"]
     assert split.skipped == {"bad_mc_question": 2} and [c.id for c in split.clips] == ["video7012"]
+
+
+# ------------------------------------------------------- shards write: the same rules
+def test_shards_write_qa_only_manifest_and_failed_joins(msvd, clip, tmp_path, capsys):
+    """The issue's reports, in the manifest/--qa path of `shards write`."""
+    qa = tmp_path / "train_qa.json"
+    qa.write_text(json.dumps(df.qa_rows([1, 2], per_clip=2)))
+    # MSVD-QA ids against MSVD's YouTube-named clips: 0 joined is exit 2, naming ids and files
+    code, _, err = run_cli(capsys, "shards", "write", msvd["root"] / "YouTubeClips", tmp_path / "o1", "--qa", qa)
+    assert code == 2 and "0 of 2 annotated ids matched" in err and "-4wsuPCjDBc_5_15" in err
+    assert "datasets prepare msvd_qa" in err
+    # a QA-only manifest (video,video_id) needs no caption column
+    for n in (1, 2):
+        df.place(clip, tmp_path / "clips" / f"vid{n}.mp4")
+    (tmp_path / "qa_only.csv").write_text("video,video_id\nclips/vid1.mp4,1\nclips/vid2.mp4,2\n")
+    code, out, _ = run_cli(capsys, "shards", "write", tmp_path / "qa_only.csv", tmp_path / "o2", "--qa", qa)
+    assert code == 0 and out["samples"] == 2 and out["qa"]["pairs"] == 4
+    # an integer id naming vidN and videoN clips at once is an error naming both
+    df.place(clip, tmp_path / "clips" / "video1.mp4")
+    code, _, err = run_cli(capsys, "shards", "write", tmp_path / "clips", tmp_path / "o3", "--qa", qa)
+    assert code == 2 and "vid1" in err and "video1" in err and "naming schemes" in err
+
+
+def test_shards_write_low_match_warns_and_nothing_written_fails(clip, tmp_path, capsys):
+    df.place(clip, tmp_path / "clips" / "video0.mp4")
+    qa = tmp_path / "test_qa.json"
+    qa.write_text(json.dumps(df.qa_rows([0, 1, 2, 3], per_clip=1)))
+    code, out, err = run_cli(capsys, "shards", "write", tmp_path / "clips", tmp_path / "o1", "--qa", qa)
+    assert code == 0 and out["qa"]["pairs"] == 1 and "only 1 of 4" in out["qa"]["warning"]
+    assert "warning" in err and "first unmatched ids: 1, 2, 3" in err
+    (tmp_path / "m.csv").write_text("video,caption\nnope/a.mp4,a dog\nnope/b.mp4,a cat\n")
+    code, _, err = run_cli(capsys, "shards", "write", tmp_path / "m.csv", tmp_path / "o2")
+    assert code == 2 and "0 of 2 inputs written (missing_video: 2)" in err and "do not exist" in err
+
+
+def test_shards_write_list_caption_with_answer_is_multiple_choice(clip, tmp_path, capsys):
+    from regionvlp.data import iter_samples
+
+    df.place(clip, tmp_path / "video9770.mp4")
+    df.place(clip, tmp_path / "video9771.mp4")
+    (tmp_path / "mc.json").write_text(json.dumps([
+        {"video": "video9770.mp4", "caption": ["a man sings", "a dog runs", "a car drives"], "answer": 1},
+        {"video": "video9771.mp4", "caption": ["a", "b"], "answer": 5}]))  # answer outside the options
+    code, out, _ = run_cli(capsys, "shards", "write", tmp_path / "mc.json", tmp_path / "o")
+    assert code == 0 and out["samples"] == 1 and out["skipped"] == {"bad_mc_question": 1}
+    (sample,) = list(iter_samples(out["urls"]))
+    assert sample["meta"]["captions"] == ["a dog runs"] and sample["meta"]["answer"] == 1
+    assert sample["meta"]["options"] == ["a man sings", "a dog runs", "a car drives"]
