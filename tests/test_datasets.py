@@ -15,7 +15,6 @@ import torch
 import dataset_files as df
 from regionvlp.cli import main
 from regionvlp.data.datasets import ADAPTERS
-from regionvlp.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EVAL = ["data.num_frames=2", "data.size=64", "data.batch_size=4", "data.num_workers=0", "run.device=cpu"]

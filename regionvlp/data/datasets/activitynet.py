@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regionvlp.data.datasets.base import Adapter, Clip, Split, classify, read_json
+from regionvlp.data.datasets.base import Adapter, Clip, Split, read_json, split_per_file
 from regionvlp.data.datasets.paragraphs import paragraph
 from regionvlp.errors import UserError
 
@@ -48,8 +48,7 @@ def read_split(path: Path, name: str) -> Split:
 
 
 def read(files: list[Path]) -> dict[str, Split]:
-    roles = classify(files, ROLES, "activitynet", EXPECTED)
-    return {name: read_split(paths[0], name) for name, paths in roles.items()}
+    return split_per_file(files, ROLES, "activitynet", EXPECTED, read_split)
 
 
 ADAPTER = Adapter(

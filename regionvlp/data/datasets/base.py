@@ -137,13 +137,22 @@ def classify(files: Iterable[Path], roles: dict[str, str], dataset: str, expecte
     return out
 
 
-def group_clips(rows: Iterable[tuple[str, dict[str, str]]]) -> dict[str, Clip]:
-    """Clips in first-seen order from ``(id, names)`` pairs."""
-    clips: dict[str, Clip] = {}
-    for vid, names in rows:
-        if vid not in clips:
-            clips[vid] = Clip(vid, names)
-    return clips
+def split_per_file(files: Iterable[Path], roles: dict[str, str], dataset: str, expected: str,
+                   reader: Callable[[Path, str], Split]) -> dict[str, Split]:
+    """One split per annotation file, named by its role (:func:`classify`)."""
+    return {name: reader(paths[0], name) for name, paths in classify(files, roles, dataset, expected).items()}
+
+
+def add_clip(split: Split, seen: set[str], clip: Clip) -> None:
+    """Append ``clip`` unless it has no caption (``no_caption``) or its id came before
+    (``duplicate_clip``)."""
+    if not clip.captions:
+        split.skipped["no_caption"] += 1
+    elif clip.id in seen:
+        split.skipped["duplicate_clip"] += 1
+    else:
+        seen.add(clip.id)
+        split.clips.append(clip)
 
 
 # ------------------------------------------------------------------ video index

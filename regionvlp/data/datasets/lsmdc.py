@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regionvlp.data.datasets.base import Adapter, Clip, Split, caption_list, classify, csv_rows
+from regionvlp.data.datasets.base import Adapter, Clip, Split, add_clip, caption_list, csv_rows, split_per_file
 from regionvlp.errors import UserError
 
 
@@ -37,21 +37,14 @@ def read_annos(path: Path, name: str) -> Split:
         if len(row) < 6:
             raise UserError(f"{path}:{n}: expected 6 tab-separated fields (clip, 4 times, sentence), got {len(row)}; "
                             "is this an LSMDC16_annos_*.csv?")
-        clip_id, sentence = row[0].strip(), "\t".join(row[5:])
-        caps = caption_list(sentence)
-        if not caps:
-            split.skipped["no_caption"] += 1
-        elif clip_id in seen:
-            split.skipped["duplicate_clip"] += 1
-        else:
-            seen.add(clip_id)
-            split.clips.append(Clip(clip_id, {"lsmdc": clip_id}, caps, {"start_aligned": row[1], "end_aligned": row[2]}))
+        clip_id = row[0].strip()
+        add_clip(split, seen, Clip(clip_id, {"lsmdc": clip_id}, caption_list("\t".join(row[5:])),
+                                   {"start_aligned": row[1], "end_aligned": row[2]}))
     return split
 
 
 def read(files: list[Path]) -> dict[str, Split]:
-    roles = classify(files, ROLES, "lsmdc", EXPECTED)
-    return {name: read_annos(paths[0], name) for name, paths in roles.items()}
+    return split_per_file(files, ROLES, "lsmdc", EXPECTED, read_annos)
 
 
 ADAPTER = Adapter(

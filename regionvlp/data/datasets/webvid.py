@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from regionvlp.data.datasets.base import Adapter, Clip, Split, caption_list, classify, csv_rows, expect_keys
+from regionvlp.data.datasets.base import Adapter, Clip, Split, add_clip, caption_list, classify, csv_rows, expect_keys
 
 
 ROLES = {"val": r"results_.*val.*\.csv$", "train": r"results_.*\.csv$"}
@@ -41,24 +41,18 @@ def read_results(paths: list[Path], name: str) -> Split:
             if n == 0:
                 expect_keys(row, ["videoid", "name"], path)
             vid = str(row.get("videoid") or "").strip()
-            caps = caption_list(row.get("name"))
             if not vid:
                 split.skipped["no_video_id"] += 1
-            elif not caps:
-                split.skipped["no_caption"] += 1
-            elif vid in seen:
-                split.skipped["duplicate_clip"] += 1
-            else:
-                seen.add(vid)
-                split.clips.append(Clip(vid, {"videoid": vid}, caps, {
-                    "page_dir": row.get("page_dir"), "duration_s": seconds(row.get("duration") or ""),
-                    "url": row.get("contentUrl")}))
+                continue
+            add_clip(split, seen, Clip(vid, {"videoid": vid}, caption_list(row.get("name")), {
+                "page_dir": row.get("page_dir"), "duration_s": seconds(row.get("duration") or ""),
+                "url": row.get("contentUrl")}))
     return split
 
 
 def read(files: list[Path]) -> dict[str, Split]:
     roles = classify(files, ROLES, "webvid", EXPECTED)
-    return {name: read_results(paths, name) for name, paths in roles.items()}
+    return {name: read_results(paths, name) for name, paths in roles.items()}  # several csv files per split
 
 
 ADAPTER = Adapter(
