@@ -511,6 +511,20 @@ def _add_bench_synth(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_synth)
 
 
+def _cmd_bench_datasets(args: argparse.Namespace) -> dict:
+    from regionvlp.bench.datasets import bench_datasets
+
+    return bench_datasets(clips=args.clips, size=args.size, repeats=args.repeats)
+
+
+def _add_bench_datasets(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("datasets", help="clips/s: `datasets prepare msrvtt` vs `shards write` (baseline), same clips")
+    p.add_argument("--clips", type=_positive_int, default=1000)
+    p.add_argument("--size", type=_positive_int, default=64, help="side of the synthetic clip")
+    p.add_argument("--repeats", type=_positive_int, default=2, help="interleaved runs of each; the best counts")
+    p.set_defaults(func=_cmd_bench_datasets)
+
+
 def _cmd_bench_learner(args: argparse.Namespace) -> dict:
     from regionvlp.bench.learner import FLAG_KEYS, bench_learner
 
@@ -572,6 +586,7 @@ _BENCH_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench_train,
     _add_bench_learner,
     _add_bench_resume,
+    _add_bench_datasets,
 ]
 
 

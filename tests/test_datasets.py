@@ -387,3 +387,11 @@ def test_shards_write_list_caption_with_answer_is_multiple_choice(clip, tmp_path
     (sample,) = list(iter_samples(out["urls"]))
     assert sample["meta"]["captions"] == ["a dog runs"] and sample["meta"]["answer"] == 1
     assert sample["meta"]["options"] == ["a man sings", "a dog runs", "a car drives"]
+
+
+def test_bench_datasets_writes_every_clip_both_ways():
+    from regionvlp.bench.datasets import bench_datasets
+
+    r = bench_datasets(clips=4, repeats=1, size=32)
+    assert r["baseline"] == "shards_write" and r["clips"] == 4
+    assert r["shards_write_per_s"] > 0 and r["datasets_prepare_per_s"] > 0 and r["ratio"] > 0
