@@ -17,7 +17,6 @@ pathway) as ``model.batch_transform`` (``None`` for the learned pathway).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import pickle
@@ -34,7 +33,7 @@ from regionvlp.config import load_config, to_yaml
 from regionvlp.data.qa import VOCAB_FILE, load_vocab
 from regionvlp.detector.weights import WEIGHTS_FILE, load_extractor_weights
 from regionvlp.errors import UserError
-from regionvlp.runtime import load_state_strict
+from regionvlp.runtime import file_sha256, load_state_strict
 from regionvlp.model import DualEncoder, build_batch_transform, build_model
 
 
@@ -89,14 +88,6 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
 # ------------------------------------------------------------------ resume manifest
 MANIFEST = "manifest.json"
 _UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the manifest itself
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(tag_dir: Path) -> None:

@@ -7,6 +7,7 @@ the package can import it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -235,3 +236,12 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
+
+
+def file_sha256(path: os.PathLike | str) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

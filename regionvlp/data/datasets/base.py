@@ -11,7 +11,6 @@ refuses a clip that two schemes resolve to two different files.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 from collections import Counter
@@ -67,14 +66,6 @@ class Adapter:
 
 
 # ------------------------------------------------------------------ file reading
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     """A JSON annotation file, its size bounded before it is read."""
     if path.stat().st_size > limit:

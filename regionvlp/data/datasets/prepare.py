@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from regionvlp.data.datasets import get_adapter
-from regionvlp.data.datasets.base import Adapter, Split, VideoIndex, sha256_of
+from regionvlp.data.datasets.base import Adapter, Split, VideoIndex
 from regionvlp.data.matching import check_match, match_report
 from regionvlp.data.output import local_output
 from regionvlp.data.writer import write_shards
 from regionvlp.errors import UserError
+from regionvlp.runtime import file_sha256
 
 
 MISSING_LISTED = 100  # missing clip ids in dataset.json (all of them in missing.txt)
@@ -79,7 +80,7 @@ def prepare_split(adapter: Adapter, split: Split, index: VideoIndex, out: Path, 
     skipped.update(written["skipped"])
     info = {"name": adapter.name, "split": split.name, "protocol": split.protocol,
             "counts": counts_of(split, rows, written), "skipped": dict(skipped), "match": match,
-            "annotations": [{"path": str(p), "sha256": sha256_of(p), "bytes": p.stat().st_size} for p in split.files],
+            "annotations": [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in split.files],
             "videos": str(index.root), "missing": missing[:MISSING_LISTED], "urls": written["urls"],
             "shards": written["shards"], "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
