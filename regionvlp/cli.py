@@ -346,7 +346,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> dict:
     return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
                       repeats=args.repeats, draws=args.draws, keep_frames=args.keep_frames,
                       frame_side=args.frame_side, core=args.core, clip_seconds=args.clip_seconds,
-                      clip_height=args.clip_height)
+                      clip_height=args.clip_height, region_samples=args.region_samples)
 
 
 def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
@@ -364,6 +364,8 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--core", type=_count, default=None, help="CPU core to pin the process to (default: the first allowed)")
     p.add_argument("--clip-seconds", type=float, default=20.0, help="length of the generated real-style clips")
     p.add_argument("--clip-height", type=_positive_int, default=360, help="height of the generated real-style clips")
+    p.add_argument("--region-samples", type=_count, default=512,
+                   help="region_shard / region_shard_8f / region_npz: samples per timed pass (0: skip them)")
     p.set_defaults(func=_cmd_bench_data)
 
 
@@ -393,7 +395,8 @@ def _cmd_regions_extract(args: argparse.Namespace) -> dict:
     from regionvlp.detector.extract import extract_regions
 
     cfg = load_config(args.config, args.overrides)
-    return extract_regions(cfg, args.urls, args.out, batch_size=args.batch, device=args.device)
+    return extract_regions(cfg, args.urls, args.out, batch_size=args.batch, device=args.device,
+                           feature_dtype=args.feature_dtype, keep_frames=args.keep_frames)
 
 
 def _add_regions(sub: argparse._SubParsersAction) -> None:
@@ -405,6 +408,10 @@ def _add_regions(sub: argparse._SubParsersAction) -> None:
     e.add_argument("out", help="output folder (one region shard per input shard, sizes.json, extract.json)")
     e.add_argument("--batch", type=_positive_int, default=None, help="clips per extractor pass (default: data.batch_size)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: run.device")
+    e.add_argument("--feature-dtype", choices=("fp16", "int8"), default="fp16",
+                   help="stored region features: fp16, or int8 with a symmetric per-region scale (about half the bytes)")
+    e.add_argument("--keep-frames", type=_positive_int, default=None,
+                   help="frames per clip to extract and store (default: data.num_frames)")
     _add_overrides(e, urls=("urls",), tail="out")
     e.set_defaults(func=_cmd_regions_extract)
 

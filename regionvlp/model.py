@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from regionvlp import pathways
 from regionvlp.errors import UserError
+from regionvlp.data.regions import CLIP_TENSORS, widen_regions
 from regionvlp.hub import apply_offline
 from regionvlp.losses import AlignmentLoss, region_word_scores
 from regionvlp.outputs import TextOutput, VideoOutput
@@ -186,7 +187,7 @@ def build_batch_transform(cfg) -> Callable[[torch.Tensor], dict[str, torch.Tenso
     return pathways.of(cfg).build_batch_transform(cfg)
 
 
-CLIP_KEYS = ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores")  # per clip
+CLIP_KEYS = CLIP_TENSORS  # per clip
 
 
 def prepare_batch(batch: dict[str, Any], transform: Callable | None, device: torch.device | None = None,
@@ -198,6 +199,7 @@ def prepare_batch(batch: dict[str, Any], transform: Callable | None, device: tor
     (and the extractor's labels / scores). Without ``device`` the batch itself is updated
     and returned; with one, a new dict on the device."""
     out = to_device(batch, device, dtype) if device is not None else batch
+    widen_regions(out, dtype)  # stored fp16 / int8 region features: dequantised and widened here, on the device
     if transform is None or "region_feats" in out or "frames" not in out:
         return out
     with torch.no_grad():

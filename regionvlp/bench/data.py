@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from regionvlp.bench.common import interleaved_times
+from regionvlp.bench.region_data import bench_region_shards
 from regionvlp.data import decode as dec
 from regionvlp.data.reader import tar_samples
 from regionvlp.data.samples import DecodeSpec, decode_sample
@@ -143,13 +144,15 @@ def _data_steps(videos: list[bytes], *, frames: int, size: int, backend: str, dr
 
 def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 224, backend: str = "auto",
                clips: int = 2, repeats: int = 3, draws: int = 8, keep_frames: int = 8, frame_side: int = 256,
-               core: Optional[int] = None, clip_seconds: float = 20.0, clip_height: int = 360) -> dict[str, Any]:
+               core: Optional[int] = None, clip_seconds: float = 20.0, clip_height: int = 360,
+               region_samples: int = 512) -> dict[str, Any]:
     """Clips/s per core of the data path, one process pinned to one core (1 torch
     thread): ``full_decode`` (baseline: every frame of the video to RGB), the pipeline's
     decode with ``random_segment`` and ``keyframe`` training sampling, and ``frame_shard``
     (one of ``keep_frames`` stored JPEGs per segment). ``<variant>_per_s`` counts clips
     per CPU-second of that core (the steady figure on a shared machine; wall figures
-    beside it); ``cores_per_gpu_at_800`` is 800 / that."""
+    beside it); ``cores_per_gpu_at_800`` is 800 / that. ``region_samples`` > 0 adds the
+    region-shard variants (:mod:`regionvlp.bench.region_data`, ``cores_per_gpu_at_10000``)."""
     if backend == "auto":
         backend = "decord" if dec._have_decord() else "pyav"
     if urls:
@@ -169,6 +172,7 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
         for step in steps.values():  # warm-up: codec tables, swscale contexts, imports
             step()
         times = interleaved_times(steps, torch.device("cpu"), repeats)
+        regions = bench_region_shards(videos, size=size, repeats=repeats, samples=region_samples) if region_samples else {}
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, set(cores))
@@ -190,4 +194,4 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
     result["speedup"] = {k: round(per_s[k] / per_s["full_decode"], 2) for k in DATA_VARIANTS[1:]}
     # 4 significant digits: a fast variant needs a fraction of a core, which 2 decimals would blur
     result["cores_per_gpu_at_800"] = {k: float(f"{800 / per_s[k]:.4g}") for k in DATA_VARIANTS}
-    return result
+    return result | regions

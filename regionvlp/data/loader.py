@@ -36,6 +36,7 @@ from regionvlp.data.consumer import (ReadCursor, SampleShare, ShuffleBuffer, Who
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips
 from regionvlp.data.qa import QAVocab, loader_vocab, qa_samples
 from regionvlp.data.reader import ReadOptions, read_refs, tar_samples
+from regionvlp.data.regions import CLIP_TENSORS, uniform_regions
 from regionvlp.data.samples import decode_spec, decoded
 from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import DEFAULT_TIMEOUT, ShardList, parse_specs, read_sizes, register_webdataset_handlers
@@ -65,7 +66,8 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
                 if "frames_jpeg" in s:
                     crop = torch.tensor([s.pop("frames_crop")])  # [1, 4]
                     s["frames"] = decode_clips([s.pop("frames_jpeg")], crop, s["frames_size"], "cpu")[0]
-    for name in ("frames", "region_feats", "region_boxes", "region_mask", "region_labels", "region_scores"):
+    uniform_regions(samples)
+    for name in CLIP_TENSORS:  # region tensors in their stored dtypes (fp16 / int8): widened on the device
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])  # [B, T, ...]
     if all("answer_id" in s for s in samples):  # QA samples (regionvlp.data.qa); caption = the question

@@ -1,27 +1,40 @@
-"""The region-shard format: one sample's detector regions as ``regions.npz``.
+"""The region-shard format: one sample's detector regions as ``regions.bin``.
 
-``regionvlp regions extract`` writes it (:func:`regions_npz`) and the data pipeline
-reads it (:func:`decode_regions`, then :func:`select_region_frames`): ``feats`` float16
-[T,K,F], ``boxes`` float32 [T,K,4] (pixels of the decoded frame), ``mask`` bool [T,K],
-``labels`` int64 [T,K], ``scores`` float32 [T,K]. Arrays only: loaded with
-``allow_pickle=False``.
+``regionvlp regions extract`` writes it (:func:`region_bytes`, raw arrays behind a JSON
+header: :mod:`regionvlp.data.region_arrays`) and the data pipeline reads it
+(:func:`decode_regions`, then :func:`select_region_frames`): ``feats`` float16 or int8
+[T,K,F] (int8: ``feats_scale`` float32 [T,K], symmetric per region), ``boxes`` float32
+[T,K,4] (pixels of the decoded frame), ``mask`` bool [T,K], ``labels`` int64 [T,K],
+``scores`` float32 [T,K]. The old ``regions.npz`` (``np.savez``, fp16 feats) is still
+read, arrays only (``allow_pickle=False``). Tensors keep their stored dtypes through
+decode, collate and pinning; :func:`widen_regions` (in ``model.prepare_batch``)
+dequantises and widens them on the device.
 """
 
 from __future__ import annotations
 
 import io
 import random
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from regionvlp.data.decode import DecodeError, sample_indices
+from regionvlp.data.region_arrays import read_arrays, write_arrays
 
 
-REGION_EXT = "regions.npz"
-REGION_ARRAYS = {"feats": np.float16, "boxes": np.float32, "mask": np.bool_, "labels": np.int64, "scores": np.float32}
+REGION_EXT = "regions.bin"  # written by regions extract (regionvlp.data.region_arrays)
+NPZ_EXT = "regions.npz"  # the old format, still read
+REGION_EXTS = (REGION_EXT, NPZ_EXT)
+FEATURE_DTYPES = ("fp16", "int8")
+# a clip's tensors as the loader stacks them ([B, T, ...]); region_feats_scale: int8 feats only
+CLIP_TENSORS = ("frames", "region_feats", "region_feats_scale", "region_boxes", "region_mask", "region_labels",
+                "region_scores")
+REGION_ARRAYS = {"feats": np.float16, "feats_scale": np.float32, "boxes": np.float32, "mask": np.bool_,
+                 "labels": np.int64, "scores": np.float32}
 
 
 @dataclass
@@ -40,30 +53,39 @@ class RegionShape:
         """Raise ``region_shape`` for a sample of another K / F (it would break the batch)."""
         _, k, f = regions["region_feats"].shape
         if (k, f) != (self.num_regions, self.feature_dim):
-            raise DecodeError("region_shape", f"regions.npz has K={k}, F={f}; expected K={self.num_regions} "
+            raise DecodeError("region_shape", f"region sample has K={k}, F={f}; expected K={self.num_regions} "
                                               f"(model.detector.num_regions), F={self.feature_dim} "
                                               "(model.region_transformer.feature_dim)")
 
 
 def _check_region_dtypes(arrays: dict[str, np.ndarray]) -> None:
-    kinds = {"feats": "f", "boxes": "f", "scores": "f", "mask": "b", "labels": "iu"}
+    kinds = {"feats": "fi", "feats_scale": "f", "boxes": "f", "scores": "f", "mask": "b", "labels": "iu"}
     for name, arr in arrays.items():
-        if arr.dtype.kind not in kinds[name] or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
-            raise DecodeError("region_shape", f"regions.npz '{name}' has dtype {arr.dtype}; expected "
+        if arr.dtype.kind not in kinds[name] or arr.dtype.itemsize > 8 or (name == "feats" and arr.dtype.kind == "i"
+                                                                              and arr.dtype.itemsize != 1):
+            raise DecodeError("region_shape", f"region '{name}' has dtype {arr.dtype}; expected "
                                               f"{np.dtype(REGION_ARRAYS[name]).name}")
 
 
-def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
-    """``regions.npz`` → ``region_feats`` float32 [T,K,F], ``region_boxes`` [T,K,4],
-    ``region_mask`` bool [T,K], ``region_labels`` int64 [T,K], ``region_scores`` [T,K]."""
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The old ``regions.npz`` (``np.savez``, read-compatible): its arrays, each member's
+    stated size checked against the bytes present before it is read (no inflating)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in REGION_ARRAYS if k in npz.files}
+            names = [k for k in REGION_ARRAYS if k in npz.files]
+            if sum(npz.zip.getinfo(k + ".npy").file_size for k in names) > len(data):
+                raise DecodeError("corrupt_regions", "regions.npz members are larger than the member itself")
+            return {k: npz[k] for k in names}
+    except DecodeError:
+        raise
     except Exception as err:
         raise DecodeError("corrupt_regions", str(err).splitlines()[0][:200]) from None
+
+
+def _check_shapes(arrays: dict[str, np.ndarray]) -> None:
     for k in ("feats", "boxes", "mask"):
         if k not in arrays:
-            raise DecodeError("corrupt_regions", f"regions.npz has no '{k}'")
+            raise DecodeError("corrupt_regions", f"region sample has no '{k}'")
     feats, boxes, mask = arrays["feats"], arrays["boxes"], arrays["mask"]
     if feats.ndim != 3 or boxes.shape != feats.shape[:2] + (4,) or mask.shape != feats.shape[:2]:
         raise DecodeError(
@@ -71,17 +93,39 @@ def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
             f"shapes feats {feats.shape}, boxes {boxes.shape}, mask {mask.shape} do not match [T,K,F]/[T,K,4]/[T,K]",
         )
     _check_region_dtypes(arrays)
-    for name in ("labels", "scores"):
+    for name in ("labels", "scores", "feats_scale"):
         if name in arrays and arrays[name].shape != mask.shape:
-            raise DecodeError("corrupt_regions", f"regions.npz '{name}' has shape {arrays[name].shape}, not {mask.shape}")
-    t, k = mask.shape
+            raise DecodeError("corrupt_regions", f"region '{name}' has shape {arrays[name].shape}, not {mask.shape}")
+    if (feats.dtype.kind == "i") != ("feats_scale" in arrays):
+        raise DecodeError("corrupt_regions", "int8 feats need 'feats_scale' (and only they have one)")
+
+
+# Region tensors share the member's (read-only) bytes: the pipeline only ever indexes,
+# stacks or copies them. torch says "not writable" once per process: said here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.from_numpy(np.frombuffer(b"\0", np.uint8))
+_tensor = torch.from_numpy
+
+
+def decode_regions(data: bytes) -> dict[str, torch.Tensor]:
+    """A ``regions.bin`` (or old ``regions.npz``) member → ``region_feats`` [T,K,F]
+    (stored dtype: float16, float32 or int8 with ``region_feats_scale`` [T,K]),
+    ``region_boxes`` [T,K,4], ``region_mask`` bool [T,K], ``region_labels`` [T,K],
+    ``region_scores`` [T,K], all in their stored dtypes (:func:`widen_regions` widens
+    them on the device). The format is told by the bytes (an npz is a zip: ``PK``)."""
+    arrays = read_npz(data) if data[:2] == b"PK" else read_arrays(data)
+    _check_shapes(arrays)
+    t, k = arrays["mask"].shape
     out = {
-        "region_feats": torch.from_numpy(feats.astype(np.float32)),  # [T, K, F]
-        "region_boxes": torch.from_numpy(boxes.astype(np.float32)),  # [T, K, 4]
-        "region_mask": torch.from_numpy(mask.astype(np.bool_)),  # [T, K]
-        "region_labels": torch.from_numpy(arrays.get("labels", np.zeros((t, k), np.int64)).astype(np.int64)),
-        "region_scores": torch.from_numpy(arrays.get("scores", np.zeros((t, k), np.float32)).astype(np.float32)),
+        "region_feats": _tensor(arrays["feats"]),  # [T, K, F]
+        "region_boxes": _tensor(arrays["boxes"]),  # [T, K, 4]
+        "region_mask": torch.from_numpy(arrays["mask"].view(np.uint8) != 0),  # [T, K], a 0/1 copy
+        "region_labels": _tensor(arrays["labels"]) if "labels" in arrays else torch.zeros(t, k, dtype=torch.int64),
+        "region_scores": _tensor(arrays["scores"]) if "scores" in arrays else torch.zeros(t, k),
     }
+    if "feats_scale" in arrays:
+        out["region_feats_scale"] = _tensor(arrays["feats_scale"])  # [T, K]
     return out
 
 
@@ -94,8 +138,40 @@ def select_region_frames(regions: dict[str, torch.Tensor], num_frames: int, mode
     return {k: v[idx] for k, v in regions.items()}
 
 
+def quantize_int8(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per region: ``q`` int8 [..., F] and ``scale`` float32 [...] with
+    ``feats ≈ q * scale`` (scale = max |x| / 127; an all-zero region gets scale 0)."""
+    x = feats.float()  # [..., F]
+    scale = x.abs().amax(-1) / 127.0  # [...]
+    q = torch.where(scale[..., None] > 0, x / scale.clamp_min(1e-30)[..., None], torch.zeros((), dtype=x.dtype))
+    return q.round().clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 [..., F] and scale [...] -> ``dtype`` [..., F] (computed in float32)."""
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def region_bytes(regions: dict[str, torch.Tensor], feature_dtype: str = "fp16") -> bytes:
+    """One sample's region tensors ([T,K,...]) -> ``regions.bin`` bytes: feats float16
+    (``fp16``) or int8 with a float32 per-region scale (``int8``), boxes float32, mask
+    bool, labels int64, scores float32."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {feature_dtype!r}: expected one of {FEATURE_DTYPES}")
+    arrays: dict[str, np.ndarray] = {}
+    if feature_dtype == "int8":
+        q, scale = quantize_int8(regions["region_feats"].cpu())
+        arrays.update(feats=q.numpy(), feats_scale=scale.numpy())
+    else:
+        arrays["feats"] = regions["region_feats"].to(torch.float16).cpu().numpy()
+    arrays.update(boxes=regions["region_boxes"].float().cpu().numpy(), mask=regions["region_mask"].bool().cpu().numpy(),
+                  labels=regions["region_labels"].long().cpu().numpy(),
+                  scores=regions["region_scores"].float().cpu().numpy())
+    return write_arrays(arrays)
+
+
 def regions_npz(regions: dict[str, torch.Tensor]) -> bytes:
-    """One sample's region tensors ([T,K,...]) -> ``regions.npz`` bytes in the agreed dtypes."""
+    """The old ``regions.npz`` (read-compatible; tests and the format comparison write it)."""
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -106,3 +182,28 @@ def regions_npz(regions: dict[str, torch.Tensor]) -> bytes:
         scores=regions["region_scores"].float().cpu().numpy(),
     )
     return buf.getvalue()
+
+
+def widen_regions(batch: dict[str, Any], dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """On the device: int8 ``region_feats`` dequantised with ``region_feats_scale`` (which
+    is dropped), region floats to ``dtype`` (float32 when None), labels to int64. In place."""
+    target = dtype or torch.float32
+    scale = batch.pop("region_feats_scale", None)
+    if isinstance(scale, torch.Tensor) and isinstance(batch.get("region_feats"), torch.Tensor):
+        batch["region_feats"] = dequantize(batch["region_feats"], scale, target)  # [B, T, K, F]
+    for name, want in (("region_feats", target), ("region_boxes", target), ("region_scores", target),
+                       ("region_labels", torch.int64)):
+        value = batch.get(name)
+        if isinstance(value, torch.Tensor) and value.dtype != want:
+            batch[name] = value.to(want)
+    return batch
+
+
+def uniform_regions(samples: list[dict[str, Any]]) -> None:
+    """Before stacking: when int8 and float region samples meet in one batch, the int8
+    ones are dequantised (float32) so every sample stacks alike. In place."""
+    quantized = ["region_feats_scale" in s for s in samples]
+    if any(quantized) and not all(quantized):
+        for s, q in zip(samples, quantized):
+            if q:
+                s["region_feats"] = dequantize(s["region_feats"], s.pop("region_feats_scale"))

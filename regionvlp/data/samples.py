@@ -2,7 +2,7 @@
 
 :func:`decode_sample` turns a raw sample of :mod:`regionvlp.data.reader` into the
 decoded sample the loader batches: ``frames`` uint8 [T,3,S,S] from a video, an image or
-a frame shard's stored JPEGs (or ``region_*`` tensors from ``regions.npz``), the caption
+a frame shard's stored JPEGs (or ``region_*`` tensors from ``regions.bin`` / ``regions.npz``), the caption
 drawn for this visit, every caption, the json ``meta``. Bad input raises a
 :class:`~regionvlp.data.decode.DecodeError` whose ``reason`` is a skip reason;
 :func:`decoded` counts those and goes on. :func:`iter_samples` is reader + decode in one
@@ -25,7 +25,7 @@ from regionvlp.data import decode as dec
 from regionvlp.data.jpeg_batch import pick_jpegs
 from regionvlp.data.qa import has_qa
 from regionvlp.data.reader import ReadOptions, tar_samples
-from regionvlp.data.regions import REGION_EXT, RegionShape, decode_regions, select_region_frames
+from regionvlp.data.regions import REGION_EXTS, RegionShape, decode_regions, select_region_frames
 from regionvlp.data.skips import SkipCounter, short_error
 from regionvlp.data.sources import parse_specs, register_webdataset_handlers
 from regionvlp.data.text import pick_caption, sample_captions
@@ -92,7 +92,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     if stored and video_key is not None and spec.num_frames > len(stored):
         stored = []
     image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None and not stored else None
-    region_key = REGION_EXT if REGION_EXT in raw else None
+    region_key = next((k for k in REGION_EXTS if k in raw), None)
     if video_key is None and image_key is None and region_key is None and not stored:
         raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
     captions = sample_captions(raw.get("txt"), meta)
@@ -113,7 +113,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
         "captions_cut": cut,
     }
     if region_key is not None:
-        regions = decode_regions(raw[region_key])
+        regions = decode_regions(raw[region_key])  # stored dtypes: widened on the device
         if spec.regions is None:
             spec.regions = RegionShape.of(regions)
         spec.regions.check(regions)

@@ -21,15 +21,15 @@ SKIP_REASONS = {
     "corrupt_shard": "the tar stream broke off or is not a tar (samples after the break are lost)",
     "bad_json": "the sample's json is not valid JSON / not an object",
     "status_not_success": "json.status is present and not 'success' (failed download)",
-    "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.npz/frameNNN.jpg in the sample",
+    "no_media": "no mp4/webm/mkv/avi/mov/jpg/png/webp/regions.bin/regions.npz/frameNNN.jpg in the sample",
     "no_caption": "no txt and no json caption",
     "corrupt_media": "the video/image/stored-frame bytes do not decode (corrupt, truncated, unknown codec)",
     "empty_video": "the video has zero frames, zero bytes or no video stream",
-    "corrupt_regions": "regions.npz is unreadable or its arrays do not match",
+    "corrupt_regions": "regions.bin/.npz is unreadable or its arrays do not match",
     "no_qa": "QA run: the json has no 'qa' list and no 'question'/'answer' pair",
     "bad_qa": "QA run: a question/answer pair with an empty question or no answer (the pair is skipped)",
     "qa_answer_not_in_vocab": "QA training: the answer is not in the answer vocabulary (the pair is skipped)",
-    "region_shape": "regions.npz has another K, feature size or dtype than the config (model.detector.num_regions, "
+    "region_shape": "a region sample has another K, feature size or dtype than the config (model.detector.num_regions, "
                     "model.region_transformer.feature_dim) or the stream's first region sample",
     "no_frames": "regions extract / detector fit / show: a region-shard sample has no frames to look at",
     "oversize": "the sample's tar members exceed data.max_sample_bytes (from the tar header, never read) or its "

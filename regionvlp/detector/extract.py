@@ -2,10 +2,11 @@
 
 Every input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` holding, per good sample,
 ``__key__``, ``txt`` (first caption), ``json`` (the sample's meta with all its captions
-and a ``region_extractor`` record) and ``regions.npz`` (``feats`` float16 [T,K,F],
-``boxes`` float32 [T,K,4], ``mask`` bool [T,K], ``labels`` int64 [T,K], ``scores``
-float32 [T,K]). Frames are decoded as evaluation does (``data.eval_sampling``,
-``data.num_frames``, ``data.size``). A shard is written to ``NAME.tar.tmp`` and renamed
+and a ``region_extractor`` record) and ``regions.bin`` (:mod:`regionvlp.data.regions`:
+``feats`` float16 or int8 with a per-region scale [T,K,F], ``boxes`` float32 [T,K,4],
+``mask`` bool [T,K], ``labels`` int64 [T,K], ``scores`` float32 [T,K]). Frames are
+decoded as evaluation does (``data.eval_sampling``, ``data.size``), T =
+``keep_frames`` (default ``data.num_frames``). A shard is written to ``NAME.tar.tmp`` and renamed
 when complete, so a rerun skips finished shards (resume) and redoes a cut-off one.
 ``sizes.json`` beside them counts the samples per shard.
 """
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from regionvlp.data import iter_samples
 from regionvlp.data.output import SampleTarWriter, local_output, write_sizes
-from regionvlp.data.regions import regions_npz
+from regionvlp.data.regions import FEATURE_DTYPES, REGION_EXT, region_bytes
 from regionvlp.data.samples import with_frames
 from regionvlp.data.sources import parse_specs
 from regionvlp.detector.extractor import build_extractor
@@ -72,11 +73,12 @@ def input_shards(cfg: Any, urls: Sequence[str]) -> tuple[list[str], list[str]]:
     return shards, names
 
 
-def extractor_record(cfg: Any) -> dict[str, Any]:
+def extractor_record(cfg: Any, *, feature_dtype: str = "fp16", keep_frames: int | None = None) -> dict[str, Any]:
     """The settings the regions depend on; a resumed OUT must have been made with the same."""
     d = cfg.model.detector
     return {"arch": str(d.arch), "weights": str(d.weights), "num_regions": int(d.num_regions),
-            "num_frames": int(cfg.data.num_frames), "size": int(cfg.data.size),
+            "num_frames": int(keep_frames or cfg.data.num_frames), "size": int(cfg.data.size),
+            "feature_dtype": feature_dtype,
             "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
             "rpn_pre_nms_top_n": d.rpn_pre_nms_top_n, "rpn_post_nms_top_n": d.rpn_post_nms_top_n,
             "nms_thresh": float(d.nms_thresh), "score_thresh": float(d.score_thresh),
@@ -121,18 +123,19 @@ class OutFolder:
 
 def region_sample(sample: dict[str, Any], regions: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, Any]:
     """One output sample: key, first caption, meta with all captions and the extractor
-    record, and the sample's regions ([T, K, ...] tensors) as ``regions.npz``."""
+    record, and the sample's regions ([T, K, ...] tensors) as ``regions.bin`` with the
+    record's feature dtype."""
     meta = dict(sample.get("meta") or {})
     meta.update(caption=sample["captions"][0], captions=list(sample["captions"]), region_extractor=record)
     return {"__key__": sample["__key__"], "txt": sample["captions"][0], "json": meta,
-            "regions.npz": regions_npz(regions)}
+            REGION_EXT: region_bytes(regions, record["feature_dtype"])}
 
 
 def extract_shard(url: str, tmp: Path, cfg: Any, extractor: Any, record: dict[str, Any], batch_size: int,
                   bar: Any) -> tuple[int, dict[str, int], int]:
     """Regions of every sample of shard ``url`` into the tar ``tmp``: ``(samples written,
     skips by reason, captions cut)``."""
-    stream = iter_samples([url], cfg, training=False)
+    stream = iter_samples([url], cfg, training=False, num_frames=record["num_frames"])
     count = 0
     with SampleTarWriter(tmp) as sink:  # keys made safe, the file opened here: never a shell
         for batch in _batches(with_frames(stream, stream.counter), batch_size):
@@ -146,11 +149,18 @@ def extract_shard(url: str, tmp: Path, cfg: Any, extractor: Any, record: dict[st
 
 
 def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_size: int | None = None,
-                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see module doc)."""
+                    device: str | None = None, progress: bool = True, feature_dtype: str = "fp16",
+                    keep_frames: int | None = None) -> dict[str, Any]:
+    """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see
+    module doc): features stored as ``feature_dtype`` (fp16 | int8), ``keep_frames``
+    frames per clip (default ``data.num_frames``)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise UserError(f"regions extract: --feature-dtype {feature_dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}")
+    if keep_frames is not None and not 1 <= int(keep_frames) <= 1024:
+        raise UserError(f"regions extract: --keep-frames {keep_frames}; expected 1..1024")
     out = local_output(out, "regions extract")
     shards, names = input_shards(cfg, urls)
-    folder = OutFolder.open(out, extractor_record(cfg))
+    folder = OutFolder.open(out, extractor_record(cfg, feature_dtype=feature_dtype, keep_frames=keep_frames))
     dev = resolve_device(device or str(cfg.run.device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
@@ -193,5 +203,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         "captions_cut": captions_cut,  # cut to data.max_caption_chars
         "device": str(dev),
         "num_regions": int(cfg.model.detector.num_regions),
+        "num_frames": folder.record["num_frames"],
+        "feature_dtype": feature_dtype,
         "seconds": round(time.perf_counter() - start, 3),
     }
