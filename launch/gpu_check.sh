@@ -8,6 +8,10 @@
 #   learner         bench learner: ViT-B/16 of configs/pretrain_learned.yaml, 1 frame, 224 px, bf16
 #   train_detector  bench train: detector pathway, 1 frame, 224 px, bf16 (memory vs loader)
 #   train_learned   bench train: learned pathway, 1 frame, 224 px, bf16
+#   train_region_shards
+#                   bench train --from region_shards: detector pathway, 1 frame, 224 px, bf16,
+#                   trained from region shards (regions extract of the same clips, on the GPU)
+#                   vs the in-loop detector, each with its data_wait_frac
 #   loss            bench loss: the shared loss at B = 256
 #   paper_demovlp, paper_demovlp_ft, paper_regionlearner, paper_regionlearner_ft
 #                   bench train of configs/paper/{demovlp_pretrain,demovlp_finetune_msrvtt,
@@ -48,7 +52,7 @@ TEXT=()
 [ -n "${TEXT_MODEL:-}" ] && TEXT=(--set "model.text.name=$TEXT_MODEL")
 
 NAMES=(regions learner train_detector train_learned loss paper_demovlp paper_demovlp_ft paper_regionlearner
-       paper_regionlearner_ft)
+       paper_regionlearner_ft train_region_shards)
 PAPER=configs/paper
 if [ "$SMALL" = 1 ]; then
   declare -A ARGS=(
@@ -61,6 +65,7 @@ if [ "$SMALL" = 1 ]; then
     [paper_demovlp_ft]="train --config $PAPER/tiny/demovlp_finetune_msrvtt.yaml --device cpu --steps 1 --warmup 1"
     [paper_regionlearner]="train --config $PAPER/tiny/regionlearner_pretrain.yaml --regions learned --device cpu --steps 1 --warmup 1"
     [paper_regionlearner_ft]="train --config $PAPER/tiny/regionlearner_finetune_msrvtt.yaml --regions learned --device cpu --steps 1 --warmup 1"
+    [train_region_shards]="train --regions detector --from region_shards --device cpu --batch 2 --steps 1 --warmup 1"
   )
 else
   declare -A ARGS=(
@@ -73,6 +78,7 @@ else
     [paper_demovlp_ft]="train --config $PAPER/demovlp_finetune_msrvtt.yaml --device cuda --dtype bf16 --steps 5 --set model.detector.weights=$WEIGHTS --set train.init_from=none"
     [paper_regionlearner]="train --config $PAPER/regionlearner_pretrain.yaml --regions learned --device cuda --dtype bf16 --steps 5 --set model.learner.pretrained=none"
     [paper_regionlearner_ft]="train --config $PAPER/regionlearner_finetune_msrvtt.yaml --regions learned --device cuda --dtype bf16 --steps 5 --set train.init_from=none"
+    [train_region_shards]="train --regions detector --from region_shards --device cuda --dtype bf16 --frames 1 --size 224 --steps 5 --set model.detector.weights=$WEIGHTS"
   )
 fi
 

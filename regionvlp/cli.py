@@ -478,7 +478,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> dict:
 
     return bench_train(args.config, regions=args.regions, device=args.device, batch=args.batch,
                        frames=args.frames, size=args.size, steps=args.steps, warmup=args.warmup,
-                       dtype=args.dtype, urls=args.urls, overrides=args.overrides)
+                       dtype=args.dtype, urls=args.urls, overrides=args.overrides, source=args.source)
 
 
 def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
@@ -495,6 +495,9 @@ def _add_bench_train(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_count, default=2, help="untimed steps per variant")
     p.add_argument("--urls", nargs="*", default=None, help="shards for the loader variant (default: synth clips "
                                                           "written to a temp folder)")
+    p.add_argument("--from", dest="source", choices=("frames", "region_shards"), default="frames",
+                   help="region_shards: also train from the clips' region shards (regions extract first) against "
+                        "the in-loop detector on the same clips")
     _add_overrides(p, urls=("urls",), positional=True)
     p.set_defaults(func=_cmd_bench_train)
 

@@ -25,7 +25,7 @@ def test_gpu_commands_parse_with_the_cli():
     proc = _run("--print")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 9
+    assert len(lines) == 10
     benches = []
     for line in lines:
         argv = shlex.split(line)
@@ -33,12 +33,14 @@ def test_gpu_commands_parse_with_the_cli():
         args = build_parser().parse_args(argv[3:])  # a wrong flag exits here
         benches.append(argv[4])
         assert getattr(args, "device") == "cuda"
-    assert benches == ["regions", "learner", "train", "train", "loss"] + ["train"] * 4
-    paper = [build_parser().parse_args(shlex.split(line)[3:]) for line in lines[5:]]
+    assert benches == ["regions", "learner", "train", "train", "loss"] + ["train"] * 5
+    paper = [build_parser().parse_args(shlex.split(line)[3:]) for line in lines[5:9]]
     assert [Path(a.config).name for a in paper] == ["demovlp_pretrain.yaml", "demovlp_finetune_msrvtt.yaml",
                                                      "regionlearner_pretrain.yaml", "regionlearner_finetune_msrvtt.yaml"]
     assert all((ROOT / a.config).is_file() for a in paper) and [a.regions for a in paper][2:] == ["learned"] * 2
     assert "--size 384 --batch 64 --dtype bf16" in lines[0] and "--batch 256" in lines[4]
+    shards = build_parser().parse_args(shlex.split(lines[9])[3:])
+    assert shards.source == "region_shards" and shards.regions == "detector" and shards.frames == 1
 
 
 def test_small_run_writes_one_json_line_per_check(tmp_path):
@@ -53,3 +55,16 @@ def test_small_run_writes_one_json_line_per_check(tmp_path):
     bad = json.loads(out.read_text().splitlines()[-1])
     assert bad["bench"] == "loss" and bad["rc"] == 124 and "timed out" in bad["error"]
     assert _run("--bogus").returncode == 2
+
+
+def test_small_train_from_region_shards_against_the_in_loop_detector(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    proc = _run("--small", "--only", "train_region_shards", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = out.read_text().splitlines()
+    result = json.loads(line)
+    assert "error" not in result, result
+    assert result["from"] == "region_shards" and result["extract_clips"] > 0
+    assert result["region_shards_per_s"] > 0 and result["in_loop_per_s"] > 0
+    assert result["region_shards_vs_in_loop"] == result["region_shards_per_s"] / result["in_loop_per_s"]
+    assert 0 <= result["region_shards_data_wait_frac"] <= 1 and 0 <= result["in_loop_data_wait_frac"] <= 1

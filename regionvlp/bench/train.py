@@ -9,6 +9,11 @@ backward → optimizer step), on one device, in one run:
   tokenize), so ``loader_per_s / memory_per_s`` is the cost of feeding the model and
   ``data_wait_frac`` the share of wall time spent waiting for the next batch.
 
+``--from region_shards`` (detector pathway) adds ``region_shards``: the same clips run
+through ``regions extract`` first, then batches of their region shards from the loader
+(no detector in the step), against ``loader`` (the in-loop detector on the frames) as
+its baseline: ``region_shards_vs_in_loop`` and each one's ``data_wait_frac``.
+
 Peak memory is CUDA max-allocated on GPU, the process max resident set on CPU.
 """
 
@@ -27,6 +32,7 @@ from regionvlp.config import load_config
 from regionvlp.data import build_loader
 from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.synth import synth
+from regionvlp.detector.extract import extract_regions
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.runtime import device_name, get_autocast, peak_bytes, resolve_device, synchronize
@@ -106,15 +112,39 @@ def training_step(cfg: Any, device: torch.device) -> tuple[Callable[[dict[str, A
     return step, eng, ds
 
 
+FROM = ("frames", "region_shards")
+
+
+def region_shard_variant(cfg: Any, urls: Sequence[str], out: Path, step: Callable[[dict[str, Any]], None],
+                         dev: torch.device, *, steps: int, warmup: int, in_loop: Timing, bsz: int) -> dict[str, Any]:
+    """Train steps on the region shards of ``urls`` (extracted here, on ``dev``) against the
+    in-loop detector's ``in_loop`` timing of the same step on the same clips."""
+    t0 = time.perf_counter()
+    summary = extract_regions(cfg, urls, out, device=str(dev), progress=False)
+    extract_s = time.perf_counter() - t0
+    region_cfg = cfg.copy()
+    region_cfg.data.train.urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    region_it = iter(build_loader(region_cfg, "train", training=True))
+    shards = time_steps(step, lambda: next(region_it), steps=steps, warmup=warmup, device=dev)
+    shard_ps, loop_ps = bsz * steps / shards.seconds, bsz * steps / in_loop.seconds
+    return {"from": "region_shards", "region_shards_per_s": shard_ps, "in_loop_per_s": loop_ps,
+            "region_shards_vs_in_loop": shard_ps / loop_ps, "region_shards_data_wait_frac": shards.wait / shards.seconds,
+            "in_loop_data_wait_frac": in_loop.wait / in_loop.seconds,
+            "region_shards_cpu_s_per_step": shards.cpu_seconds / steps,
+            "extract_clips": summary["samples"], "extract_seconds": round(extract_s, 2)}
+
+
 def bench_train(config: str | None = None, *, regions: str = "detector", device: str = "auto",
                 batch: int | None = None, frames: int | None = None, size: int | None = None,
                 steps: int = 5, warmup: int = 2, dtype: str = "auto", urls: Sequence[str] | None = None,
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
+                overrides: Sequence[str] = (), source: str = "frames") -> dict[str, Any]:
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU is visible; use --device cpu")
     dtype = ("bf16" if dev.type == "cuda" else "fp32") if dtype == "auto" else dtype
     config_path = str(config or default_bench_config(regions, dev))
+    if source not in FROM or (source == "region_shards" and regions != "detector"):
+        raise UserError(f"bench train --from {source}: region shards feed the detector pathway only")
     with tempfile.TemporaryDirectory(prefix="regionvlp-bench-train-") as tmp:
         urls = list(urls or synth_shards(tmp, max(8, 2 * (batch or 8) * (steps + warmup)), size))
         ov = bench_overrides(regions, batch, frames, size, dtype)
@@ -129,8 +159,10 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
         first = next(loader_it)
         memory = time_steps(step, lambda: first, steps=steps, warmup=warmup, device=dev)  # baseline
         loader = time_steps(step, lambda: next(loader_it), steps=steps, warmup=warmup, device=dev)
+        bsz = len(first["__key__"])
+        extra = region_shard_variant(cfg, urls, Path(tmp) / "regions", step, dev, steps=steps, warmup=warmup,
+                                     in_loop=loader, bsz=bsz) if source == "region_shards" else {}
         peak = peak_bytes(dev)
-    bsz = len(first["__key__"])
     mem_ps, load_ps = bsz * steps / memory.seconds, bsz * steps / loader.seconds
     k = pathways.of(cfg).regions_per_frame(cfg)
     return {
@@ -156,4 +188,4 @@ def bench_train(config: str | None = None, *, regions: str = "detector", device:
         "loader_cpu_s_per_step": loader.cpu_seconds / steps,
         "trainable_params": sum(p.numel() for p in eng.module.parameters() if p.requires_grad),
         "config": config_path,
-    }
+    } | extra
