@@ -74,6 +74,7 @@ def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
         assert result["cores_per_gpu_at_10000"][v] == pytest.approx(10000 / result[f"{v}_per_s"], rel=0.01)
         assert result[f"{v}_bytes"]["host_bytes"] <= result[f"{v}_bytes"]["stored_bytes"]  # no widening
     assert result["region_shard_8f_bytes"]["frames"] == 8
+    assert result["region_int8"]["int8_bytes_ratio"] < 0.6 and result["region_int8"]["int8_cosine_min"] >= 0.999
     assert result["region_shard_8f_bytes"]["stored_bytes"] > 7 * result["region_shard_bytes"]["stored_bytes"]
 
 

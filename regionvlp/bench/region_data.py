@@ -5,7 +5,8 @@ Region shards are made from the same clips with ``regions extract`` (a random-in
 on bytes and shapes, not on what the features say), one with 1 frame per clip
 (``region_shard``), one with 8 (``region_shard_8f``), and the 1-frame regions written as
 the old ``regions.npz`` (``region_npz``, the baseline of the format). Each shard holds
-``samples`` copies of the clips' samples; a timed pass reads it as a loader worker does:
+``samples`` copies of the clips' samples (``region_int8``: the same regions stored int8,
+bytes ratio and feature cosine to fp16); a timed pass reads it as a loader worker does:
 tar bytes -> grouped sample (json, txt, regions) -> decoded region tensors -> collated
 batches of ``batch`` (no tokenizer: the text side is the same for every variant).
 """
@@ -24,7 +25,7 @@ from regionvlp.config import load_config
 from regionvlp.data.loader import batched
 from regionvlp.data.output import SampleTarWriter
 from regionvlp.data.reader import tar_samples
-from regionvlp.data.regions import NPZ_EXT, REGION_EXT, decode_regions, regions_npz
+from regionvlp.data.regions import NPZ_EXT, REGION_EXT, decode_regions, region_bytes, regions_npz
 from regionvlp.data.samples import decode_spec, decoded
 from regionvlp.data.skips import SkipCounter
 from regionvlp.detector.extract import extract_regions
@@ -60,6 +61,25 @@ def _as_npz(sample: dict[str, Any]) -> dict[str, Any]:
     regions = decode_regions(sample[REGION_EXT])
     out = {k: v for k, v in sample.items() if k != REGION_EXT}
     return out | {NPZ_EXT: regions_npz(regions)}
+
+
+def int8_loss(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """int8 (per-region scale) against the stored fp16 regions of ``samples``: bytes
+    ratio of the member and the cosine of each real region's features."""
+    from regionvlp.data.regions import widen_regions
+
+    ratios, cosines = [], []
+    for s in samples:
+        ref = decode_regions(s[REGION_EXT])
+        q = region_bytes(ref, "int8")
+        wide = widen_regions(decode_regions(q), None)
+        real = ref["region_mask"] if ref["region_mask"].any() else torch.ones_like(ref["region_mask"])  # [T, K]
+        cosines.append(torch.nn.functional.cosine_similarity(wide["region_feats"][real],
+                                                             ref["region_feats"][real].float(), dim=-1))
+        ratios.append(len(q) / len(s[REGION_EXT]))
+    cos = torch.cat(cosines)
+    return {"int8_bytes_ratio": round(max(ratios), 4), "int8_cosine_min": round(float(cos.min()), 6),
+            "int8_cosine_mean": round(float(cos.mean()), 6), "int8_regions": int(cos.numel())}
 
 
 def _shard(path: Path, samples: list[dict[str, Any]], count: int) -> Path:
@@ -101,6 +121,7 @@ def region_steps(videos: list[bytes], root: Path, *, size: int, samples: int, ba
         path = _shard(root / f"{name}.tar", raw, samples)
         seen[name]["shard_bytes_per_sample"] = path.stat().st_size // samples
         steps[name] = _reader(path, size, frames, batch, seen[name])
+    seen["region_shard"]["int8"] = int8_loss(extracted[1] + extracted[8])
     return steps, seen
 
 
@@ -120,9 +141,10 @@ def bench_region_shards(videos: list[bytes], *, size: int, repeats: int, samples
         per_s[name] = samples / max(t["cpu_seconds"], 1e-9)
         result[f"{name}_per_s"] = round(per_s[name], 1)
         result[f"{name}_wall_per_s"] = round(samples / max(t["seconds"], 1e-9), 1)
-        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k != "clips"}
+        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k not in ("clips", "int8")}
         if seen[name]["clips"] != samples * (repeats + 1):
             raise RuntimeError(f"bench data: {name} read {seen[name]['clips']} clips, not {samples} per pass")
+    result["region_int8"] = seen["region_shard"]["int8"]
     result["region_speedup"] = {k: round(per_s[k] / per_s["region_npz"], 2) for k in per_s if k != "region_npz"}
     result["cores_per_gpu_at_10000"] = {k: float(f"{10000 / v:.4g}") for k, v in per_s.items()}
     return result
