@@ -43,12 +43,17 @@ def test_gpu_commands_parse_with_the_cli():
     assert shards.source == "region_shards" and shards.regions == "detector" and shards.frames == 1
 
 
-def test_small_run_writes_one_json_line_per_check(tmp_path):
-    out = tmp_path / "gpu.jsonl"
-    proc = _run("--small", "--only", "loss", "--out", str(out))
+def _small_check(name: str, out: Path) -> dict:
+    """The one JSON line of ``--small --only NAME`` (into a fresh ``out``)."""
+    proc = _run("--small", "--only", name, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (line,) = out.read_text().splitlines()
-    result = json.loads(line)
+    return json.loads(line)
+
+
+def test_small_run_writes_one_json_line_per_check(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    result = _small_check("loss", out)
     assert result["batch"] == 16 and result["device"].startswith("cpu") and "error" not in result
     # a check that fails is recorded as such
     proc = _run("--small", "--only", "loss", "--out", str(out), env={"CHECK_TIMEOUT": "0.01"})
@@ -58,11 +63,7 @@ def test_small_run_writes_one_json_line_per_check(tmp_path):
 
 
 def test_small_train_from_region_shards_against_the_in_loop_detector(tmp_path):
-    out = tmp_path / "gpu.jsonl"
-    proc = _run("--small", "--only", "train_region_shards", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (line,) = out.read_text().splitlines()
-    result = json.loads(line)
+    result = _small_check("train_region_shards", tmp_path / "gpu.jsonl")
     assert "error" not in result, result
     assert result["from"] == "region_shards" and result["extract_clips"] > 0
     assert result["region_shards_per_s"] > 0 and result["in_loop_per_s"] > 0

@@ -34,7 +34,7 @@ from regionvlp.detector.extract import extract_regions
 REGION_VARIANTS = {"region_shard": 1, "region_shard_8f": 8, "region_npz": 1}  # name -> stored frames
 
 
-def _bench_cfg(size: int, frames: int):
+def _bench_cfg(size: int, frames: int) -> Any:
     return load_config(None, ["model.regions=detector", "model.detector.arch=fasterrcnn_tiny",
                               "model.detector.weights=none", "model.detector.num_regions=30",
                               f"model.detector.min_size={size}", f"model.detector.max_size={size}",
