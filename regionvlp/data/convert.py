@@ -2,7 +2,7 @@
 
 Each input shard (any tar of webdataset samples, e.g. what video2dataset writes) becomes
 ``OUT/<same name>``: every sample keeps its members and gains ``frame000.jpg`` …
-(N evenly spaced frames, short side at most ``--max-side``); ``--drop-video`` leaves the
+(N evenly spaced frames, short side at most ``--frame-side``, 256 by default); ``--drop-video`` leaves the
 video out. Shards are streamed (nothing but the current sample is held), written under
 ``NAME.tmp`` and renamed when whole, so a re-run skips finished shards (resume). A sample
 without a decodable video is skipped and listed in ``OUT/skipped.jsonl``, as
@@ -25,7 +25,7 @@ from regionvlp.data.output import SampleTarWriter, finish_outputs, local_output
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
-from regionvlp.data.writer import SkipItem, WriteOptions, add_frames, check_frame_options
+from regionvlp.data.writer import FRAME_SIDE, SkipItem, WriteOptions, add_frames, check_frame_options
 from regionvlp.errors import UserError
 
 
@@ -82,21 +82,19 @@ def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> 
 
 
 def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, drop_video: bool = False,
-                   max_side: Optional[int] = None, jpeg_quality: int = 90, allow_pipe: bool = False,
+                   frame_side: int = FRAME_SIDE, jpeg_quality: int = 90, allow_pipe: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Convert every shard of ``urls`` into ``out``; resume where a previous run stopped."""
     if keep_frames < 1:
         raise UserError("shards convert: --keep-frames must be >= 1")
-    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards convert")
-    if max_side is not None and max_side < 2:
-        raise UserError("shards convert: --max-side must be >= 2")
+    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards convert", frame_side)
     start = time.perf_counter()
     pairs = _shard_names(parse_specs(list(urls), allow_pipe=allow_pipe).urls)
-    opts = WriteOptions(max_side=max_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
+    opts = WriteOptions(frame_side=frame_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
     out = local_output(out, "shards convert")  # never pipe: or a URL
     state = out / "_convert"
     state.mkdir(parents=True, exist_ok=True)
-    options = {"keep_frames": keep_frames, "drop_video": drop_video, "max_side": max_side, "jpeg_quality": jpeg_quality}
+    options = {"keep_frames": keep_frames, "drop_video": drop_video, "frame_side": frame_side, "jpeg_quality": jpeg_quality}
     opt_file = state / "options.json"
     if opt_file.is_file() and json.loads(opt_file.read_text()) != options:
         raise UserError(f"{out} holds shards converted with other options; convert into an empty OUT (or delete it)")

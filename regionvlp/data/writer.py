@@ -42,6 +42,9 @@ from regionvlp.errors import UserError
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
 CAPTION_COLS = ("caption", "text", "txt", "name", "title", "description")
+# frame shards: the stored JPEGs' short side. 256 serves a 224 crop with room to crop
+# (the 360p source kept would cost ~2x the JPEG decode for pixels the resize throws away)
+FRAME_SIDE = 256
 FOLDER_VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "flv", "wmv", "3gp", "ogv", "ts")
 _STORE_AS = {"mp4": "mp4", "m4v": "mp4", "mov": "mov", "webm": "webm", "mkv": "mkv", "avi": "avi"}
 _FORMAT_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv", "avi": "avi"}
@@ -60,13 +63,14 @@ class Item:
 
 @dataclass
 class WriteOptions:
-    max_side: Optional[int] = None  # video: longer side; with keep_frames: the stored frames' short side
+    max_side: Optional[int] = None  # video: longer side
     max_seconds: Optional[float] = None
     fps: Optional[float] = None
     crf: int = 23
     keep_frames: int = 0  # frame shards: N evenly spaced frames stored as JPEG (0: none)
     drop_video: bool = False
     jpeg_quality: int = 90
+    frame_side: int = FRAME_SIDE  # frame shards: the stored JPEGs' short side (0: as decoded)
 
 
 def frame_members(data: bytes, num_frames: int, short_side: Optional[int], quality: int) -> dict[str, bytes]:
@@ -87,7 +91,7 @@ def add_frames(sample: dict[str, Any], video_ext: str, meta: dict[str, Any], opt
     """A sample with ``opts.keep_frames`` stored frames added (and its video dropped with
     ``opts.drop_video``); raises :class:`SkipItem` when the video gives no frames."""
     try:
-        frames = frame_members(sample[video_ext], opts.keep_frames, opts.max_side, opts.jpeg_quality)
+        frames = frame_members(sample[video_ext], opts.keep_frames, opts.frame_side or None, opts.jpeg_quality)
     except DecodeError as err:
         raise SkipItem("undecodable_video", f"{err.reason}: {err.detail}") from None
     meta = {**meta, "kept_frames": len(frames)}
@@ -362,7 +366,7 @@ def make_sample(item: Item, opts: WriteOptions) -> dict[str, Any]:
         raise SkipItem("empty_video", "0 bytes")
     info = _probe(data)
     ext = _ext_for(item.source, info["format"])
-    # with --keep-frames, --max-side bounds the stored frames; the video keeps its size
+    # with --keep-frames the video keeps its size (--frame-side bounds the stored frames)
     too_big = opts.max_side is not None and not opts.keep_frames and max(info["width"], info["height"]) > opts.max_side
     too_long = opts.max_seconds is not None and (info["duration"] or 0) > opts.max_seconds
     too_fast = opts.fps is not None and (info["fps"] or 0) > opts.fps + 1e-3
@@ -411,7 +415,10 @@ def _claim_out(out: Path, src: str | Path, items: list[Item], shard_size: int, o
     return state
 
 
-def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, command: str) -> None:
+def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, command: str,
+                        frame_side: int = FRAME_SIDE) -> None:
+    if frame_side < 0 or frame_side == 1:
+        raise UserError(f"{command}: --frame-side must be >= 2 (or 0: as decoded), got {frame_side}")
     if keep_frames < 0 or keep_frames > 999:
         raise UserError(f"{command}: --keep-frames must be between 0 and 999, got {keep_frames}")
     if drop_video and not keep_frames:
@@ -423,7 +430,7 @@ def check_frame_options(keep_frames: int, drop_video: bool, jpeg_quality: int, c
 def _fingerprint(items: list[Item], shard_size: int, opts: WriteOptions) -> str:
     fields = asdict(opts)
     if not opts.keep_frames:  # fingerprints of video-only outputs stay what they were before frame shards
-        fields = {k: v for k, v in fields.items() if k not in ("keep_frames", "drop_video", "jpeg_quality")}
+        fields = {k: v for k, v in fields.items() if k not in ("keep_frames", "drop_video", "jpeg_quality", "frame_side")}
     h = hashlib.sha256(json.dumps([shard_size, fields]).encode())
     for it in items:
         qa = f"\t{it.extra['qa']}" if "qa" in it.extra else ""  # fingerprints without QA stay as they were
@@ -436,10 +443,10 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
                  fps: Optional[float] = None, video_col: Optional[str] = None,
                  caption_col: Optional[str] = None, progress: bool = True, keep_frames: int = 0,
                  drop_video: bool = False, jpeg_quality: int = 90, qa: str | Path | None = None,
-                 max_caption_chars: int = 2000) -> dict[str, Any]:
+                 max_caption_chars: int = 2000, frame_side: int = FRAME_SIDE) -> dict[str, Any]:
     """Write ``out/NNNNNN.tar`` + ``sizes.json``; resume where a previous run stopped.
     ``keep_frames`` N > 0 writes frame shards (N JPEG frames per clip, short side at most
-    ``max_side``; the video left out with ``drop_video``). ``qa``: a QA annotation file
+    ``frame_side``; the video left out with ``drop_video``). ``qa``: a QA annotation file
     joined to the inputs by video id (:func:`join_qa`). OUT must be a local folder;
     captions over ``max_caption_chars`` are cut (counted in ``captions_cut``)."""
     if shard_size < 1 or workers < 0:
@@ -447,10 +454,10 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     if (max_side is not None and max_side < 2) or (max_seconds is not None and max_seconds <= 0) \
             or (fps is not None and fps <= 0):
         raise UserError("shards write: --max-side, --max-seconds and --fps must be positive")
-    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards write")
+    check_frame_options(keep_frames, drop_video, jpeg_quality, "shards write", frame_side)
     start = time.perf_counter()
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
-                        drop_video=drop_video, jpeg_quality=jpeg_quality)
+                        drop_video=drop_video, jpeg_quality=jpeg_quality, frame_side=frame_side)
     out, items, extra = read_inputs(src, out, video_col, caption_col, max_caption_chars, qa)
     state = _claim_out(out, src, items, shard_size, opts)
     n_shards = (len(items) + shard_size - 1) // shard_size
