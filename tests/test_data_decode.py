@@ -393,3 +393,19 @@ def test_keyframe_sampling_decodes_one_frame_per_pick(monkeypatch):
     frames = dec.decode_pyav(clip, 4, "keyframe", random.Random(1))
     assert len(fed) == 4 and all(fed), fed
     assert [frame_index(f) for f in frames] == sorted({frame_index(f) for f in frames})
+
+
+def test_resize_crop_of_frames_already_at_size_is_the_flip_or_the_frames():
+    """Frame-shard squares come at the crop size: the fast path (one copy, flip in it)
+    gives what permuting and flipping would, with the same rng draws."""
+    frames = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)  # [T, H, W, 3]
+    plain = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    flips = set()
+    for seed in range(8):
+        got = dec.resize_crop(frames, 16, training=True, rng=random.Random(seed))
+        ref = random.Random(seed)
+        flip = (ref.randint(0, 0), ref.randint(0, 0), ref.random())[2] < 0.5
+        assert got.is_contiguous() and torch.equal(got, plain.flip(-1) if flip else plain)
+        flips.add(flip)
+    assert flips == {True, False}
+    assert torch.equal(dec.resize_crop(frames, 16, training=False), plain)

@@ -92,6 +92,15 @@ def test_shards_convert_round_trip_resume_and_skips(tmp_path, capsys):
         convert_shards([str(tmp_path / "in" / "000000.tar")], tmp_path / "x", keep_frames=0, progress=False)
     with pytest.raises(UserError, match="--drop-video needs"):
         write_shards(tmp_path / "in", tmp_path / "y", drop_video=True, progress=False)
+    # --frame-side: the stored frames' short side (256 by default; 0: as decoded); 1 refused
+    small = convert_shards([str(tmp_path / "in" / "000000.tar")], tmp_path / "s", keep_frames=1, frame_side=8,
+                           progress=False)
+    assert small["samples"] > 0
+    assert min(_jpeg_size(next(v for k, v in _members(tmp_path / "s" / "000000.tar").items()
+                               if k.endswith("frame000.jpg")))) == 8
+    with pytest.raises(UserError, match="--frame-side must be >= 2"):
+        convert_shards([str(tmp_path / "in" / "000000.tar")], tmp_path / "z", keep_frames=1, frame_side=1,
+                       progress=False)
 
 
 def test_more_frames_than_stored_fall_back_to_the_video(tmp_path):
