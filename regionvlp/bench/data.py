@@ -173,7 +173,8 @@ def _data_steps(videos: list[bytes], shards: dict[str, Path], *, frames: int, si
         s = spec(mode)
         return lambda: [decode_sample(raw, s, rng) for raw in in_memory[shard]]
 
-    steps: dict[str, Callable[[], Any]] = {"full_decode": lambda: [_full_decode(v, backend) for v in videos]}
+    full = "pyav" if backend == "auto" else backend
+    steps: dict[str, Callable[[], Any]] = {"full_decode": lambda: [_full_decode(v, full) for v in videos]}
     for name, (mode, shard) in {"random_segment": ("random_segment", "video"), "keyframe": ("keyframe", "video"),
                                 "frame_shard": ("random_segment", "frames")}.items():
         steps[name] = loader(mode, shard)
@@ -195,8 +196,7 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
     that core (the steady figure on a shared machine; wall figures beside them);
     ``cores_per_gpu_at_800`` is 800 / the loader figure. ``region_samples`` > 0 adds the
     region-shard variants (:mod:`regionvlp.bench.region_data`, ``cores_per_gpu_at_10000``)."""
-    if backend == "auto":
-        backend = "decord" if dec._have_decord() else "pyav"
+    # auto: what the loader's data.backend auto does (PyAV first); its full decode is PyAV's
     if urls:
         videos, source = _video_samples(urls, clips), " ".join(urls)
     else:

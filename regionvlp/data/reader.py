@@ -25,6 +25,12 @@ from regionvlp.data.sources import DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, open_sha
 from regionvlp.errors import UserError
 
 
+# tarfile's stream read size: its 10 KiB default splits a 30 KB JPEG member into joined
+# pieces; 32 KiB reads ahead at most that far, well inside the 64 KiB tail that
+# :func:`_tar_end_problem` checks the end of the archive in
+STREAM_BUFSIZE = 1 << 15
+
+
 def _split_name(name: str) -> tuple[Optional[str], str]:
     """``dir/key.ext.more`` → (``dir/key``, ``ext.more``), as webdataset groups files."""
     slash = name.rfind("/")
@@ -138,7 +144,7 @@ class _ShardReader:
 
     def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
         last_key, index = None, None
-        with tarfile.open(fileobj=counted, mode="r|*") as tf:
+        with tarfile.open(fileobj=counted, mode="r|*", bufsize=STREAM_BUFSIZE) as tf:
             self.seekable = getattr(tf.fileobj, "comptype", "tar") == "tar"
             if self.cursor is not None and not self.seekable:
                 self.cursor.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
