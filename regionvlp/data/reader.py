@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from regionvlp.config import DataConfig
 from regionvlp.data.consumer import ReadCursor, SampleShare
 from regionvlp.data.skips import SkipCounter, short_error
+from regionvlp.data.tarstream import BLOCK, Member, PlainTar, PrefixedStream, looks_plain, read_exact
 from regionvlp.data.sources import DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, open_shard, scheme_of
 from regionvlp.errors import UserError
 
@@ -135,6 +136,7 @@ class _ShardReader:
         self.produced = False
         self.seekable = True  # False: a compressed tar (offsets count uncompressed bytes)
         self.oversize = _Oversize(None, counter, url)
+        self.end = 0  # where the tar archive stopped (its end block, or a garbled header)
 
     def emit(self) -> dict[str, Any]:
         if not self.produced:
@@ -142,36 +144,53 @@ class _ShardReader:
         out, self.current = self.current, None
         return out
 
-    def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
-        last_key, index = None, None
-        with tarfile.open(fileobj=counted, mode="r|*", bufsize=STREAM_BUFSIZE) as tf:
+    def members(self, counted: "_CountingStream") -> Iterator[Any]:
+        """The stream's members (``name``, ``isreg``, ``offset``, ``size``, ``read()``):
+        a plain tar parsed header by header (:mod:`~regionvlp.data.tarstream`), a
+        compressed one by :mod:`tarfile`; :attr:`end` is where the archive stopped."""
+        head = read_exact(counted, BLOCK)
+        stream = PrefixedStream(head, counted)
+        if looks_plain(head):
+            plain = PlainTar(stream)
+            yield from plain
+            self.end = plain.offset
+            return
+        with tarfile.open(fileobj=stream, mode="r|*", bufsize=STREAM_BUFSIZE) as tf:
             self.seekable = getattr(tf.fileobj, "comptype", "tar") == "tar"
             if self.cursor is not None and not self.seekable:
                 self.cursor.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
             for info in tf:
-                key, ext = _split_name(info.name) if info.isreg() else (None, "")
-                where = self.base + info.offset  # the member's first header block in the shard
-                if key is None or key.rpartition("/")[2].startswith("__") or where < self.skip_to:
-                    continue
-                if self.current is not None and self.current["__key__"] != key:
-                    if self.cursor is not None:
-                        self.cursor.move(self.pos, where, self.share)
-                    yield self.emit()
-                if key != last_key:
-                    last_key, index = key, (self.share.take() if self.share is not None else -1)
-                    start = where
-                if index is None:  # another consumer's sample: skipped by its header
-                    continue
-                if self.oversize.skip(key, info.size):
-                    self.current = None
-                    continue
-                data = tf.extractfile(info).read()
-                if self.current is None:
-                    self.current = {"__key__": key, "__url__": self.url, "__ref__": [self.pos, start, index, self.seekable]}
-                    if self.share is not None:
-                        self.current["__index__"] = index
-                self.current[ext] = data
-            problem = _tar_end_problem(counted, tf.offset)
+                yield Member(info.name, info.isreg(), info.offset, info.size,
+                             lambda info=info: tf.extractfile(info).read())
+            self.end = tf.offset
+
+    def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
+        last_key, index = None, None
+        for info in self.members(counted):
+            key, ext = _split_name(info.name) if info.isreg else (None, "")
+            where = self.base + info.offset  # the member's first header block in the shard
+            if key is None or key.rpartition("/")[2].startswith("__") or where < self.skip_to:
+                continue
+            if self.current is not None and self.current["__key__"] != key:
+                if self.cursor is not None:
+                    self.cursor.move(self.pos, where, self.share)
+                yield self.emit()
+            if key != last_key:
+                last_key, index = key, (self.share.take() if self.share is not None else -1)
+                start = where
+            if index is None:  # another consumer's sample: skipped by its header
+                continue
+            if self.oversize.skip(key, info.size):
+                self.current = None
+                continue
+            data = info.read()
+            if self.current is None:
+                self.current = {"__key__": key, "__url__": self.url, "__ref__": [self.pos, start, index, self.seekable]}
+                if self.share is not None:
+                    self.current["__index__"] = index
+            self.current[ext] = data
+        # the end check counts archive bytes: a compressed stream's are not the tar's (gzip checks itself)
+        problem = _tar_end_problem(counted, self.end) if self.seekable else None
         if self.current is not None:  # whole files only; a missing caption/media is caught downstream
             if self.cursor is not None:
                 self.cursor.move(self.pos + 1, 0, self.share)
