@@ -14,7 +14,6 @@ differs.
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from regionvlp import pathways
+from regionvlp.ds_schema import check_deepspeed
 from regionvlp.errors import ConfigError
 from regionvlp.resolvers import mask_secrets
 
@@ -64,9 +64,9 @@ class DataConfig:
     eval_sampling: str = choice("random_segment", "uniform", "first", default="uniform")
     backend: str = choice("auto", "decord", "pyav")
     decode_device: str = choice("cpu", "cuda")  # cpu: workers decode everything | cuda: frame-shard JPEGs decoded per batch on the GPU
-    batch_size: int = bounded(8, lo=1)  # per rank
+    batch_size: int = bounded(8, lo=1, hi=65536)  # per rank
     num_workers: Any = 2  # DataLoader workers per rank, or "auto": cores per local rank, minus one
-    shuffle_buffer: int = bounded(1000, lo=0)  # samples; 0 disables
+    shuffle_buffer: int = bounded(1000, lo=0, hi=1_000_000)  # samples; 0 disables
     resampled: bool = False  # True: sample shards with replacement, with_epoch per rank
     qa_pairs_per_visit: str = choice("one", "all")  # QA training: one pair drawn per clip visit | all: every pair of the clip
     allow_pipe: bool = False  # pipe: URLs run shell commands; off unless asked for
@@ -74,9 +74,9 @@ class DataConfig:
     tokenizer: Optional[str] = None  # None: the text tower's model.text.name
     retries: int = bounded(3, lo=0, hi=100)  # transient read errors per shard
     retry_backoff: float = bounded(0.5, lo=0, hi=3600)  # seconds, doubled each retry
-    max_sample_bytes: int = bounded(512 * 1024 * 1024, lo=1)  # one sample's tar members (from the headers); larger: skipped, oversize
-    max_image_pixels: int = bounded(4096 * 4096, lo=1)  # a still image's width x height, before decoding; larger: skipped, oversize
-    max_caption_chars: int = bounded(2000, lo=1)  # longer captions are cut (counted as captions_cut)
+    max_sample_bytes: int = bounded(512 * 1024 * 1024, lo=1, hi=2**34)  # one sample's tar members (from the headers); larger: skipped, oversize
+    max_image_pixels: int = bounded(4096 * 4096, lo=1, hi=2**30)  # a still image's width x height, before decoding; larger: skipped, oversize
+    max_caption_chars: int = bounded(2000, lo=1, hi=1_000_000)  # longer captions are cut (counted as captions_cut)
     read_timeout_s: float = bounded(60.0, lo=0, hi=3600, lo_open=True)  # http(s)/s3/gs: seconds to connect and between bytes; each timeout is one retry
 
 
@@ -85,7 +85,7 @@ class DataConfig:
 class TextConfig:
     name: str = "distilbert-base-uncased"  # transformers hub name or local folder
     freeze_embeddings: bool = False
-    freeze_layers: int = bounded(0, lo=0)  # lowest N transformer layers frozen
+    freeze_layers: int = bounded(0, lo=0, hi=1024)  # lowest N transformer layers frozen
 
 
 @dataclass
@@ -93,10 +93,10 @@ class DetectorConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     weights: str = "DEFAULT"  # DEFAULT | an enum name | local checkpoint path | none
     num_regions: int = bounded(30, lo=1, hi=1000)  # K boxes per frame
-    min_size: Optional[int] = bounded(None, lo=1)  # detector input resize; None: data.size (frames are never upsampled)
-    max_size: Optional[int] = bounded(None, lo=1)  # None: data.size
-    rpn_pre_nms_top_n: Optional[int] = bounded(None, lo=1)  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
-    rpn_post_nms_top_n: Optional[int] = bounded(None, lo=1)  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
+    min_size: Optional[int] = bounded(None, lo=1, hi=8192)  # detector input resize; None: data.size (frames are never upsampled)
+    max_size: Optional[int] = bounded(None, lo=1, hi=8192)  # None: data.size
+    rpn_pre_nms_top_n: Optional[int] = bounded(None, lo=1, hi=100_000)  # per FPN level before RPN NMS; None: tuned for the arch (regions.detector.TUNED_RPN)
+    rpn_post_nms_top_n: Optional[int] = bounded(None, lo=1, hi=100_000)  # per frame after RPN NMS (box-head cost); None: tuned (200; stock 1000)
     selection: str = choice("region", "stock")  # region (max class, class-agnostic NMS) | stock (torchvision's postprocess_detections)
     nms_thresh: float = bounded(0.5, lo=0, hi=1, lo_open=True)  # NMS IoU over the final boxes (class-agnostic for region, per class for stock)
     score_thresh: float = bounded(0.0, lo=0, hi=1, hi_open=True)  # min confidence (region: max non-background probability; stock: class probability)
@@ -106,13 +106,13 @@ class DetectorConfig:
 
 @dataclass
 class RegionTransformerConfig:
-    feature_dim: int = bounded(1024, lo=1)
-    hidden: int = bounded(768, lo=1)
-    layers: int = bounded(4, lo=0)
-    heads: int = bounded(12, lo=1)
-    mlp_ratio: float = bounded(4.0, lo=0, lo_open=True)
+    feature_dim: int = bounded(1024, lo=1, hi=65536)
+    hidden: int = bounded(768, lo=1, hi=65536)
+    layers: int = bounded(4, lo=0, hi=1024)
+    heads: int = bounded(12, lo=1, hi=1024)
+    mlp_ratio: float = bounded(4.0, lo=0, hi=64, lo_open=True)
     dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
-    max_frames: int = bounded(16, lo=1)
+    max_frames: int = bounded(16, lo=1, hi=1024)
     frame_local: bool = False  # a region attends only to its own frame's regions and [CLS]
     init: str = "none"  # none | a timm ViT name (timm's weights) | an http(s) URL (torch hub cache) | a local ViT weights file: blocks 0..layers-1
     temporal_resize: str = choice("zeros", "interpolate")  # frame rows beyond an init_from source run's frames
@@ -122,20 +122,20 @@ class RegionTransformerConfig:
 class LearnerConfig:
     backbone: str = "vit_base_patch16_224"
     pretrained: str = "none"  # none | timm | local checkpoint path
-    img_size: int = bounded(224, lo=1)
-    depth: int = bounded(0, lo=0)  # ViT blocks; 0 = the backbone's own (fewer for tiny CPU configs)
-    max_frames: int = bounded(16, lo=1)
+    img_size: int = bounded(224, lo=1, hi=8192)
+    depth: int = bounded(0, lo=0, hi=1024)  # ViT blocks; 0 = the backbone's own (fewer for tiny CPU configs)
+    max_frames: int = bounded(16, lo=1, hi=1024)
     divided_space_time: bool = False
-    codebook_size: int = bounded(2048, lo=1)
-    code_dim: int = bounded(256, lo=1)
+    codebook_size: int = bounded(2048, lo=1, hi=1_000_000)
+    code_dim: int = bounded(256, lo=1, hi=65536)
     ema_decay: float = bounded(0.99, lo=0, hi=1, hi_open=True)
     ema_eps: float = bounded(1.0e-5, lo=0, lo_open=True)
     dead_code_threshold: float = bounded(0.1, lo=0, hi=1, hi_open=True)  # restart a code whose EMA count < this x the mean code's; 0 = never
     commitment: float = bounded(0.25, lo=0)  # beta of the commitment loss (VQ-VAE's 0.25); 0 disables it
-    num_regions: int = bounded(8, lo=1)  # R masks
+    num_regions: int = bounded(8, lo=1, hi=1000)  # R masks
     mask_norm: str = choice("softmax", "sigmoid")
-    interaction_layers: int = bounded(1, lo=1)
-    insert_after: int = bounded(-1, lo=-1)  # ViT block index; -1 the last
+    interaction_layers: int = bounded(1, lo=1, hi=1024)
+    insert_after: int = bounded(-1, lo=-1, hi=1024)  # ViT block index; -1 the last
     checkpoint: str = "none"  # none | a saved learned-pathway (or whole model) state dict to start from
     temporal_resize: str = choice("interpolate", "zeros")  # time embeddings when max_frames changed
 
@@ -145,16 +145,16 @@ class FusedConfig:
     """``model.regions: fused``: the fusion layers over the detector's box tokens and the
     RegionLearner's regions (which keep their own sections, detector/region_transformer/learner)."""
 
-    layers: int = bounded(1, lo=0)  # blocks over [CLS] + box tokens + learned tokens, at width model.embed_dim
-    heads: int = bounded(4, lo=1)  # must divide model.embed_dim
-    mlp_ratio: float = bounded(4.0, lo=0, lo_open=True)
+    layers: int = bounded(1, lo=0, hi=1024)  # blocks over [CLS] + box tokens + learned tokens, at width model.embed_dim
+    heads: int = bounded(4, lo=1, hi=1024)  # must divide model.embed_dim
+    mlp_ratio: float = bounded(4.0, lo=0, hi=64, lo_open=True)
     dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
 
 
 @dataclass
 class ModelConfig:
     regions: str = field(default="detector", metadata={"choices": pathways.names})  # a registered pathway
-    embed_dim: int = bounded(256, lo=1)  # D, the joint space
+    embed_dim: int = bounded(256, lo=1, hi=65536)  # D, the joint space
     text: TextConfig = field(default_factory=TextConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     region_transformer: RegionTransformerConfig = field(default_factory=RegionTransformerConfig)
@@ -170,7 +170,7 @@ class LossConfig:
     min_temperature: float = bounded(0.01, lo=0, lo_open=True)  # floor of a learnable temperature, applied after each step
     align_temperature: float = bounded(0.05, lo=0, lo_open=True)  # tau_a of the region-word softmax
     local_weight: float = bounded(1.0, lo=0)  # lambda
-    chunk_size: int = bounded(32, lo=1)  # sentences per chunk of the region-word similarity
+    chunk_size: int = bounded(32, lo=1, hi=65536)  # sentences per chunk of the region-word similarity
     gather: bool = True  # negatives from every rank
 
 
@@ -195,7 +195,7 @@ class TrainConfig:
     log_every: int = bounded(10, lo=1)
     val_every: int = bounded(0, lo=0)  # 0: only at the end
     ckpt_every: int = bounded(500, lo=1)
-    keep_last: int = bounded(2, lo=1)
+    keep_last: int = bounded(2, lo=1, hi=10_000)
     resume: str = "none"  # none | auto | PATH
     frame_curriculum: List[List[int]] = field(default_factory=list)  # [[step, T], ...]
     max_nonfinite: int = bounded(10, lo=1)  # consecutive non-finite losses before aborting
@@ -209,9 +209,9 @@ class QAConfig:
     over the K most frequent training answers."""
 
     enabled: bool = False  # True: the run trains / evaluates the QA head, not retrieval
-    num_answers: int = bounded(1500, lo=1)  # K, the answer vocabulary (1500 MSRVTT-QA, 1000 MSVD-QA)
-    fusion_layers: int = bounded(2, lo=1)  # transformer layers: question tokens cross-attend to region tokens + [CLS]
-    heads: int = bounded(4, lo=1)  # attention heads of the fusion layers (must divide model.embed_dim)
+    num_answers: int = bounded(1500, lo=1, hi=1_000_000)  # K, the answer vocabulary (1500 MSRVTT-QA, 1000 MSVD-QA)
+    fusion_layers: int = bounded(2, lo=1, hi=1024)  # transformer layers: question tokens cross-attend to region tokens + [CLS]
+    heads: int = bounded(4, lo=1, hi=1024)  # attention heads of the fusion layers (must divide model.embed_dim)
     dropout: float = bounded(0.1, lo=0, hi=1, hi_open=True)
     vocab: str = "auto"  # auto: built from data.train at the start of training | a vocab.json path
     stage_steps: int = bounded(0, lo=0)  # compare / demo: > 0 fine-tunes a QA head this many steps from each retrieval run
@@ -242,7 +242,7 @@ class RunSection:
 
 @dataclass
 class Config:
-    seed: int = bounded(0, lo=0)
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)  # numpy / DataLoader seeds are 32-bit
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -258,6 +258,15 @@ def default_config() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
+MAX_CONFIG_BYTES = 4 << 20  # one config file (and each of its bases), read at most
+QUOTE_CHARS = 200  # an error quotes at most this much of a file
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with "…") for an error line."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file with its ``base:`` files merged underneath it (untyped)."""
     path = path.resolve()
@@ -265,11 +274,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config {path}: 'base' includes form a cycle")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if seen and path.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"config {seen[-1]}: base {path} is not a .yaml / .yml file")
+    with open(path, "rb") as fh:
+        text = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML")
     try:
-        node = OmegaConf.load(path)
-    except Exception as err:  # yaml parse errors
-        detail = " ".join(str(err).split())
-        raise ConfigError(f"config {path}: not valid YAML: {detail}") from None
+        node = OmegaConf.create(text.decode("utf-8"))
+    except Exception as err:  # yaml parse errors, bytes that are not UTF-8
+        raise ConfigError(f"config {path}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config {path}: the top level must be a mapping")
     bases = node.pop("base", None)
@@ -293,8 +307,10 @@ def _schema_keys(schema: DictConfig, dotted_parent: str) -> list[str]:
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf error into one line that names the key."""
-    full_key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
-    msg = str(getattr(err, "msg", "") or err).splitlines()[0]
+    raw_key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+    full_key = clip(raw_key, QUOTE_CHARS // 2)  # key and message together quote <= QUOTE_CHARS of a file
+    msg = (str(getattr(err, "msg", "") or err).splitlines() or [""])[0]
+    msg = clip(msg.replace(raw_key, full_key) if raw_key else msg, QUOTE_CHARS // 2)
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         parent, _, leaf = full_key.rpartition(".")
         candidates = _schema_keys(default_config(), parent)
@@ -306,7 +322,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 
 def _bad(key: str, value: Any, want: str) -> ConfigError:
-    return ConfigError(f"config key '{key}' is {value!r}; it must be {want} (fix it in the YAML or with {key}=...)")
+    return ConfigError(f"config key '{key}' is {clip(repr(value))}; it must be {want} (fix it in the YAML or with {key}=...)")
 
 
 def declared_checks(schema: Optional[type] = None, prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -339,19 +355,19 @@ def _check_range(value: Any, key: str, bounds: tuple[Optional[float], Optional[f
 def _check_choice(value: Any, key: str, choices: Any) -> None:
     allowed = tuple(choices() if callable(choices) else choices)  # a callable: e.g. a registry's names
     if value not in allowed:
-        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+        raise ConfigError(f"config key '{key}' is {clip(repr(value))}; choose one of {', '.join(allowed)}")
 
 
 def _check_lists(cfg: DictConfig) -> None:
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise _bad("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
-    last = -1
+    last, most = -1, declared_checks()["data.num_frames"]["range"][1]  # T: data.num_frames' own bound
     for entry in cfg.train.frame_curriculum:
         pair = list(entry)
-        if len(pair) != 2 or pair[0] < 0 or pair[1] < 1 or pair[0] <= last:
+        if len(pair) != 2 or pair[0] < 0 or not 1 <= pair[1] <= most or pair[0] <= last:
             raise _bad("train.frame_curriculum", to_container(cfg.train.frame_curriculum),
-                       "[[step, T], ...] with steps >= 0 in increasing order and T >= 1")
+                       f"[[step, T], ...] with steps >= 0 in increasing order and 1 <= T <= {most:g}")
         last = pair[0]
     for split in ("train", "val", "test"):
         if any(not str(u).strip() for u in cfg.data[split].urls):
@@ -399,23 +415,8 @@ def validate(cfg: DictConfig) -> None:
         raise _bad("run.report_to", report_to, f"a list of distinct names from {', '.join(REPORT_TO)} (or [])")
     if not str(cfg.qa.vocab).strip():
         raise _bad("qa.vocab", cfg.qa.vocab, "auto or the path of a `regionvlp qa vocab` file")
+    check_deepspeed(to_container(cfg.deepspeed), str(cfg.run.out_dir))
     _check_relations(cfg)
-
-
-def check_out_dir(path: str | Path, key: str = "run.out_dir") -> Path:
-    """Create the output folder ``path`` (config key ``key``) and prove it is writable."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{key}={path} is a file, not a folder; pick another {key}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"{key}={path}: cannot write there ({err.strerror or err}); "
-                          f"pick a writable {key}") from None
-    return path
 
 
 def _env_paths(raw: Any, prefix: str = "") -> dict[str, str]:

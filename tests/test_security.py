@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from regionvlp.cli import main
-from regionvlp.config import ConfigError, check_out_dir, load_config, mask_secrets, saved_container, to_yaml
+from regionvlp.config import ConfigError, load_config, mask_secrets, saved_container, to_yaml
+from regionvlp.runfolder import check_out_dir
 from regionvlp.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -63,7 +63,19 @@ class ShardList:
 
 
 # ------------------------------------------------------------------------ specs
+MAX_SPEC_URLS = 1_000_000  # URLs one brace pattern may name (braceexpand builds each range whole)
+_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
 def _braceexpand(spec: str) -> list[str]:
+    """The URLs of one brace pattern; refused before expanding when its numeric ranges
+    would name more than :data:`MAX_SPEC_URLS`."""
+    count = 1
+    for lo, hi, step in _RANGE.findall(spec):
+        count *= abs(int(hi) - int(lo)) // max(abs(int(step or 1)), 1) + 1
+        if count > MAX_SPEC_URLS:
+            raise UserError(f"shard spec '{spec[:80]}' names more than {MAX_SPEC_URLS} URLs; "
+                            "split the shard set or name fewer shards")
     return list(braceexpand.braceexpand(spec))
 
 

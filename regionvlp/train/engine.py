@@ -21,6 +21,7 @@ from torch import nn
 
 from regionvlp import dist
 from regionvlp.config import to_container
+from regionvlp.ds_schema import check_deepspeed
 from regionvlp.errors import UserError
 from regionvlp.train.optimizer import build_optimizer
 
@@ -30,9 +31,11 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
 
     ``train_micro_batch_size_per_gpu`` = data.batch_size, ``gradient_accumulation_steps``
     = train.grad_accum and ``gradient_clipping`` = optim.grad_clip are always set; the
-    section may repeat them only with the same value.
+    section may repeat them only with the same value. The section itself is checked by
+    :func:`regionvlp.ds_schema.check_deepspeed` (known keys only, paths inside run.out_dir).
     """
     ds = dict(to_container(cfg.deepspeed)) if cfg.deepspeed else {}
+    check_deepspeed(ds, str(cfg.run.out_dir))  # again: a config changed in code since load_config
     owned = {"train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
              "gradient_accumulation_steps": int(cfg.train.grad_accum),
              "gradient_clipping": float(cfg.optim.grad_clip)}
@@ -43,16 +46,7 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
             raise UserError(f"deepspeed.{key}={ds[key]} disagrees with {where[key]}={value}; "
                             f"set it through {where[key]} and drop it from the deepspeed section")
         ds[key] = value
-    if "train_batch_size" in ds:
-        raise UserError("deepspeed.train_batch_size is derived (data.batch_size x train.grad_accum x ranks); "
-                        "remove it from the deepspeed section")
-    if "optimizer" in ds or "scheduler" in ds:
-        raise UserError("deepspeed.optimizer / deepspeed.scheduler are not used: the optimizer and schedule "
-                        "come from the optim: section; remove them from the deepspeed section")
-    ds.setdefault("zero_optimization", {"stage": 0})
-    stage = int(ds["zero_optimization"].get("stage", 0))
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"deepspeed.zero_optimization.stage={stage}; choose 0, 1, 2 or 3")
+    stage = int(ds.setdefault("zero_optimization", {"stage": 0}).get("stage", 0))
     if stage > 0:
         ds["zero_allow_untested_optimizer"] = True  # torch AdamW is fine with ZeRO 1-3
     if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():

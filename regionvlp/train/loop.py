@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from regionvlp import dist
 from regionvlp.checkpoint import list_tags, resolve_resume, tag_for
-from regionvlp.config import check_out_dir, saved_container, to_yaml
+from regionvlp.config import saved_container, to_yaml
 from regionvlp.detector.weights import load_extractor_weights, save_extractor_weights
 from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
+from regionvlp.runfolder import FolderLock
 from regionvlp.runtime import add_counts, get_autocast, local_device, peak_bytes
 from regionvlp.train.engine import engine_dtype, initialize
 from regionvlp.train.checkpointer import Checkpointer
@@ -175,10 +176,9 @@ class Verdict:
 
 # ---------------------------------------------------------------------- setup
 def write_run_config(cfg: Any, run_dir: Path) -> None:
-    """Rank 0 creates the run folder and writes ``config.yaml`` (and a QA run's answer
+    """Rank 0 writes ``config.yaml`` into the run folder it holds (and a QA run's answer
     vocabulary); every rank waits."""
     if dist.is_main():
-        check_out_dir(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
             prepare_run_vocab(cfg, run_dir)
@@ -447,7 +447,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     ``on_end(engine, extractor)`` is called before returning (library use: inspect the
     trained model in the same process).
     """
-    with dist.process_group():
+    with dist.process_group(), FolderLock(cfg.run.out_dir, enabled=dist.is_main()):  # one run per folder
         run = setup_run(cfg)
         summary = run_loop(run)
         if on_end is not None:

@@ -1,0 +1,133 @@
+"""Config and run-side guards of issue 25: the deepspeed section, memory bounds, config
+file budgets, one run per folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from regionvlp.cli import main
+from regionvlp.config import MAX_CONFIG_BYTES, QUOTE_CHARS, load_config
+from regionvlp.data.sources import MAX_SPEC_URLS, parse_specs
+from regionvlp.errors import ConfigError, UserError
+from regionvlp.runfolder import LOCK_NAME, FolderLock
+
+TINY = str(Path(__file__).parents[1] / "configs/tiny/detector.yaml")
+
+
+# ------------------------------------------------------------- deepspeed section
+@pytest.mark.parametrize("override, words", [
+    ("deepspeed.fp16=true", ["deepspeed.fp16", "mapping"]),
+    ("deepspeed.zero_optimization.stage=abc", ["zero_optimization.stage", "choose 0, 1, 2 or 3"]),
+    ("deepspeed.flops_profiler.output_file=/tmp/flops.txt", ["flops_profiler.output_file", "outside run.out_dir"]),
+    ("deepspeed.csv_monitor.output_path=../elsewhere", ["csv_monitor.output_path", "outside run.out_dir"]),
+    ("deepspeed.tensorboard.output_path=/etc", ["tensorboard.output_path", "outside run.out_dir"]),
+    ("deepspeed.tensorboard.job_name=../../x", ["tensorboard.job_name", "plain name"]),
+    ("deepspeed.csv_monitor.enabled=true", ["csv_monitor.enabled", "output_path"]),
+    ("deepspeed.zero_optimization.offload_optimizer.nvme_path=/x", ["unknown", "offload_optimizer.nvme_path"]),
+    ("deepspeed.some_future_key=1", ["unknown config key 'deepspeed.some_future_key'"]),
+    ("deepspeed.zero_optimization.reduce_bucket_size=1e30", ["reduce_bucket_size", "an integer from 0"]),
+    ("deepspeed.bf16.enabled=yes_please", ["bf16.enabled", "true or false"]),
+])
+def test_deepspeed_section_is_checked_at_load(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["run.out_dir=runs/x", override])
+    line = str(err.value)
+    assert "\n" not in line and all(w in line for w in words), line
+
+
+def test_deepspeed_paths_inside_the_run_folder_are_kept(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"run.out_dir={out}", "deepspeed.csv_monitor.enabled=true",
+                             f"deepspeed.csv_monitor.output_path={out}/csv", "deepspeed.csv_monitor.job_name=j",
+                             f"deepspeed.flops_profiler.output_file={out}/flops.txt"])
+    assert cfg.deepspeed.csv_monitor.output_path == f"{out}/csv"
+    (tmp_path / "link").symlink_to("/tmp")  # a link inside the folder that leads out of it
+    with pytest.raises(ConfigError, match="outside run.out_dir"):
+        load_config(None, [f"run.out_dir={tmp_path}", f"deepspeed.flops_profiler.output_file={tmp_path}/link/f"])
+
+
+# ----------------------------------------------------------------- memory bounds
+@pytest.mark.parametrize("override, key", [
+    ("train.frame_curriculum=[[0,100000]]", "train.frame_curriculum"),
+    ("model.embed_dim=1000000000000", "model.embed_dim"),
+    ("seed=100000000000000000000000000000", "seed"),
+    ("seed=1e29", "seed"),
+    ("data.batch_size=10000000", "data.batch_size"),
+    ("data.shuffle_buffer=1000000000", "data.shuffle_buffer"),
+    ("model.learner.codebook_size=1000000000", "model.learner.codebook_size"),
+    ("model.region_transformer.mlp_ratio=1e9", "model.region_transformer.mlp_ratio"),
+])
+def test_memory_sizing_values_are_bounded(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_brace_spec_count_is_bounded_before_expanding() -> None:
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"more than {MAX_SPEC_URLS} URLs"):
+        parse_specs("https://h/{0000000000..9999999999}.tar")
+    with pytest.raises(UserError, match="more than"):
+        parse_specs("https://h/{0000..9999}/{0000..9999}.tar")  # each range small, the product not
+    assert time.monotonic() - start < 5
+    assert len(parse_specs("https://h/{000..009}_{0..9..2}.tar").urls) == 50
+
+
+# ---------------------------------------------------------------- config files
+def test_base_must_be_yaml_and_is_never_quoted(tmp_path: Path) -> None:
+    secret = tmp_path / "id_key"
+    secret.write_text("SECRET-" * 100)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {secret}\n")
+    with pytest.raises(ConfigError, match="not a .yaml / .yml file") as err:
+        load_config(cfg)
+    assert "SECRET" not in str(err.value)
+    disguised = tmp_path / "key.yaml"  # a non-YAML file under a YAML name: the error quotes <= 200 chars
+    disguised.write_text("SECRET-" * 100 + ": 1\n")
+    cfg.write_text(f"base: {disguised.name}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value).count("SECRET") * len("SECRET-") <= QUOTE_CHARS, str(err.value)
+
+
+def test_config_files_are_read_with_a_byte_budget(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as fh:  # sparse: no disk, no memory
+        fh.truncate(MAX_CONFIG_BYTES * 20)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: big.yaml\n")
+    with pytest.raises(ConfigError, match="MiB"):
+        load_config(cfg)
+
+
+# ------------------------------------------------------------ one run per folder
+HOLD = "import sys, time; from regionvlp.runfolder import FolderLock\n" \
+       "with FolderLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"
+
+
+def test_a_run_folder_is_held_by_one_run(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by pid {holder.pid} on host"):
+            with FolderLock(out):
+                pass
+        capsys.readouterr()
+        assert main(["train", TINY, f"run.out_dir={out}", "data.train.urls=[x.tar]"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("regionvlp: error:")]
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0] and "run.out_dir" in err[0], err
+        assert not (out / "config.yaml").exists()  # the second run wrote nothing
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a crash: the kernel drops the lock
+        holder.wait(timeout=30)
+    with FolderLock(out) as lock:
+        assert lock.fd is not None and (out / LOCK_NAME).read_text().startswith("{")
+    with FolderLock(out):  # released on exit
+        pass
