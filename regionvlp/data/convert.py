@@ -4,7 +4,7 @@ Each input shard (any tar of webdataset samples, e.g. what video2dataset writes)
 ``OUT/<same name>``: every sample keeps its members and gains ``frame000.jpg`` …
 (N evenly spaced frames, short side at most ``--frame-side``, 256 by default); ``--drop-video`` leaves the
 video out. Shards are streamed (nothing but the current sample is held), written under
-``NAME.tmp`` and renamed when whole, so a re-run skips finished shards (resume). A sample
+``NAME.PID.tmp`` and renamed when whole, so a re-run skips finished shards (resume). A sample
 without a decodable video is skipped and listed in ``OUT/skipped.jsonl``, as
 ``shards write`` does; a shard that cannot be read is listed too.
 """
@@ -62,7 +62,7 @@ def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
 def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> dict[str, Any]:
     counter = SkipCounter()
     stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     try:
         with SampleTarWriter(tmp) as sink:  # keys made safe: no "..", no absolute member names
             for raw in tar_samples([url], counter, ReadOptions(allow_pipe=allow_pipe)):

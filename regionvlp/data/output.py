@@ -142,7 +142,7 @@ class ShardSink:
         self._tmp: Path | None = None
 
     def _open(self) -> None:
-        self._tmp = self.out_dir / f"{self.index:06d}.tar.tmp"
+        self._tmp = self.out_dir / f"{self.index:06d}.tar.{os.getpid()}.tmp"  # per process: never another writer's
         self._tar = SampleTarWriter(self._tmp)
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -171,7 +171,7 @@ class ShardSink:
 
 def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     """``sizes.json``: shard file name → samples (what ``data.epoch_size`` sums)."""
-    tmp = out_dir / "sizes.json.tmp"
+    tmp = out_dir / f"sizes.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
     os.replace(tmp, out_dir / "sizes.json")
 

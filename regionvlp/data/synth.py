@@ -458,7 +458,7 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
 def _write_split(split_dir: Path, samples, n: int, split: str, summary: dict[str, Any],
                  failed: list[str], progress: bool) -> None:
     split_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(split_dir.glob("*.tar")) + list(split_dir.glob("*.tar.tmp")):
+    for stale in list(split_dir.glob("*.tar")) + list(split_dir.glob("*.tar*.tmp")):
         stale.unlink()  # a re-run replaces the whole split
     sink = ShardSink(split_dir, summary["shard_size"])
     bar = tqdm(total=n, desc=f"synth {split}", unit="clip", file=sys.stderr, disable=not progress)

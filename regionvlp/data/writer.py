@@ -13,7 +13,7 @@ listed (``OUT/skipped.jsonl``). A video larger than ``--max-side``, longer than
 ``--max-seconds`` or faster than ``--fps`` is re-encoded with PyAV (H.264, yuv420p);
 anything else is copied byte for byte.
 
-A shard is written under ``NNNNNN.tar.tmp`` and renamed when complete, so a final
+A shard is written under ``NNNNNN.tar.PID.tmp`` (OUT held by one writer) and renamed when complete, so a final
 name always holds a whole shard; a re-run skips shards already complete (resume).
 """
 
@@ -38,6 +38,7 @@ from regionvlp.data.matching import QA_JOIN_HINT, check_match, check_written, ma
 from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.errors import UserError
+from regionvlp.runfolder import FolderLock
 
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
@@ -459,56 +460,57 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
                         drop_video=drop_video, jpeg_quality=jpeg_quality, frame_side=frame_side)
     out, items, extra = read_inputs(src, out, video_col, caption_col, max_caption_chars, qa)
-    state = _claim_out(out, src, items, shard_size, opts)
-    n_shards = (len(items) + shard_size - 1) // shard_size
-    for tmp in out.glob("*.tar.tmp"):  # leftovers of an interrupted run
-        tmp.unlink()
-    done = {k for k in range(n_shards)
-            if (out / f"{k:06d}.tar").is_file() and (state / f"{k:06d}.json").is_file()}
-    pending = [k for k in range(n_shards) if k not in done]
-    jobs: Iterator[tuple[Item, WriteOptions]] = (
-        (it, opts) for k in pending for it in items[k * shard_size:(k + 1) * shard_size])
-    pool = None
-    if workers > 1:
-        pool = process_pool(workers)
-        results = pool.imap(_work, jobs, chunksize=1)
-    else:
-        results = map(_work, jobs)
-    bar = tqdm(total=len(items), initial=sum(len(items[k * shard_size:(k + 1) * shard_size]) for k in done),
-               desc="shards write", unit="video", file=sys.stderr, disable=not progress)
-    sink: Optional[SampleTarWriter] = None
-    tmp_path: Optional[Path] = None
-    try:
-        for k in pending:
-            n_in = len(items[k * shard_size:(k + 1) * shard_size])
-            name = f"{k:06d}.tar"
-            tmp_path = out / f"{name}.tmp"
-            sink = SampleTarWriter(tmp_path)
-            stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
-            for _ in range(n_in):
-                item, sample, skip = next(results)
-                if sample is None:
-                    stats["skipped"].append({"key": item.key, "source": item.source, "reason": skip[0], "detail": skip[1]})
-                else:
-                    sink.write(sample)
-                bar.update(1)
-            sink.close()
-            stats["samples"], stats["bytes"], sink = sink.count, sink.bytes, None
-            (state / f"{k:06d}.json").write_text(json.dumps(stats) + "\n")
-            os.replace(tmp_path, out / name)  # only now does the shard exist under its final name
-            tmp_path = None
-    finally:
-        bar.close()
-        if sink is not None:
-            sink.close()
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-        if pool is not None:
-            pool.terminate()
+    with FolderLock(out, "shards write OUT"):  # one writer per OUT; a second one exits 2 naming the first
+        state = _claim_out(out, src, items, shard_size, opts)
+        n_shards = (len(items) + shard_size - 1) // shard_size
+        for tmp in out.glob("*.tar*.tmp"):  # leftovers of an interrupted run (this process holds OUT)
+            tmp.unlink()
+        done = {k for k in range(n_shards)
+                if (out / f"{k:06d}.tar").is_file() and (state / f"{k:06d}.json").is_file()}
+        pending = [k for k in range(n_shards) if k not in done]
+        jobs: Iterator[tuple[Item, WriteOptions]] = (
+            (it, opts) for k in pending for it in items[k * shard_size:(k + 1) * shard_size])
+        pool = None
+        if workers > 1:
+            pool = process_pool(workers)
+            results = pool.imap(_work, jobs, chunksize=1)
+        else:
+            results = map(_work, jobs)
+        bar = tqdm(total=len(items), initial=sum(len(items[k * shard_size:(k + 1) * shard_size]) for k in done),
+                   desc="shards write", unit="video", file=sys.stderr, disable=not progress)
+        sink: Optional[SampleTarWriter] = None
+        tmp_path: Optional[Path] = None
+        try:
+            for k in pending:
+                n_in = len(items[k * shard_size:(k + 1) * shard_size])
+                name = f"{k:06d}.tar"
+                tmp_path = out / f"{name}.{os.getpid()}.tmp"
+                sink = SampleTarWriter(tmp_path)
+                stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
+                for _ in range(n_in):
+                    item, sample, skip = next(results)
+                    if sample is None:
+                        stats["skipped"].append({"key": item.key, "source": item.source, "reason": skip[0], "detail": skip[1]})
+                    else:
+                        sink.write(sample)
+                    bar.update(1)
+                sink.close()
+                stats["samples"], stats["bytes"], sink = sink.count, sink.bytes, None
+                (state / f"{k:06d}.json").write_text(json.dumps(stats) + "\n")
+                os.replace(tmp_path, out / name)  # only now does the shard exist under its final name
+                tmp_path = None
+        finally:
+            bar.close()
+            if sink is not None:
+                sink.close()
+            if tmp_path is not None:
+                tmp_path.unlink(missing_ok=True)
+            if pool is not None:
+                pool.terminate()
 
-    sizes, skipped, skipped_items, total_bytes = finish_outputs(
-        out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
-    check_written(sum(sizes.values()), len(items), skipped, "shards write")
-    return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
-            "inputs": len(items), "resumed_shards": len(done), "urls": shard_urls(out, n_shards), "bytes": total_bytes,
-            "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}
+        sizes, skipped, skipped_items, total_bytes = finish_outputs(
+            out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
+        check_written(sum(sizes.values()), len(items), skipped, "shards write")
+        return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
+                "inputs": len(items), "resumed_shards": len(done), "urls": shard_urls(out, n_shards), "bytes": total_bytes,
+                "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}
