@@ -173,6 +173,7 @@ def build_model(cfg) -> DualEncoder:
     apply_offline(cfg)  # run.offline: no pretrained piece downloads
     pathway = build_pathway(cfg)
     text = TextTower(cfg.model.text, int(cfg.model.embed_dim))
+    text.check_words(int(cfg.data.max_words))
     if cfg.qa.enabled:
         qa = cfg.qa
         head = QAHead(int(cfg.model.embed_dim), int(qa.num_answers), int(qa.fusion_layers), int(qa.heads),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from regionvlp.errors import UserError
+from regionvlp.errors import ConfigError, UserError
 from regionvlp.outputs import TextOutput
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -92,6 +92,14 @@ class TextTower(nn.Module):
                                       tok.eos_token_id) if i is not None})
         self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
         self._freeze(bool(cfg.freeze_embeddings), int(cfg.freeze_layers))
+
+    def check_words(self, max_words: int) -> None:
+        """Refuse ``data.max_words`` beyond the text model's positions (the first batch
+        would fail in the embedding lookup)."""
+        positions = getattr(self.encoder.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and max_words > positions:
+            raise ConfigError(f"data.max_words={max_words}, but the text model '{self.name[:80]}' has "
+                              f"{positions} positions; set data.max_words <= {positions}")
 
     def _freeze(self, embeddings: bool, layers: int) -> None:
         if embeddings:

@@ -131,3 +131,15 @@ def test_a_run_folder_is_held_by_one_run(tmp_path: Path, capsys) -> None:
         assert lock.fd is not None and (out / LOCK_NAME).read_text().startswith("{")
     with FolderLock(out):  # released on exit
         pass
+
+
+def test_max_words_beyond_the_text_models_positions_is_refused_at_build(minilm_dir) -> None:
+    from omegaconf import OmegaConf
+
+    from regionvlp.config import TextConfig
+    from regionvlp.text import TextTower
+
+    tower = TextTower(OmegaConf.structured(TextConfig(name=str(minilm_dir))), 8)
+    tower.check_words(512)  # exactly its positions: fine
+    with pytest.raises(ConfigError, match=r"data\.max_words=4096, but the text model .* has 512 positions"):
+        tower.check_words(4096)
