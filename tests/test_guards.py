@@ -143,3 +143,53 @@ def test_max_words_beyond_the_text_models_positions_is_refused_at_build(minilm_d
     tower.check_words(512)  # exactly its positions: fine
     with pytest.raises(ConfigError, match=r"data\.max_words=4096, but the text model .* has 512 positions"):
         tower.check_words(4096)
+
+
+# ------------------------------------------------------------------- hostile JSON
+DEEP = "[" * 200_000 + "]" * 200_000  # past any recursion limit, 400 KB
+
+
+def test_deeply_nested_json_is_a_one_line_error_or_a_skip(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from regionvlp.data.qa import count_answers, load_annotations, load_vocab
+    from regionvlp.data.writer import read_manifest
+
+    ann = tmp_path / "qa.json"
+    ann.write_text(DEEP)
+    with pytest.raises(UserError, match="--qa .*not a JSON list"):
+        load_annotations(ann)
+    ann.write_text('{"video_id": 1, "question": "q", "answer": ' + DEEP + "}\n")  # JSONL
+    with pytest.raises(UserError, match="--qa"):
+        load_annotations(ann)
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(DEEP)
+    with pytest.raises(UserError, match="not a vocab file"):
+        load_vocab(vocab)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(DEEP)
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_manifest(manifest)
+    skipped: Counter = Counter()
+    counts, pairs = count_answers([{"__key__": "a", "json": DEEP.encode()}], skipped)
+    assert skipped == {"bad_json": 1} and pairs == 0
+
+
+@pytest.mark.parametrize("body", [
+    '{"answers": ["a"], "counts": [1e999]}',
+    '{"answers": ["a"], "counts": ["many"]}',
+    '{"answers": ["a"], "counts": [true]}',
+    '{"answers": ["a"], "counts": [-3]}',
+    '{"answers": ["a"], "counts": [1], "num_pairs": "x"}',
+    '{"answers": ["a"], "counts": [1], "skipped": [1, 2]}',
+    '{"answers": ["a"], "counts": [1], "skipped": {"bad_qa": 1e999}}',
+    '["answers"]',
+])
+def test_vocab_counts_of_the_wrong_kind_are_one_line_errors(tmp_path: Path, body: str) -> None:
+    from regionvlp.data.qa import load_vocab
+
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(body)
+    with pytest.raises(UserError) as err:
+        load_vocab(vocab)
+    assert "\n" not in str(err.value) and str(vocab) in str(err.value)

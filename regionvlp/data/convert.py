@@ -27,6 +27,7 @@ from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
 from regionvlp.data.writer import FRAME_SIDE, SkipItem, WriteOptions, add_frames, check_frame_options
 from regionvlp.errors import UserError
+from regionvlp.jsonio import json_loads
 
 
 def _shard_names(urls: Sequence[str]) -> list[tuple[str, str]]:
@@ -47,7 +48,7 @@ def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"])
+            meta = json_loads(raw["json"])
         except (ValueError, UnicodeDecodeError):
             raise SkipItem("bad_json", "json is not valid JSON") from None
         if not isinstance(meta, dict):
@@ -96,7 +97,7 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
     state.mkdir(parents=True, exist_ok=True)
     options = {"keep_frames": keep_frames, "drop_video": drop_video, "frame_side": frame_side, "jpeg_quality": jpeg_quality}
     opt_file = state / "options.json"
-    if opt_file.is_file() and json.loads(opt_file.read_text()) != options:
+    if opt_file.is_file() and json_loads(opt_file.read_text()) != options:
         raise UserError(f"{out} holds shards converted with other options; convert into an empty OUT (or delete it)")
     opt_file.write_text(json.dumps(options) + "\n")
     resumed = 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from regionvlp.errors import UserError
+from regionvlp.jsonio import json_loads
 
 
 QUESTION_TYPES: tuple[str, ...] = ("what", "who", "how", "when", "where", "other")
@@ -137,14 +138,19 @@ def load_vocab(path: str | Path) -> QAVocab:
     if path.stat().st_size > MAX_VOCAB_BYTES:
         raise UserError(f"QA vocabulary {path} is larger than {MAX_VOCAB_BYTES >> 20} MiB; not a vocab file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        answers, counts = list(data["answers"]), [int(c) for c in data.get("counts", [0] * len(data["answers"]))]
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"QA vocabulary {path} is not a vocab file ({type(err).__name__}: {err}); rebuild it "
-                        "with `regionvlp qa vocab`") from None
+        data = json_loads(path.read_text(encoding="utf-8"))
+        answers, counts = list(data["answers"]), list(data.get("counts", [0] * len(data["answers"])))
+        num_pairs, skipped = data.get("num_pairs", 0), dict(data.get("skipped", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"QA vocabulary {path} is not a vocab file ({type(err).__name__}: {str(err)[:200]}); "
+                        "rebuild it with `regionvlp qa vocab`") from None
     if not answers or not all(isinstance(a, str) for a in answers) or len(counts) != len(answers):
         raise UserError(f"QA vocabulary {path}: 'answers' must be a non-empty list of strings matching 'counts'")
-    return QAVocab(answers, counts, int(data.get("num_pairs", 0)), dict(data.get("skipped", {})))
+    whole = [num_pairs, *counts, *skipped.values()]  # 1e999 parses as inf; true as 1: neither is a count
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**63 for c in whole):
+        raise UserError(f"QA vocabulary {path}: 'counts', 'num_pairs' and 'skipped' must hold whole numbers >= 0; "
+                        "rebuild it with `regionvlp qa vocab`")
+    return QAVocab(answers, counts, num_pairs, {str(k): v for k, v in skipped.items()})
 
 
 def count_answers(raw_samples: Iterable[dict[str, Any]], skipped: Counter) -> tuple[Counter, int]:
@@ -153,7 +159,7 @@ def count_answers(raw_samples: Iterable[dict[str, Any]], skipped: Counter) -> tu
     pairs_seen = 0
     for raw in raw_samples:
         try:
-            meta = json.loads(raw["json"]) if "json" in raw else {}
+            meta = json_loads(raw["json"]) if "json" in raw else {}
         except (ValueError, UnicodeDecodeError):
             skipped["bad_json"] += 1
             continue
@@ -224,9 +230,9 @@ def _annotation_rows(path: Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8-sig")
     try:
         if text.lstrip().startswith("["):
-            rows = json.loads(text)
+            rows = json_loads(text)
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [json_loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as err:
         raise UserError(f"--qa {path}: not a JSON list or JSONL ({err}); use the MSRVTT-QA / MSVD-QA "
                         "annotation JSON or one {{video_id, question, answer}} object per line") from None

@@ -11,7 +11,6 @@ process (``shards check``, ``data inspect``, ``regions extract``, ``show``).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from regionvlp.data.regions import REGION_EXTS, RegionShape, decode_regions, sel
 from regionvlp.data.skips import SkipCounter, short_error
 from regionvlp.data.sources import parse_specs, register_webdataset_handlers
 from regionvlp.data.text import pick_caption, sample_captions
+from regionvlp.jsonio import json_loads
 
 
 @dataclass
@@ -79,7 +79,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"])
+            meta = json_loads(raw["json"])
         except (ValueError, UnicodeDecodeError) as err:
             raise dec.DecodeError("bad_json", short_error(err)) from None
         if not isinstance(meta, dict):

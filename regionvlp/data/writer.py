@@ -38,6 +38,7 @@ from regionvlp.data.matching import QA_JOIN_HINT, check_match, check_written, ma
 from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.errors import UserError
+from regionvlp.jsonio import json_loads
 from regionvlp.runfolder import FolderLock
 
 
@@ -146,7 +147,7 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
     try:
         if src.suffix.lower() == ".json":  # one JSON array of row objects
             try:
-                rows = json.loads(src.read_text(encoding="utf-8-sig"))
+                rows = json_loads(src.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as err:
                 raise UserError(f"{src}: not valid JSON ({err.msg}, line {err.lineno}); "
                                 "use a JSON array of objects or JSONL (one object per line)") from None
@@ -157,7 +158,7 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            row = json.loads(line)
+                            row = json_loads(line)
                         except json.JSONDecodeError as err:
                             raise UserError(f"{src}:{n}: not a JSON line ({err.msg}); fix or remove that line") from None
                         if not isinstance(row, dict):
@@ -408,7 +409,7 @@ def _claim_out(out: Path, src: str | Path, items: list[Item], shard_size: int, o
     state.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(items, shard_size, opts)
     fp_file = state / "source.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") != fingerprint:
+    if fp_file.is_file() and json_loads(fp_file.read_text()).get("fingerprint") != fingerprint:
         raise UserError(f"{out} holds shards written from another SRC or with other options; "
                         "write to an empty OUT (or delete it) to start over")
     fp_file.write_text(json.dumps({"fingerprint": fingerprint, "src": str(src), "items": len(items),
