@@ -193,3 +193,47 @@ def test_vocab_counts_of_the_wrong_kind_are_one_line_errors(tmp_path: Path, body
     with pytest.raises(UserError) as err:
         load_vocab(vocab)
     assert "\n" not in str(err.value) and str(vocab) in str(err.value)
+
+
+# ----------------------------------------------------------------- disk full
+class _FullDisk:
+    """An engine whose save fails as a full disk does (through torch: a RuntimeError)."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+    def save_checkpoint(self, folder: str, tag: str, **_: object) -> None:
+        (Path(folder) / tag).mkdir(parents=True)
+        (Path(folder) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise self.err
+
+
+@pytest.mark.parametrize("err", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: "
+                 "file write failed"),
+])
+def test_disk_full_during_save_is_one_line_and_the_partial_checkpoint_is_never_resumed(tmp_path, err) -> None:
+    from regionvlp.checkpoint import list_tags, resolve_resume
+    from regionvlp.train.checkpointer import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    with pytest.raises(UserError, match=r"checkpoint step0+12 could not be written .*GiB free.*resume=auto") as got:
+        ckpt.save(_FullDisk(err), 12, {})
+    assert "\n" not in str(got.value)
+    assert list_tags(ckpt.dir) == [] and resolve_resume("auto", ckpt.dir) is None
+    with pytest.raises(RuntimeError, match="NCCL"):  # not a write failure: raised as it is
+        ckpt.save(_FullDisk(RuntimeError("NCCL communicator was aborted")), 13, {})
+
+
+# --------------------------------------------------------------- QA eval keys
+def test_qa_questions_are_keyed_by_shard_so_colliding_keys_are_all_scored(caplog) -> None:
+    from regionvlp.qa.evaluate import QARecord, merge_records
+
+    a = [QARecord("set_a/000000.tar", "00000001", i, f"qa{i}", "x", "x") for i in range(3)]
+    b = [QARecord("set_b/000000.tar", "00000001", i, f"qb{i}", "y", "x") for i in range(2)]
+    with caplog.at_level("WARNING"):
+        records, duplicates, collisions = merge_records([a, b + a[:1]])  # a[0] answered twice: a repeat
+    assert len(records) == 5 and duplicates == 1 and collisions == 2
+    assert "more than one shard" in caplog.text
+    assert merge_records([a])[1:] == (0, 0)

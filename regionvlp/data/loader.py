@@ -53,6 +53,7 @@ def collate(samples: list[dict[str, Any]], tokenizer, max_words: int) -> dict[st
     ``region_*`` [B,T,K,...], ``input_ids``/``attention_mask`` [B,L])."""
     batch: dict[str, Any] = {
         "__key__": [s["__key__"] for s in samples],
+        "__url__": [str(s.get("__url__", "")) for s in samples],  # keys repeat across shard sets; (url, key) does not
         "caption": [s["caption"] for s in samples],
         "captions": [s["captions"] for s in samples],
         "meta": [s["meta"] for s in samples],

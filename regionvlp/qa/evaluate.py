@@ -2,9 +2,12 @@
 
 Every rank answers the QA samples its loader gives it (the eval loader visits every clip
 once across ranks × workers and the QA stage turns a clip into one sample per pair), the
-records ``(key, pair index, question, answer, prediction)`` are gathered, and rank 0's
-metrics come from :func:`regionvlp.qa.metrics.qa_metrics`. A pair seen twice would be a
-loader bug: it is counted in ``qa_duplicates`` and scored once.
+records ``(shard URL, key, pair index, question, answer, prediction)`` are gathered,
+and rank 0's metrics come from :func:`regionvlp.qa.metrics.qa_metrics`. A question is
+identified by its shard URL, key and pair index: ``shards write`` / ``data synth`` keys
+are row numbers that repeat across shard sets, so the same key in two shards is two
+questions (counted in ``qa_key_collisions`` with a warning, all scored). A pair seen
+twice from the same shard would be a loader bug: counted in ``qa_duplicates``, scored once.
 
 Library use::
 
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QARecord:
+    url: str  # the shard it came from
     key: str
     qa_index: int
     question: str
@@ -64,21 +68,31 @@ def answer_local(model: Any, batches: Iterable[Mapping[str, Any]], *, batch_tran
         b = prepare_batch(batch, None, device)  # on the device; the extractor runs once per clip in predict_ids
         ids = model.predict_ids(b, batch_transform).cpu().tolist()  # one transfer per batch
         types = batch.get("question_type") or [""] * len(ids)
-        records += [QARecord(k, int(i), q, a, model.answers[p], t) for k, i, q, a, p, t in
-                    zip(batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids, types)]
+        urls = batch.get("__url__") or [""] * len(ids)
+        records += [QARecord(str(u), k, int(i), q, a, model.answers[p], t) for u, k, i, q, a, p, t in
+                    zip(urls, batch["__key__"], batch["qa_index"], batch["question"], batch["answer"], ids, types)]
     return records, skipped
 
 
-def merge_records(parts: Iterable[list[QARecord]]) -> tuple[list[QARecord], int]:
-    """All ranks' records in (key, pair) order, each pair once, and how many repeats were dropped."""
-    seen: dict[tuple[str, int], QARecord] = {}
+def merge_records(parts: Iterable[list[QARecord]]) -> tuple[list[QARecord], int, int]:
+    """All ranks' records in (url, key, pair) order, each pair once; how many repeats were
+    dropped, and how many (key, pair) ids occur in more than one shard (all kept)."""
+    seen: dict[tuple[str, str, int], QARecord] = {}
     total = 0
     for part in parts:
         for r in part:
             total += 1
-            seen.setdefault((r.key, r.qa_index), r)
+            seen.setdefault((r.url, r.key, r.qa_index), r)
     ordered = [seen[k] for k in sorted(seen)]
-    return ordered, total - len(ordered)
+    shards_of: dict[tuple[str, int], int] = {}
+    for url, key, index in seen:
+        shards_of[(key, index)] = shards_of.get((key, index), 0) + 1
+    collisions = sum(1 for n in shards_of.values() if n > 1)
+    if collisions:
+        example = next(k for k, n in shards_of.items() if n > 1)
+        log.warning("QA eval: %d question ids (key, pair) occur in more than one shard (e.g. key %r pair %d); "
+                    "each is scored as its own question", collisions, example[0][:80], example[1])
+    return ordered, total - len(ordered), collisions
 
 
 def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any = None,
@@ -102,14 +116,15 @@ def evaluate_qa(model: Any, cfg: Any, split: str = "val", batch_transform: Any =
     finally:
         model.train(was_training)
     gathered = dist.gather_objects((local, skipped))
-    records, duplicates = merge_records(part for part, _ in gathered)
+    records, duplicates, collisions = merge_records(part for part, _ in gathered)
     total_skipped: dict[str, int] = {}
     for _, part in gathered:
         for k, v in part.items():
             total_skipped[k] = total_skipped.get(k, 0) + v
     out = qa_metrics([r.prediction for r in records], [r.answer for r in records],
                      [r.question for r in records], model.answers[0], types=[r.qtype for r in records])
-    out.update(qa_duplicates=duplicates, num_videos=len({r.key for r in records}), skipped=total_skipped,
+    out.update(qa_duplicates=duplicates, qa_key_collisions=collisions,
+               num_videos=len({(r.url, r.key) for r in records}), skipped=total_skipped,
                qa_vocab_size=len(model.answers), world_size=dist.world_size())
     return out
 

@@ -3,14 +3,18 @@ manifest of what was written (:mod:`.manifest`), resume only from those."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from regionvlp import dist
 from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manifest
 from regionvlp.errors import UserError
 from regionvlp.train import manifest
+
+
+WRITE_WORDS = ("write", "space", "file", "unexpected pos")  # torch's RuntimeErrors for a failed file write
 
 
 class Checkpointer:
@@ -27,19 +31,41 @@ class Checkpointer:
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
         tag = tag_for(step)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        with self._writing(tag):
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
         dist.barrier()
+        old = [t for t in list_tags(self.dir) if t != tag]
+        keep = (old + [tag])[-self.keep_last:]
         if dist.is_main():
-            old = [t for t in list_tags(self.dir) if t != tag]
-            keep = (old + [tag])[-self.keep_last:]
-            write_manifest(self.dir / tag)  # the folder's files and their SHA-256
-            manifest.record(self.dir, tag, keep)  # and that this run wrote it; before the done marker
-            (self.dir / tag / "client_state.done").write_text(str(step))
+            with self._writing(tag):
+                write_manifest(self.dir / tag)  # the folder's files and their SHA-256
+                manifest.record(self.dir, tag, keep)  # and that this run wrote it; before the done marker
+                (self.dir / tag / "client_state.done").write_text(str(step))
             for stale in old:
                 if stale not in keep:
                     shutil.rmtree(self.dir / stale, ignore_errors=True)
         dist.barrier()
         return self.dir / tag
+
+    @contextlib.contextmanager
+    def _writing(self, tag: str) -> Iterator[None]:
+        """A failed write of checkpoint ``tag`` (disk full, quota, a vanished mount; torch
+        reports those as RuntimeError "... write ...") as one line. The partial folder has
+        no ``client_state.done``, so resume never takes it."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            text = " ".join((getattr(err, "strerror", None) or str(err)).split())
+            if not isinstance(err, OSError) and not any(w in text.lower() for w in WRITE_WORDS):
+                raise
+            try:
+                free = f"{shutil.disk_usage(self.dir).free / 2**30:.2f} GiB free"
+            except OSError:
+                free = "free space unknown"
+            old = [t for t in list_tags(self.dir) if t != tag]
+            kept = f"the newest whole checkpoint ({old[-1]}) is intact" if old else "no earlier checkpoint"
+            raise UserError(f"checkpoint {tag} could not be written to {self.dir} ({text[:200]}; {free}); "
+                            f"{kept}: free space, then continue with train.resume=auto") from None
 
     def set_aside(self, from_step: int) -> list[str]:
         """Rename the checkpoints of step >= ``from_step`` to ``stepNNNNNNNN.nonfinite``
