@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -90,12 +91,18 @@ MANIFEST = "manifest.json"
 _UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the manifest itself
 
 
-def write_manifest(tag_dir: Path) -> None:
+def file_listing(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the files in checkpoint folder ``tag_dir``."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
+
+
+def write_manifest(tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
     """Record every file of a checkpoint this run just wrote (size + sha256), so a resume
-    can tell the run's own checkpoint from one dropped in or altered afterwards."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
-    tmp = tag_dir / (MANIFEST + ".tmp")
+    can tell the run's own checkpoint from one dropped in or altered afterwards. ``files``:
+    the listing of every node's part of the tag (default: this folder's files)."""
+    files = file_listing(tag_dir) if files is None else files
+    tmp = tag_dir / (MANIFEST + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"regionvlp_manifest": 1, "files": files}, indent=1))
     tmp.replace(tag_dir / MANIFEST)
 

@@ -26,18 +26,32 @@ def read(ckpt_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"tags": {}}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        text = path.read_text()
+    except OSError as err:
         raise UserError(f"{path}: unreadable ({err}); resume with train.resume=none or a new run.out_dir") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tags"), dict):
-        raise UserError(f"{path}: not a regionvlp run manifest; resume with train.resume=none")
+    return parse(text, str(path))
+
+
+def parse(text: str, where: str) -> dict[str, Any]:
+    """A run manifest's JSON (from the run folder or ``run.remote_dir``), checked."""
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{where}: unreadable ({err}); resume with train.resume=none or a new run.out_dir") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tags"), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data["tags"].items()):
+        raise UserError(f"{where}: not a regionvlp run manifest; resume with train.resume=none")
     return data
+
+
+def encode(tags: dict[str, str]) -> str:
+    return json.dumps({"regionvlp_run_manifest": 1, "tags": tags}, indent=1, sort_keys=True)
 
 
 def write(ckpt_dir: Path, tags: dict[str, str]) -> None:
     """Atomically (write, then rename)."""
-    tmp = ckpt_dir / f".{NAME}.tmp"
-    tmp.write_text(json.dumps({"regionvlp_run_manifest": 1, "tags": tags}, indent=1, sort_keys=True))
+    tmp = ckpt_dir / f".{NAME}.{os.getpid()}.tmp"
+    tmp.write_text(encode(tags))
     os.replace(tmp, ckpt_dir / NAME)
 
 
