@@ -234,6 +234,13 @@ def delete(url: str, names: list[str]) -> None:
         Path(url).rmdir()
 
 
+def put_folder(local: Path, url: str, last: str = "") -> None:
+    """Every file under ``local`` to folder ``url`` (sub-folders kept), ``last`` after the rest."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
+        put_file(path, join(url, path.relative_to(local).as_posix()))
+
+
 def fetch_folder(url: str, local: Path, max_bytes: int = MAX_FILE_BYTES) -> Path:
     """Every file of remote folder ``url`` (and its sub-folders) into ``local``; for weights
     given as a bucket URL (``train.init_from``, ``eval --checkpoint``, ``load_model``)."""
@@ -248,18 +255,22 @@ def fetch_folder(url: str, local: Path, max_bytes: int = MAX_FILE_BYTES) -> Path
     return local
 
 
-def local_copy(path: str | Path, what: str) -> Path:
-    """``path`` itself, or for a bucket URL its folder downloaded into a per-URL cache
-    (``REGIONVLP_CACHE``, default ``~/.cache/regionvlp/remote``) and that folder. Nothing
-    downloaded is unpickled by the callers: weights load as safetensors or weights-only."""
-    if not is_remote(path):
-        return Path(path)
+def cache_dir(url: str) -> Path:
+    """An empty per-URL folder under ``REGIONVLP_CACHE`` (default ``~/.cache/regionvlp``)."""
     import hashlib
 
     root = Path(os.environ.get("REGIONVLP_CACHE", Path.home() / ".cache" / "regionvlp")) / "remote"
-    local = root / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    local = root / hashlib.sha256(url.encode()).hexdigest()[:16]
     shutil.rmtree(local, ignore_errors=True)
+    return local
+
+
+def local_copy(path: str | Path, what: str) -> Path:
+    """``path`` itself, or for a bucket URL its folder downloaded into :func:`cache_dir`.
+    Nothing downloaded is unpickled by the callers: weights load as safetensors."""
+    if not is_remote(path):
+        return Path(path)
     try:
-        return fetch_folder(str(path).rstrip("/"), local)
+        return fetch_folder(str(path).rstrip("/"), cache_dir(str(path).rstrip("/")))
     except UserError as err:
         raise UserError(f"{what}: {err}") from None

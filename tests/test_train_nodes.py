@@ -204,3 +204,81 @@ def test_two_nodes_no_shared_disk_kill_one_resume_from_bucket(shards, tmp_path, 
               for d in (ref[0], run[0])]
     assert losses[0] == losses[1] and len(losses[0]) == 6  # same data positions: the same losses
     assert sorted(_remote_tags("job")) == ["step00000004", "step00000006"]  # keep_last=2 in the bucket
+
+    # the bucket's forms of weights: an export uploaded, load_model / eval --checkpoint / init_from
+    from regionvlp import load_model
+    from regionvlp.checkpoint import export
+    from regionvlp.evaluation.run import load_eval_model
+    from regionvlp.train.finetune import init_weights
+
+    os.environ["REGIONVLP_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert export(run[0], "s3://ckpt/exp")["step"] == 6
+        model = load_model("s3://ckpt/exp")
+        for k, v in a["module"].items():
+            assert torch.equal(model.state_dict()[k], v.float()), k
+        fresh = load_eval_model("s3://ckpt/job")[0]  # a run dir in the bucket: its newest complete tag
+        assert all(torch.equal(fresh.state_dict()[k], v.float()) for k, v in a["module"].items())
+        torch.nn.init.zeros_(next(fresh.parameters()))
+        init_weights(fresh, "s3://ckpt/exp")
+        assert all(torch.equal(fresh.state_dict()[k], v.float()) for k, v in a["module"].items())
+    finally:
+        os.environ.pop("REGIONVLP_CACHE")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("where", ["s3", "path"])
+def test_a_tag_cut_mid_upload_is_never_resumed_from(tmp_path, s3, monkeypatch, where):
+    """Step 2's upload is killed between two of its files: with the local folder gone,
+    train.resume=auto fetches step 1 (complete in the remote dir), never step 2; keep_last
+    prunes the remote dir."""
+    from regionvlp import remote
+    from regionvlp.config import load_config
+    from regionvlp.train import engine as E
+
+    url = f"s3://ckpt/cut-{os.getpid()}" if where == "s3" else str(tmp_path / "remote")
+    cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10"])
+    torch.manual_seed(0)
+    eng, *_ = E.initialize(Tiny(), cfg)
+    run = tmp_path / "run"
+    ck = E.Checkpointer(run, keep_last=2, remote_dir=url)
+    saved = {}
+    for step in (1, 2, 3):
+        eng.backward(eng(torch.randn(2, 4)))
+        eng.step()
+        if step == 2:
+            calls, real = [], remote.put_file
+
+            def dying(local, dest):
+                calls.append(dest)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt  # as a kill: nothing after this runs
+                real(local, dest)
+            monkeypatch.setattr(remote, "put_file", dying)
+            with pytest.raises(KeyboardInterrupt):
+                ck.save(eng, step, {})
+            monkeypatch.setattr(remote, "put_file", real)
+            assert remote.list_files(remote.join(url, "checkpoints", "step00000002"))  # files, no manifest
+            break
+        ck.save(eng, step, {})
+        saved[step] = {k: v.clone() for k, v in eng.module.state_dict().items()}
+    shutil.rmtree(run)
+    again = E.Checkpointer(run, keep_last=2, remote_dir=url)
+    where_ = again.agree("auto")
+    assert where_ == (again.dir, "step00000001")
+    torch.nn.init.zeros_(eng.module.lin.weight)
+    again.load(eng, where_)
+    assert all(torch.equal(v, saved[1][k]) for k, v in eng.module.state_dict().items())
+    for step in (4, 5, 6):
+        again.save(eng, step, {})
+    assert sorted(t for t in remote.list_folders(remote.join(url, "checkpoints")) if t.startswith("step")) == \
+        ["step00000005", "step00000006"]  # keep_last in the remote dir; the cut tag's files went too
+    assert sorted(again.sync.remote.register()) == ["step00000005", "step00000006"]

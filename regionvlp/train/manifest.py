@@ -10,13 +10,13 @@ a tag listed here whose manifest is unchanged (and whose files match that manife
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from regionvlp.checkpoint import MANIFEST, file_sha256
 from regionvlp.errors import UserError
+from regionvlp.remote_run import encode_register, parse_register
 
 NAME = "run_manifest.json"
 
@@ -32,20 +32,8 @@ def read(ckpt_dir: Path) -> dict[str, Any]:
     return parse(text, str(path))
 
 
-def parse(text: str, where: str) -> dict[str, Any]:
-    """A run manifest's JSON (from the run folder or ``run.remote_dir``), checked."""
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise UserError(f"{where}: unreadable ({err}); resume with train.resume=none or a new run.out_dir") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tags"), dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data["tags"].items()):
-        raise UserError(f"{where}: not a regionvlp run manifest; resume with train.resume=none")
-    return data
-
-
-def encode(tags: dict[str, str]) -> str:
-    return json.dumps({"regionvlp_run_manifest": 1, "tags": tags}, indent=1, sort_keys=True)
+parse = parse_register  # the remote dir's run manifest has the same format
+encode = encode_register
 
 
 def write(ckpt_dir: Path, tags: dict[str, str]) -> None:

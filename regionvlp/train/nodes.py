@@ -27,7 +27,6 @@ Nothing downloaded is unpickled before the manifest check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,16 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from regionvlp import dist, remote
-from regionvlp.checkpoint import (MANIFEST, TAG_PATTERN, check_manifest, file_listing, file_sha256, list_tags,
+from regionvlp.remote_run import DONE, RemoteTags
+from regionvlp.checkpoint import (MANIFEST, check_manifest, file_listing, file_sha256, list_tags,
                                   resolve_resume, write_manifest)
 from regionvlp.errors import UserError
 from regionvlp.train import manifest
 
 log = logging.getLogger("regionvlp.train")
 FOLDER_ID = ".folder_id"
-DONE = "client_state.done"
-MANIFEST_MAX_BYTES = 64 << 20  # a tag's manifest / the run manifest, downloaded
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # rank 0's, follow the checkpoints
 
 
 def folder_id(ckpt_dir: Path) -> str:
@@ -111,84 +108,6 @@ def agreed(problem: str | None) -> None:
     problems = [p for p in dist.gather_objects(problem) if p]
     if problems:
         raise UserError("; ".join(dict.fromkeys(problems)))
-
-
-# ------------------------------------------------------------------ the remote dir
-class RemoteTags:
-    """``REMOTE/checkpoints/<tag>/`` files + ``manifest.json``, and
-    ``REMOTE/checkpoints/run_manifest.json`` listing the complete tags."""
-
-    def __init__(self, url: str) -> None:
-        self.url = remote.join(url, "checkpoints")
-
-    def register(self) -> dict[str, str]:
-        """The remote run manifest's ``{tag: manifest SHA-256}`` (empty when none)."""
-        where = remote.join(self.url, manifest.NAME)
-        data = remote.get_bytes(where, MANIFEST_MAX_BYTES)
-        if data is None:
-            return {}
-        return dict(manifest.parse(data.decode("utf-8", "replace"), where)["tags"])
-
-    def upload(self, tag_dir: Path, names: list[str]) -> None:
-        for name in names:
-            remote.put_file(tag_dir / name, remote.join(self.url, tag_dir.name, name))
-
-    def publish(self, tag_dir: Path, tags: dict[str, str]) -> None:
-        """The tag's manifest after its files, the run manifest last."""
-        remote.put_file(tag_dir / MANIFEST, remote.join(self.url, tag_dir.name, MANIFEST))
-        self.publish_register(tags)
-
-    def publish_register(self, tags: dict[str, str]) -> None:
-        remote.put_bytes(manifest.encode(tags).encode(), remote.join(self.url, manifest.NAME))
-
-    def prune(self, keep: list[str]) -> None:
-        """Remote tags not in ``keep``: their manifest first, then their files."""
-        for tag in remote.list_folders(self.url):
-            if TAG_PATTERN.match(tag) and tag not in keep:
-                folder = remote.join(self.url, tag)
-                remote.delete(folder, [MANIFEST])
-                remote.delete(folder, sorted(remote.list_files(folder)))
-
-    def newest(self) -> tuple[str, str] | None:
-        """``(tag, manifest SHA-256)`` of the newest complete remote tag: listed in the
-        remote run manifest, its manifest there with that digest, every file it lists
-        there with the listed size."""
-        for tag, digest in sorted(self.register().items(), key=lambda kv: kv[0], reverse=True):
-            if self.listing(tag, digest) is not None:
-                return tag, digest
-        return None
-
-    def listing(self, tag: str, digest: str) -> dict[str, Any] | None:
-        """The files of complete remote tag ``tag`` (None when it is not complete)."""
-        folder = remote.join(self.url, tag)
-        data = remote.get_bytes(remote.join(folder, MANIFEST), MANIFEST_MAX_BYTES)
-        if data is None or hashlib.sha256(data).hexdigest() != digest:
-            return None
-        try:
-            files = json.loads(data)["files"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        present = remote.list_files(folder)
-        if any(present.get(name) != info.get("bytes") for name, info in files.items()):
-            return None
-        return files
-
-    def fetch(self, tag: str, digest: str, tag_dir: Path) -> None:
-        """Remote tag ``tag`` into ``tag_dir``: the files missing or different here, then
-        its manifest, the run manifest's entry and the done marker."""
-        files = self.listing(tag, digest)
-        if files is None:
-            raise UserError(f"{remote.join(self.url, tag)} is not complete in run.remote_dir (cut off mid-upload?)")
-        if tag_dir.is_dir() and (not (tag_dir / MANIFEST).is_file() or file_sha256(tag_dir / MANIFEST) != digest):
-            shutil.rmtree(tag_dir)  # a torn or different local copy of the tag
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        here = file_listing(tag_dir)
-        for name, info in files.items():
-            if here.get(name) != info:
-                remote.get_file(remote.join(self.url, tag, name), tag_dir / name, int(info["bytes"]))
-        remote.get_file(remote.join(self.url, tag, MANIFEST), tag_dir / MANIFEST, MANIFEST_MAX_BYTES)
-        manifest.record(tag_dir.parent, tag, list_tags(tag_dir.parent) + [tag])
-        (tag_dir / DONE).write_text(str(int(TAG_PATTERN.match(tag).group(1))))
 
 
 # ------------------------------------------------------------------ one run's tags
@@ -304,7 +223,7 @@ class TagSync:
                     f"rank 0 resumes from {tag}, but {tag_dir} does not hold it "
                     f"({', '.join(missing_files(tag_dir)[:4]) or 'another or no manifest'}): the nodes do not share "
                     "a disk; set run.remote_dir (s3://, gs:// or a shared path) so each node can fetch it")
-            self.remote.fetch(tag, digest, tag_dir)
+            self.remote.fetch(tag, digest, tag_dir, manifest.record)
         check_manifest(tag_dir, self.dir)
         manifest.check(self.dir, tag)
 
