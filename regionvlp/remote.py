@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from regionvlp.data.buckets import gcs_filesystem
 from regionvlp.data.sources import s3_client
 from regionvlp.errors import UserError
 
@@ -77,14 +78,9 @@ def _retry(what: str, url: str, fn: Callable[[], Any]) -> Any:
 
 
 def _gcs() -> Any:
-    try:
-        import fsspec
-    except ImportError:
-        raise UserError("gs:// outputs need gcsfs: pip install 'regionvlp[gcs]'") from None
-    kwargs: dict[str, Any] = {"retries": 1, "requests_timeout": TIMEOUT_S}
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        kwargs["token"] = "anon"
-    return fsspec.filesystem("gcs", **kwargs)
+    """The gcsfs filesystem the readers use too (one try per request, timeouts set,
+    ``STORAGE_EMULATOR_HOST`` honoured); :func:`_retry` retries."""
+    return gcs_filesystem(TIMEOUT_S)
 
 
 def _missing(err: Exception) -> bool:

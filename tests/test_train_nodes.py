@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from emulators import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "learned.yaml"
@@ -24,12 +24,6 @@ BIN = Path(sys.executable).parent
 TIMEOUT_S = 20  # run.collective_timeout_s of these runs: a dead peer ends the survivor within 2x this
 COMMON = ["train.max_steps=6", "train.ckpt_every=2", "train.keep_last=2", "optim.warmup_steps=2",
           "train.log_every=1", "data.batch_size=2", f"run.collective_timeout_s={TIMEOUT_S}", "data.val.urls=[]"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +108,7 @@ def test_two_nodes_no_shared_disk_kill_one_resume_from_bucket(shards, tmp_path, 
     # the uninterrupted reference: the deepspeed launcher's multi-node form without ssh
     hosts = tmp_path / "hostfile"
     hosts.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = _free_port()
+    port = free_port()
     ref = [tmp_path / "ref0", tmp_path / "ref1"]
     done = _finish(_start([[str(BIN / "deepspeed"), "-H", str(hosts), "--no_ssh", "--node_rank", str(n),
                             "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port",
@@ -131,7 +125,7 @@ def test_two_nodes_no_shared_disk_kill_one_resume_from_bucket(shards, tmp_path, 
 
     # torchrun --nnodes 2, remote dir on S3; node 1 killed once step 2 is in the bucket
     run, remote_dir = [tmp_path / "n0", tmp_path / "n1"], "run.remote_dir=s3://ckpt/job"
-    port = _free_port()
+    port = free_port()
     cmds = [_torchrun(n, port, _args(shards, run[n], remote_dir)) for n in (0, 1)]
     procs = _start(cmds, env)
     deadline = time.time() + 240
@@ -146,7 +140,7 @@ def test_two_nodes_no_shared_disk_kill_one_resume_from_bucket(shards, tmp_path, 
 
     # without the bucket the ranks disagree on what they hold: one clear error on both, fast
     started = time.time()
-    port = _free_port()
+    port = free_port()
     bad = _finish(_start([_torchrun(n, port, _args(shards, run[n], "train.resume=auto")) for n in (0, 1)], env),
                   timeout=120)
     assert all(rc != 0 for rc, *_ in bad) and time.time() - started < 120
@@ -156,7 +150,7 @@ def test_two_nodes_no_shared_disk_kill_one_resume_from_bucket(shards, tmp_path, 
     # both local folders gone: the same two commands resume from the bucket, exactly
     for folder in run:
         shutil.rmtree(folder)
-    port = _free_port()
+    port = free_port()
     resumed = _finish(_start([_torchrun(n, port, _args(shards, run[n], remote_dir, "train.resume=auto"))
                               for n in (0, 1)], env))
     assert [rc for rc, *_ in resumed] == [0, 0], resumed[0][2][-3000:] + resumed[1][2][-3000:]
@@ -201,21 +195,27 @@ class Tiny(torch.nn.Module):
         return self.lin(x).pow(2).mean()
 
 
-@pytest.mark.parametrize("where", ["s3", "path"])
-def test_a_tag_cut_mid_upload_is_never_resumed_from(tmp_path, s3, monkeypatch, where):
+@pytest.mark.parametrize("where", ["s3", "gs", "path"])
+def test_a_tag_cut_mid_upload_is_never_resumed_from(tmp_path, s3, gcs_emulator, monkeypatch, where):
     """Step 2's upload is killed between two of its files: with the local folder gone,
     train.resume=auto fetches step 1 (complete in the remote dir), never step 2; keep_last
     prunes the remote dir."""
     from regionvlp import remote
     from regionvlp.config import load_config
     from regionvlp.train import engine as E
+    from regionvlp.train.checkpointer import Checkpointer
 
-    url = f"s3://ckpt/cut-{os.getpid()}" if where == "s3" else str(tmp_path / "remote")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    if where == "gs":
+        from regionvlp.data.buckets import gcs_filesystem
+
+        gcs_filesystem(30.0).mkdir("ckpt-gs")
+    url = {"s3": f"s3://ckpt/cut-{os.getpid()}", "gs": "gs://ckpt-gs/cut", "path": str(tmp_path / "remote")}[where]
     cfg = load_config(None, ["data.batch_size=2", "train.max_steps=10"])
     torch.manual_seed(0)
     eng, *_ = E.initialize(Tiny(), cfg)
     run = tmp_path / "run"
-    ck = E.Checkpointer(run, keep_last=2, remote_dir=url)
+    ck = Checkpointer(run, keep_last=2, remote_dir=url)
     saved = {}
     for step in (1, 2, 3):
         eng.backward(eng(torch.randn(2, 4)))
@@ -237,7 +237,7 @@ def test_a_tag_cut_mid_upload_is_never_resumed_from(tmp_path, s3, monkeypatch, w
         ck.save(eng, step, {})
         saved[step] = {k: v.clone() for k, v in eng.module.state_dict().items()}
     shutil.rmtree(run)
-    again = E.Checkpointer(run, keep_last=2, remote_dir=url)
+    again = Checkpointer(run, keep_last=2, remote_dir=url)
     where_ = again.agree("auto")
     assert where_ == (again.dir, "step00000001")
     torch.nn.init.zeros_(eng.module.lin.weight)
