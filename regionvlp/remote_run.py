@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from regionvlp import remote
-from regionvlp.checkpoint import MANIFEST, TAG_PATTERN, file_listing, file_sha256, list_tags
+from regionvlp.checkpoint import MANIFEST, TAG_PATTERN, file_listing, list_tags
 from regionvlp.errors import UserError
+from regionvlp.runtime import file_sha256
 
 REGISTER = "run_manifest.json"
 DONE = "client_state.done"

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from regionvlp import remote
-from regionvlp.data.output import local_output
+from regionvlp.data.matching import check_written
+from regionvlp.data.output import finish_outputs, local_output, shard_urls
 
 STATE_MAX_BYTES = 256 << 20  # a resume record / sizes.json pulled back from the bucket
 
@@ -61,6 +63,16 @@ class Output:
             remote.put_file(self.local / name, remote.join(self.url, name))
             if not keep:
                 (self.local / name).unlink()
+
+    def finish_shards(self, stats_files: dict[str, Path], n_items: int, command: str) -> dict[str, Any]:
+        """``sizes.json`` / ``skipped.jsonl`` from the shards' records (uploaded last for a
+        bucket OUT; nothing written at all is an error) and the result keys they give."""
+        sizes, skipped, skipped_items, total_bytes = finish_outputs(self.local, stats_files, command)
+        check_written(sum(sizes.values()), n_items, skipped, command)
+        self.publish("skipped.jsonl", "sizes.json", keep=True)
+        return {"out": self.shown(), "samples": sum(sizes.values()), "skipped": skipped, "shards": len(stats_files),
+                "urls": shard_urls(self.shown(), len(stats_files)), "bytes": total_bytes,
+                "skipped_items": skipped_items[:100]}
 
     def shown(self) -> str:
         """OUT as the user named it (for the JSON result)."""

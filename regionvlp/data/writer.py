@@ -34,8 +34,8 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from regionvlp.data.decode import DecodeError, decode_pyav, reformat
-from regionvlp.data.matching import QA_JOIN_HINT, check_match, check_written, match_report, mc_captions
-from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
+from regionvlp.data.matching import QA_JOIN_HINT, check_match, match_report, mc_captions
+from regionvlp.data.output import SampleTarWriter, cut_captions, local_output, process_pool
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
 from regionvlp.data.staging import Output
 from regionvlp.errors import UserError
@@ -510,16 +510,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
         if pool is not None:
             pool.terminate()
 
-    summary = _write_summary(staged, state, n_shards, len(items))
+    summary = staged.finish_shards({f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, len(items),
+                                   "shards write")
     return {**summary, "inputs": len(items), "resumed_shards": len(done),
             "seconds": round(time.perf_counter() - start, 3), **extra}
-
-
-def _write_summary(staged: Output, state: Path, n_shards: int, n_items: int) -> dict[str, Any]:
-    """``sizes.json`` / ``skipped.jsonl`` (uploaded last for a bucket OUT) and the result keys."""
-    sizes, skipped, skipped_items, total_bytes = finish_outputs(
-        staged.local, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
-    check_written(sum(sizes.values()), n_items, skipped, "shards write")
-    staged.publish("skipped.jsonl", "sizes.json", keep=True)
-    return {"out": staged.shown(), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
-            "urls": shard_urls(staged.shown(), n_shards), "bytes": total_bytes, "skipped_items": skipped_items[:100]}

@@ -38,9 +38,9 @@ from typing import Any
 
 from regionvlp import dist, remote
 from regionvlp.remote_run import DONE, RemoteTags
-from regionvlp.checkpoint import (MANIFEST, check_manifest, file_listing, file_sha256, list_tags,
-                                  resolve_resume, write_manifest)
+from regionvlp.checkpoint import MANIFEST, check_manifest, file_listing, list_tags, resolve_resume, write_manifest
 from regionvlp.errors import UserError
+from regionvlp.runtime import file_sha256
 from regionvlp.train import manifest
 
 log = logging.getLogger("regionvlp.train")
