@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from regionvlp import dist
+from regionvlp import dist, remote
 from regionvlp.config import load_config, to_yaml
 from regionvlp.data.qa import VOCAB_FILE, load_vocab
 from regionvlp.detector.weights import WEIGHTS_FILE, load_extractor_weights
@@ -90,12 +91,18 @@ MANIFEST = "manifest.json"
 _UNLISTED = (MANIFEST, "client_state.done")  # written after the manifest / the manifest itself
 
 
-def write_manifest(tag_dir: Path) -> None:
+def file_listing(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the files in checkpoint folder ``tag_dir``."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
+
+
+def write_manifest(tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
     """Record every file of a checkpoint this run just wrote (size + sha256), so a resume
-    can tell the run's own checkpoint from one dropped in or altered afterwards."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name not in _UNLISTED}
-    tmp = tag_dir / (MANIFEST + ".tmp")
+    can tell the run's own checkpoint from one dropped in or altered afterwards. ``files``:
+    the listing of every node's part of the tag (default: this folder's files)."""
+    files = file_listing(tag_dir) if files is None else files
+    tmp = tag_dir / (MANIFEST + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"regionvlp_manifest": 1, "files": files}, indent=1))
     tmp.replace(tag_dir / MANIFEST)
 
@@ -245,7 +252,15 @@ def load_run_model(path: str | Path, device: str | torch.device = "cpu", tag: st
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Any]:
-    """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out``."""
+    """Consolidate the newest (or ``tag``) checkpoint of ``run_dir`` into ``out`` (a folder,
+    or ``s3://`` / ``gs://``: written locally, then uploaded, ``export.json`` last)."""
+    if remote.is_remote(out):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            info = export(run_dir, tmp, tag)
+            remote.put_folder(Path(tmp), str(out), last="export.json")
+        return {**info, "out": str(out)}
     run_dir, out = Path(run_dir), Path(out)
     model, tag_dir = load_run_model(run_dir, "cpu", tag, extractor=False)
     ckpt_dir, tag, cfg = tag_dir.parent, tag_dir.name, model.config
@@ -299,7 +314,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEnco
     with ``.config`` and ``.batch_transform`` (the frozen extractor or ``None``). A QA
     export gives a :class:`~regionvlp.model.QAModel` with its vocabulary:
     ``model.answer(batch) -> list[str]``."""
-    path = Path(path)
+    path = remote.local_copy(str(path), "load_model")  # an export in a bucket: downloaded first
     if not (path / "model.safetensors").is_file():
         raise UserError(f"{path}: no model.safetensors; create it with `regionvlp export RUN_DIR {path}`")
     cfg = read_config(path / "config.yaml")

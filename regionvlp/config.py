@@ -238,6 +238,8 @@ class RunSection:
     device: str = choice("auto", "cpu", "cuda")
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # of REPORT_TO; metrics.jsonl always
     offline: bool = False  # true: never download pretrained weights (as HF_HUB_OFFLINE=1)
+    remote_dir: str = "none"  # none | s3://bucket/prefix | gs://bucket/prefix | a path (checked by regionvlp.remote)
+    collective_timeout_s: float = bounded(600.0, lo=1, hi=86400)  # a collective waiting this long for a gone rank fails
 
 
 @dataclass

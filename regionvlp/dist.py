@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
@@ -63,8 +64,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """A process group for every run: the launcher's env vars, or a 1-process group on loopback."""
+DEFAULT_TIMEOUT_S = 600.0  # run.collective_timeout_s: torch's own NCCL default
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """A process group for every run: the launcher's env vars, or a 1-process group on
+    loopback. A collective that waits ``timeout_s`` for a rank that is gone fails (so a
+    run whose peer node died exits instead of hanging)."""
     setup_accelerator_env()
     import deepspeed  # heavy; only runs that train need it
 
@@ -79,21 +85,22 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=float(timeout_s)))
 
 
 GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextmanager
-def process_group() -> Iterator[None]:
+def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     """:func:`init_distributed` for one run. Without a launcher this starts a 1-process
     group and sets RANK / WORLD_SIZE / MASTER_* for it; afterwards those env vars are
     restored, so later code in the process (a data loader simulating ranks, a library
     caller) sees the real environment. The group itself stays: DeepSpeed caches its
     groups per process, so a later run in the same process reuses it."""
     saved = {key: os.environ.get(key) for key in GROUP_ENV}
-    init_distributed()
+    init_distributed(timeout_s)
     try:
         yield
     finally:
@@ -232,6 +239,15 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     if gather_active():
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (a small picklable object from our own ranks)."""
+    if not gather_active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:

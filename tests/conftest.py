@@ -78,3 +78,31 @@ def gcs_emulator():
     with emulator("gcp-storage-emulator", lambda port: ["start", "--host", "127.0.0.1", "--port", str(port),
                                                         "--in-memory"], "gcp-storage-emulator") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto_server on a free loopback port with a bucket ``ckpt``; boto3 (and child
+    processes) pointed at it through AWS_ENDPOINT_URL while it runs; yields that env."""
+    from emulators import emulator
+
+    from regionvlp.data import sources
+
+    with emulator("moto_server", lambda port: ["-H", "127.0.0.1", "-p", str(port)], "'moto[server]'") as url:
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
+        os.environ.update(env)
+        for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+            os.environ.pop(k, None)
+        sources._s3_clients.clear()  # clients made before keep the endpoint they were made with
+        sources.s3_client().create_bucket(Bucket="ckpt")
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            sources._s3_clients.clear()

@@ -16,12 +16,12 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.errors", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.ds_schema", "regionvlp.jsonio",
      "regionvlp.config", "regionvlp.runfolder", "regionvlp.dist", "regionvlp.optim", "regionvlp.hub"),
-    ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
+    ("regionvlp.data", "regionvlp.remote", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),
     ("regionvlp.fused",),  # joins both pathways
     ("regionvlp.model",),
-    ("regionvlp.checkpoint",),
+    ("regionvlp.checkpoint", "regionvlp.remote_run"),
     ("regionvlp.evaluation", "regionvlp.qa.evaluate"),
     ("regionvlp.train",),
     ("regionvlp.bench",),

@@ -21,10 +21,11 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from regionvlp.data.decode import VIDEO_EXTS
-from regionvlp.data.output import SampleTarWriter, finish_outputs, local_output
+from regionvlp.data.output import SampleTarWriter, finish_outputs
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
+from regionvlp.data.staging import Output
 from regionvlp.data.writer import FRAME_SIDE, SkipItem, WriteOptions, add_frames, check_frame_options
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
@@ -92,7 +93,8 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
     start = time.perf_counter()
     pairs = _shard_names(parse_specs(list(urls), allow_pipe=allow_pipe).urls)
     opts = WriteOptions(frame_side=frame_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
-    out = local_output(out, "shards convert")  # never pipe: or a URL
+    staged = Output.of(out, "shards convert")  # a folder or a bucket; never pipe:
+    out = staged.local
     state = out / "_convert"
     state.mkdir(parents=True, exist_ok=True)
     options = {"keep_frames": keep_frames, "drop_video": drop_video, "frame_side": frame_side, "jpeg_quality": jpeg_quality}
@@ -100,15 +102,20 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
     if opt_file.is_file() and json_loads(opt_file.read_text()) != options:
         raise UserError(f"{out} holds shards converted with other options; convert into an empty OUT (or delete it)")
     opt_file.write_text(json.dumps(options) + "\n")
+    staged.publish("_convert/options.json", keep=True)
     resumed = 0
     for url, name in tqdm(pairs, desc="shards convert", unit="shard", file=sys.stderr, disable=not progress):
         stats_file = state / f"{name}.json"
-        if (out / name).is_file() and stats_file.is_file():
+        if stats_file.is_file() and staged.has(name):
             resumed += 1
             continue
         stats = _convert_one(url, out / name, opts, allow_pipe)
         stats_file.write_text(json.dumps(stats) + "\n")
-    return _summary(out, state, pairs, resumed, time.perf_counter() - start)
+        staged.publish(name)  # a bucket OUT: the shard whole, then its resume record
+        staged.publish(f"_convert/{name}.json", keep=True)
+    summary = _summary(out, state, pairs, resumed, time.perf_counter() - start)
+    staged.publish("skipped.jsonl", "sizes.json", keep=True)  # sizes.json last
+    return {**summary, "out": staged.shown()}
 
 
 def _summary(out: Path, state: Path, pairs: list[tuple[str, str]], resumed: int, seconds: float) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 one tar writer, and the shard folder around it (``NNNNNN.tar``, ``sizes.json``,
 ``skipped.jsonl``).
 
-An output folder comes from the command line. It must be a local folder: a ``pipe:``
+An output folder comes from the command line. It must be a local folder or an
+``s3://`` / ``gs://`` bucket (staged locally, :mod:`regionvlp.data.staging`): a ``pipe:``
 spec would run a shell command (webdataset's writers open it with ``popen``), and other
 URL schemes are not written to. Keys read from other people's shards are normalised
 before they name a tar member, so ``..``, absolute paths and control characters never
@@ -36,8 +37,9 @@ def local_output(out: str | Path, what: str) -> Path:
     text = str(out)
     m = _SCHEME.match(text)
     if m and m.group(1).lower() != "file":
-        raise UserError(f"{what}: output '{text[:80]}' is not a local folder ({m.group(1)}: outputs are not "
-                        "written; pipe: would run a shell command); write to a local folder, then upload it")
+        raise UserError(f"{what}: output '{text[:80]}' is not a local folder or a bucket ({m.group(1)}: outputs "
+                        "are not written there; pipe: would run a shell command); write to a folder, "
+                        "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     if text.startswith("file://"):
         text = text[len("file://"):]
     if not text.strip():
@@ -176,13 +178,12 @@ def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     os.replace(tmp, out_dir / "sizes.json")
 
 
-def shard_urls(folder: Path, n: int) -> str:
-    """The brace pattern naming ``n`` shards ``000000.tar`` … in ``folder`` ("" for none)."""
+def shard_urls(folder: Path | str, n: int) -> str:
+    """The brace pattern naming ``n`` shards ``000000.tar`` … in ``folder`` (a path or a
+    bucket URL; "" for none)."""
     if n == 0:
         return ""
-    if n == 1:
-        return str(folder / "000000.tar")
-    return str(folder / f"{{000000..{n - 1:06d}}}.tar")
+    return f"{str(folder).rstrip('/')}/" + ("000000.tar" if n == 1 else f"{{000000..{n - 1:06d}}}.tar")
 
 
 def finish_outputs(out: Path, stats_files: dict[str, Path], command: str

@@ -34,9 +34,10 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from regionvlp.data.decode import DecodeError, decode_pyav, reformat
-from regionvlp.data.matching import QA_JOIN_HINT, check_match, check_written, match_report, mc_captions
-from regionvlp.data.output import SampleTarWriter, cut_captions, finish_outputs, local_output, process_pool, shard_urls
+from regionvlp.data.matching import QA_JOIN_HINT, check_match, match_report, mc_captions
+from regionvlp.data.output import SampleTarWriter, cut_captions, local_output, process_pool
 from regionvlp.data.qa import ID_COLS, id_candidates, join_annotations, load_annotations
+from regionvlp.data.staging import Output
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
 from regionvlp.runfolder import FolderLock
@@ -460,14 +461,15 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     start = time.perf_counter()
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
                         drop_video=drop_video, jpeg_quality=jpeg_quality, frame_side=frame_side)
-    out, items, extra = read_inputs(src, out, video_col, caption_col, max_caption_chars, qa)
+    staged = Output.of(out, "shards write")  # a folder, or a bucket staged locally
+    out, items, extra = read_inputs(src, staged.local, video_col, caption_col, max_caption_chars, qa)
     with FolderLock(out, "shards write OUT"):  # one writer per OUT; a second one exits 2 naming the first
         state = _claim_out(out, src, items, shard_size, opts)
+        staged.publish("_write/source.json", keep=True)
         n_shards = (len(items) + shard_size - 1) // shard_size
         for tmp in out.glob("*.tar*.tmp"):  # leftovers of an interrupted run (this process holds OUT)
             tmp.unlink()
-        done = {k for k in range(n_shards)
-                if (out / f"{k:06d}.tar").is_file() and (state / f"{k:06d}.json").is_file()}
+        done = {k for k in range(n_shards) if (state / f"{k:06d}.json").is_file() and staged.has(f"{k:06d}.tar")}
         pending = [k for k in range(n_shards) if k not in done]
         jobs: Iterator[tuple[Item, WriteOptions]] = (
             (it, opts) for k in pending for it in items[k * shard_size:(k + 1) * shard_size])
@@ -500,6 +502,8 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
                 (state / f"{k:06d}.json").write_text(json.dumps(stats) + "\n")
                 os.replace(tmp_path, out / name)  # only now does the shard exist under its final name
                 tmp_path = None
+                staged.publish(name)  # a bucket OUT: the shard whole, then its resume record
+                staged.publish(f"_write/{k:06d}.json", keep=True)
         finally:
             bar.close()
             if sink is not None:
@@ -509,9 +513,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
             if pool is not None:
                 pool.terminate()
 
-        sizes, skipped, skipped_items, total_bytes = finish_outputs(
-            out, {f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, "shards write")
-        check_written(sum(sizes.values()), len(items), skipped, "shards write")
-        return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": n_shards,
-                "inputs": len(items), "resumed_shards": len(done), "urls": shard_urls(out, n_shards), "bytes": total_bytes,
-                "skipped_items": skipped_items[:100], "seconds": round(time.perf_counter() - start, 3), **extra}
+        summary = staged.finish_shards({f"{k:06d}.tar": state / f"{k:06d}.json" for k in range(n_shards)}, len(items),
+                                       "shards write")
+        return {**summary, "inputs": len(items), "resumed_shards": len(done),
+                "seconds": round(time.perf_counter() - start, 3), **extra}

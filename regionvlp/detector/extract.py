@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from regionvlp.data import iter_samples
-from regionvlp.data.output import SampleTarWriter, local_output, write_sizes
+from regionvlp.data.output import SampleTarWriter, write_sizes
 from regionvlp.data.regions import FEATURE_DTYPES, REGION_EXT, region_bytes
+from regionvlp.data.staging import Output
 from regionvlp.data.samples import with_frames
 from regionvlp.data.sources import parse_specs
 from regionvlp.detector.extractor import build_extractor
@@ -158,7 +159,8 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         raise UserError(f"regions extract: --feature-dtype {feature_dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}")
     if keep_frames is not None and not 1 <= int(keep_frames) <= 1024:
         raise UserError(f"regions extract: --keep-frames {keep_frames}; expected 1..1024")
-    out = local_output(out, "regions extract")
+    staged = Output.of(out, "regions extract")  # a folder, or a bucket staged locally
+    out = staged.local
     shards, names = input_shards(cfg, urls)
     folder = OutFolder.open(out, extractor_record(cfg, feature_dtype=feature_dtype, keep_frames=keep_frames))
     dev = resolve_device(device or str(cfg.run.device))
@@ -171,7 +173,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     start = time.perf_counter()
     bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
     for url, name in zip(shards, names):
-        if (out / name).is_file() and name in folder.sizes:
+        if name in folder.sizes and staged.has(name):
             resumed += 1
             continue
         folder.sizes.pop(name, None)
@@ -186,6 +188,8 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
             add_counts(skipped, shard_skips)
             continue
         folder.finish(name, tmp, count, shard_skips)
+        staged.publish(name)  # a bucket OUT: the shard whole, then the resume state
+        staged.publish(MANIFEST, "sizes.json", keep=True)
         written += 1
     bar.close()
     for name in names:  # resumed shards' skips were recorded by the run that wrote them
@@ -193,7 +197,7 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
     if failed and not written and not resumed:
         raise UserError(f"regions extract: no input shard could be read (first: {failed[0]}); check the URLS")
     return {
-        "out": str(out),
+        "out": staged.shown(),
         "samples": sum(folder.sizes.get(n, 0) for n in names),
         "skipped": skipped,
         "shards": len(shards),

@@ -26,6 +26,7 @@ import torch
 
 from regionvlp import dist
 from regionvlp.checkpoint import find_checkpoint, load_model, load_run_model
+from regionvlp.remote_run import local_weights
 from regionvlp.config import load_config, to_container
 from regionvlp.data import build_loader
 from regionvlp.errors import UserError
@@ -146,7 +147,7 @@ def load_eval_model(checkpoint: str | os.PathLike, device: torch.device | str = 
     (``model.safetensors``, via :func:`regionvlp.checkpoint.load_model`), a training run
     directory (its newest complete checkpoint), its ``checkpoints/`` folder or one
     ``checkpoints/stepNNNNNNNN`` tag folder. ``tag`` names what was loaded (cache key)."""
-    path = Path(checkpoint)
+    path = local_weights(str(checkpoint), "--checkpoint")  # a bucket URL: downloaded first
     if not path.exists():
         raise UserError(f"--checkpoint {path}: no such folder; pass a `regionvlp train` run dir or a `regionvlp export` dir")
     device = torch.device(device)

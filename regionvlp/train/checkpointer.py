@@ -1,5 +1,6 @@
 """DeepSpeed checkpoints of a training run: save on every rank, keep the last K, a
-manifest of what was written (:mod:`.manifest`), resume only from those."""
+manifest of what was written (:mod:`.manifest`), resume only from those; across nodes
+and through ``run.remote_dir`` by :mod:`.nodes`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from regionvlp import dist
-from regionvlp.checkpoint import check_manifest, list_tags, tag_for, write_manifest
+from regionvlp.checkpoint import check_manifest, list_tags, tag_for
 from regionvlp.errors import UserError
 from regionvlp.train import manifest
+from regionvlp.train.nodes import TagSync
 
 
 WRITE_WORDS = ("write", "space", "file", "unexpected pos")  # torch's RuntimeErrors for a failed file write
@@ -25,27 +27,26 @@ class Checkpointer:
     killed mid-save never resumes from a torn checkpoint.
     """
 
-    def __init__(self, run_dir: Path, keep_last: int) -> None:
+    def __init__(self, run_dir: Path, keep_last: int, remote_dir: str = "none") -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, int(keep_last))
+        self.sync = TagSync(self.dir, self.keep_last, remote_dir)  # several nodes, run.remote_dir
+        self.checked: tuple[Path, str] | None = None
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
         tag = tag_for(step)
         with self._writing(tag):
             engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
         dist.barrier()
-        old = [t for t in list_tags(self.dir) if t != tag]
-        keep = (old + [tag])[-self.keep_last:]
-        if dist.is_main():
-            with self._writing(tag):
-                write_manifest(self.dir / tag)  # the folder's files and their SHA-256
-                manifest.record(self.dir, tag, keep)  # and that this run wrote it; before the done marker
-                (self.dir / tag / "client_state.done").write_text(str(step))
-            for stale in old:
-                if stale not in keep:
-                    shutil.rmtree(self.dir / stale, ignore_errors=True)
+        with self._writing(tag):
+            self.sync.finish(tag, step)  # manifest, register, done marker, keep_last, upload
         dist.barrier()
         return self.dir / tag
+
+    def agree(self, resume: str) -> tuple[Path, str] | None:
+        """The checkpoint every rank resumes from (rank 0 picks; every folder checked)."""
+        self.checked = self.sync.agree(resume)
+        return self.checked
 
     @contextlib.contextmanager
     def _writing(self, tag: str) -> Iterator[None]:
@@ -69,10 +70,11 @@ class Checkpointer:
 
     def set_aside(self, from_step: int) -> list[str]:
         """Rename the checkpoints of step >= ``from_step`` to ``stepNNNNNNNN.nonfinite``
-        (rank 0), so ``train.resume=auto`` continues from the newest one whose weights still
+        (each folder's leader), so ``train.resume=auto`` continues from the newest one whose weights still
         gave a finite loss. Returns the tags set aside."""
         bad = [t for t in list_tags(self.dir) if int(t[4:]) >= from_step]
-        if dist.is_main() and bad:
+        self.sync.forget(bad)  # remote: no longer listed
+        if self.sync.folders.leader and bad:
             manifest.forget(self.dir, bad)
             for tag in bad:
                 shutil.rmtree(self.dir / f"{tag}.nonfinite", ignore_errors=True)  # from an earlier abort
@@ -85,6 +87,8 @@ class Checkpointer:
         one changed since: DeepSpeed's load unpickles its files (see
         :mod:`regionvlp.train.manifest`)."""
         problem = None
+        if where == self.checked:  # every folder checked it just now (agree)
+            return
         if dist.is_main():
             try:
                 check_manifest(Path(where[0]) / where[1], self.dir)  # in this run's folder, files unchanged

@@ -10,12 +10,15 @@ from safetensors.torch import load_file
 
 from regionvlp.checkpoint import consolidated_state_dict, find_checkpoint
 from regionvlp.errors import UserError
+from regionvlp.remote_run import local_weights
 from regionvlp.runtime import load_state_strict
 
 
-def init_weights(model: torch.nn.Module, source: Path) -> None:
+def init_weights(model: torch.nn.Module, source: str | Path) -> None:
     """``train.init_from``: weights only (no optimizer, no step) from an export folder,
-    a run dir or a checkpoint; loaded before DeepSpeed wraps the model, so any ZeRO stage."""
+    a run dir or a checkpoint, or one of those in a bucket (``s3://`` / ``gs://``,
+    downloaded first); loaded before DeepSpeed wraps the model, so any ZeRO stage."""
+    source = local_weights(str(source), "train.init_from")
     if (source / "model.safetensors").is_file():
         state = load_file(str(source / "model.safetensors"))
     elif source.is_dir():

@@ -31,10 +31,9 @@ import torch
 from tqdm import tqdm
 
 from regionvlp import dist
-from regionvlp.checkpoint import list_tags, resolve_resume, tag_for
+from regionvlp.checkpoint import list_tags, tag_for
 from regionvlp.config import saved_container, to_yaml
 from regionvlp.detector.weights import load_extractor_weights, save_extractor_weights
-from regionvlp.errors import UserError
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
 from regionvlp.runfolder import FolderLock
@@ -43,6 +42,7 @@ from regionvlp.train.engine import engine_dtype, initialize
 from regionvlp.train.checkpointer import Checkpointer
 from regionvlp.train.data import BatchFeed, write_loader_position
 from regionvlp.train.finetune import init_weights
+from regionvlp.train.nodes import pull_run_files, push_run_files
 from regionvlp.train.guards import (NonFiniteGuard, NonFiniteLossError, StopFlag, floor_parameter_, grad_norm_is_finite,
                                     weights_are_finite)
 from regionvlp.train.optimizer import SkippableLambdaLR, clear_skip, rebuild_schedule, skip_next_step, step_lrs
@@ -204,16 +204,15 @@ def setup_run(cfg: Any) -> Run:
     check_report_to(list(cfg.run.report_to))  # every rank, before anything starts
     device = local_device()
     write_run_config(cfg, run_dir)
+    ckpt = Checkpointer(run_dir, int(cfg.train.keep_last), str(cfg.run.remote_dir))
+    where = ckpt.agree(str(cfg.train.resume))  # one tag for every rank, fetched where missing
+    if where is not None and ckpt.sync.remote_run and dist.is_main():
+        pull_run_files(run_dir, ckpt.sync.remote_run)  # the metrics log and extractor weights follow
     torch.manual_seed(int(cfg.seed))  # same init on every rank
     extractor = build_extractor_for(cfg, run_dir, device)
     model = build_model(cfg)
-    ckpt = Checkpointer(run_dir, int(cfg.train.keep_last))
-    where = resolve_resume(str(cfg.train.resume), ckpt.dir)
-    if where is None and list_tags(ckpt.dir):
-        raise UserError(f"{ckpt.dir} already holds checkpoints of another run; continue it with "
-                        "train.resume=auto, or pick a new run.out_dir")
     if where is None and str(cfg.train.init_from) not in ("", "none"):
-        init_weights(model, Path(str(cfg.train.init_from)))
+        init_weights(model, str(cfg.train.init_from))
     engine, optimizer, scheduler, ds = initialize(model, cfg)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, world=dist.world_size(), engine=engine,
               optimizer=optimizer, scheduler=scheduler, dtype=engine_dtype(ds),
@@ -433,6 +432,8 @@ def summarize(run: Run, meter: Meter, stopped: str) -> dict[str, Any]:
     }
     if dist.is_main():
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if run.ckpt.sync.remote_run:
+            push_run_files(run.run_dir, run.ckpt.sync.remote_run)
     return summary
 
 
@@ -447,7 +448,7 @@ def train(cfg: Any, *, on_end: Callable[[Any, Any], None] | None = None) -> dict
     ``on_end(engine, extractor)`` is called before returning (library use: inspect the
     trained model in the same process).
     """
-    with dist.process_group(), FolderLock(cfg.run.out_dir, enabled=dist.is_main()):  # one run per folder
+    with dist.process_group(float(cfg.run.collective_timeout_s)), FolderLock(cfg.run.out_dir, enabled=dist.is_main()):  # one run per folder
         run = setup_run(cfg)
         summary = run_loop(run)
         if on_end is not None:

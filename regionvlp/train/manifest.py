@@ -10,13 +10,13 @@ a tag listed here whose manifest is unchanged (and whose files match that manife
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from regionvlp.checkpoint import MANIFEST, file_sha256
 from regionvlp.errors import UserError
+from regionvlp.remote_run import encode_register, parse_register
 
 NAME = "run_manifest.json"
 
@@ -26,18 +26,20 @@ def read(ckpt_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"tags": {}}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        text = path.read_text()
+    except OSError as err:
         raise UserError(f"{path}: unreadable ({err}); resume with train.resume=none or a new run.out_dir") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tags"), dict):
-        raise UserError(f"{path}: not a regionvlp run manifest; resume with train.resume=none")
-    return data
+    return parse(text, str(path))
+
+
+parse = parse_register  # the remote dir's run manifest has the same format
+encode = encode_register
 
 
 def write(ckpt_dir: Path, tags: dict[str, str]) -> None:
     """Atomically (write, then rename)."""
-    tmp = ckpt_dir / f".{NAME}.tmp"
-    tmp.write_text(json.dumps({"regionvlp_run_manifest": 1, "tags": tags}, indent=1, sort_keys=True))
+    tmp = ckpt_dir / f".{NAME}.{os.getpid()}.tmp"
+    tmp.write_text(encode(tags))
     os.replace(tmp, ckpt_dir / NAME)
 
 
