@@ -20,6 +20,7 @@ import tarfile
 from typing import Callable, Iterator, Optional
 
 BLOCK = 512
+MAX_HEADER_BYTES = 1 << 20  # a long-name / pax header member larger than this is a broken tar
 REGULAR = (b"0", b"\0", b"7")  # regular, old regular, contiguous (tarfile's REGULAR_TYPES, less sparse)
 
 
@@ -167,6 +168,9 @@ class PlainTar:
                 return None
             kind, size = block[156:157], _number(block[124:136])
             if kind in (b"L", b"x", b"g", b"K"):  # GNU long name, pax header: data describes the next member
+                if not 0 <= size <= MAX_HEADER_BYTES:  # never read whole (a 1 GiB long name took 2.6 GB)
+                    raise tarfile.ReadError(f"tar header member of {size} bytes at byte {self.pos - BLOCK} "
+                                            f"(more than {MAX_HEADER_BYTES})")
                 data = self._data(size)
                 if kind == b"L":
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
