@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,103 @@ def test_declared_sizes_and_header_members_are_bounded(tmp_path: Path) -> None:
     assert out["oversize_then_good.tar"] == {**out["oversize_then_good.tar"], "keys": ["good/a"],
                                              "skipped": {"oversize": 1}}
     assert out["plain.tar"]["keys"] == ["good/b", "good/a"]
+
+
+# ------------------------------------------------------------------ regions.npz
+def _npy_bomb(name: str, shape: tuple, dtype: str, fill_bytes: int | None = None) -> tuple[str, tuple]:
+    """(member name, deflated .npy bytes): a header declaring ``shape`` and ``fill_bytes``
+    zero bytes of data (default: what the header declares), compressed as it streams."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                  "shape": shape})
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize if fill_bytes is None else fill_bytes
+    comp = zlib.compressobj(1, zlib.DEFLATED, -15)
+    parts, chunk = [comp.compress(header.getvalue())], b"\0" * (1 << 22)
+    crc = zlib.crc32(header.getvalue())
+    for piece in [chunk] * (n // len(chunk)) + [b"\0" * (n % len(chunk))]:
+        parts.append(comp.compress(piece))
+        crc = zlib.crc32(piece, crc)
+    return name, (b"".join(parts) + comp.flush(), len(header.getvalue()) + n, crc)
+
+
+def _zip(members: list[tuple[str, tuple]]) -> bytes:
+    """A zip of already-deflated members (name, (deflated, size, crc))."""
+    import struct
+
+    out, central = io.BytesIO(), []
+    for name, (comp, size, crc) in members:
+        fname, off = f"{name}.npy".encode(), out.tell()
+        out.write(struct.pack("<4s5H3L2H", b"PK\3\4", 20, 0, 8, 0, 0, crc, len(comp), size, len(fname), 0) + fname)
+        out.write(comp)
+        central.append(struct.pack("<4s6H3L5H2L", b"PK\1\2", 20, 20, 0, 8, 0, 0, crc, len(comp), size, len(fname),
+                                   0, 0, 0, 0, 0, off) + fname)
+    cd = out.tell()
+    for c in central:
+        out.write(c)
+    out.write(struct.pack("<4s4H2LH", b"PK\5\6", 0, 0, len(central), len(central), out.tell() - cd, cd, 0))
+    return out.getvalue()
+
+
+_DECODE = """
+import json, sys, time
+from regionvlp.data.decode import DecodeError
+from regionvlp.data.regions import decode_regions
+out = {}
+for path in sys.argv[1:]:
+    t0 = time.monotonic()
+    try:
+        r = decode_regions(open(path, 'rb').read())
+        res = 'ok ' + str(list(r['region_feats'].shape))
+    except DecodeError as err:
+        res = err.reason + ': ' + err.detail
+    out[path.rsplit('/', 1)[1]] = {'result': res, 's': time.monotonic() - t0}
+hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))
+print(json.dumps({'cases': out, 'peak_kib': int(hwm.split()[1])}))
+"""
+
+
+def test_regions_npz_bombs_bounded(tmp_path: Path) -> None:
+    """Issue 25 case 2: an npz's arrays may not declare more bytes than the member holds
+    (no inflating), and a member is decompressed only up to what its header declares."""
+    t, k = 4096, 32
+    small = [_npy_bomb("boxes", (t, k, 4), "<f4"), _npy_bomb("mask", (t, k), "|b1")]
+    cases = {
+        # 256 MiB of fp16 features deflated to ~1 MB (it took 1.3 GB and was accepted)
+        "quarter_gib.npz": _zip([_npy_bomb("feats", (t, k, 1024), "<f2")] + small),
+        # the header declares 4 GiB: refused before decompressing
+        "declared_4gib.npz": _zip([_npy_bomb("feats", (t, k, 16384), "<f2", fill_bytes=1 << 20)] + small),
+        # the header declares 8 KB, the deflate stream holds 64 MiB: stops at the declared size
+        "lying_header.npz": _zip([_npy_bomb("feats", (1, 4, 1024), "<f2", fill_bytes=64 << 20)]
+                                 + [_npy_bomb("boxes", (1, 4, 4), "<f4"), _npy_bomb("mask", (1, 4), "|b1")]),
+    }
+    for name, data in cases.items():
+        assert len(data) < 2 << 20, (name, len(data))
+        (tmp_path / name).write_bytes(data)
+    out = _measured(_DECODE, *(str(tmp_path / n) for n in cases))["cases"]
+    assert all(c["s"] < 10 for c in out.values()), out
+    for name in ("quarter_gib.npz", "declared_4gib.npz"):
+        assert out[name]["result"].startswith("corrupt_regions: regions.npz arrays declare"), out[name]
+    assert out["lying_header.npz"]["result"].startswith("corrupt_regions: regions.npz 'feats' holds more data"), out
+
+
+def _regions(feats: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    t, k, _ = feats.shape
+    np.savez(buf, feats=feats, boxes=np.zeros((t, k, 4), np.float32), mask=np.ones((t, k), bool))
+    return buf.getvalue()
+
+
+def test_regions_npz_nonfinite_and_pickles_are_skips() -> None:
+    from regionvlp.data.decode import DecodeError
+    from regionvlp.data.regions import decode_regions
+
+    feats = np.zeros((2, 3, 8), np.float16)
+    assert decode_regions(_regions(feats))["region_feats"].shape == (2, 3, 8)
+    for bad in (np.nan, np.inf, -np.inf):
+        feats[1, 2, 5] = bad
+        with pytest.raises(DecodeError, match="nonfinite_regions"):
+            decode_regions(_regions(feats))
+    buf = io.BytesIO()
+    np.savez(buf, feats=np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DecodeError, match="corrupt_regions.*objects"):
+        decode_regions(buf.getvalue())
