@@ -205,3 +205,80 @@ def test_regions_npz_nonfinite_and_pickles_are_skips() -> None:
     np.savez(buf, feats=np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DecodeError, match="corrupt_regions.*objects"):
         decode_regions(buf.getvalue())
+
+
+# ------------------------------------------------------------- unbounded reads
+_ENDLESS = """
+import json, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+class Endless(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        chunk = b"0" * (1 << 20)
+        try:
+            while True:
+                self.wfile.write(chunk)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+server.daemon_threads = True
+threading.Thread(target=server.serve_forever, daemon=True).start()
+base = f"http://127.0.0.1:{server.server_port}"
+from regionvlp.data.sources import load_sizes, read_sizes
+from regionvlp.data.writer import write_shards
+t0 = time.monotonic()
+sizes = [load_sizes(base + "/shards/sizes.json"), read_sizes([base + "/shards/000000.tar"])]
+t_sizes = time.monotonic() - t0
+tmp, good = Path(sys.argv[1]), sys.argv[2]
+(tmp / "rows.csv").write_text(f"video,caption\\n/dev/zero,zeros\\n{base}/endless.mp4,endless\\n{good},a good clip\\n")
+t0 = time.monotonic()
+out = write_shards(tmp / "rows.csv", tmp / "out", progress=False)
+t_write = time.monotonic() - t0
+hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))
+print(json.dumps({"sizes": sizes, "t_sizes": t_sizes, "t_write": t_write, "samples": out["samples"],
+                  "skipped": out["skipped"], "peak_kib": int(hwm.split()[1])}))
+"""
+
+
+def test_endless_sizes_json_dev_zero_and_endless_video_are_bounded(tmp_path: Path) -> None:
+    """Issue 25 case 3: an endless sizes.json over HTTP is ignored, a manifest row naming
+    /dev/zero or an endless HTTP video is skipped as oversize; memory and time bounded."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data_shards import encode_clip
+
+    good = tmp_path / "good.mp4"
+    good.write_bytes(encode_clip(8, 32, 24))
+    out = _measured(_ENDLESS, str(tmp_path), str(good))
+    assert out["sizes"] == [None, None] and out["t_sizes"] < 10, out
+    assert out["samples"] == 1 and out["skipped"] == {"oversize": 2} and out["t_write"] < 10, out
+
+
+def test_sizes_json_non_numbers_are_ignored_with_a_warning(tmp_path: Path, caplog) -> None:
+    """Issue 25 case 12 (sizes.json part): non-numbers never reach int(), no traceback."""
+    from regionvlp.data.check import check_shards
+    from regionvlp.data.sources import load_sizes, read_sizes
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data_shards import write_tar
+
+    write_tar(tmp_path / "a.tar", [{"__key__": "k0", "txt": "x", "jpg": b"\xff\xd8"}])
+    write_tar(tmp_path / "b.tar", [])
+    for text in ('{"a.tar": "abc", "b.tar": 0}', '{"a.tar": 1e999, "b.tar": 0}', '{"a.tar": [1], "b.tar": true}',
+                 '[1, 2]', '{"a.tar": 1.5', "\xff\xfe"):
+        (tmp_path / "sizes.json").write_bytes(text.encode("latin-1"))
+        caplog.clear()
+        assert read_sizes([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]) is None
+        assert "sizes.json" in caplog.text, text
+        out = check_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
+                           overrides=["data.num_frames=2", "data.size=32"], progress=False)
+        assert out["sizes_json"]["ok"] is False or out["sizes_json"]["missing"], (text, out["sizes_json"])
+    (tmp_path / "sizes.json").write_text('{"a.tar": 1, "b.tar": 0}')
+    assert load_sizes(str(tmp_path / "sizes.json")) == {"a.tar": 1, "b.tar": 0}
+    assert read_sizes([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]) == 1
