@@ -282,3 +282,75 @@ def test_sizes_json_non_numbers_are_ignored_with_a_warning(tmp_path: Path, caplo
     (tmp_path / "sizes.json").write_text('{"a.tar": 1, "b.tar": 0}')
     assert load_sizes(str(tmp_path / "sizes.json")) == {"a.tar": 1, "b.tar": 0}
     assert read_sizes([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]) == 1
+
+
+# ------------------------------------------------------------------ JPEG / PNG
+def _jpeg(w: int, h: int, progressive: bool = False) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 30)).save(buf, format="JPEG", progressive=progressive, quality=80)
+    return buf.getvalue()
+
+
+def _with_dims(jpeg: bytes, w: int, h: int) -> bytes:
+    """``jpeg`` with its SOF header claiming ``w`` x ``h`` (the data stays small)."""
+    sof = max(jpeg.find(m) for m in (b"\xff\xc0", b"\xff\xc2"))
+    out = bytearray(jpeg)
+    out[sof + 5 : sof + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(out)
+
+
+def _many_scans(jpeg: bytes, n: int) -> bytes:
+    """A progressive ``jpeg`` with its last scan repeated until it has ``n`` scans."""
+    last = jpeg.rfind(b"\xff\xda")
+    scan = jpeg[last:-2]
+    return jpeg[:-2] + scan * (n - jpeg.count(b"\xff\xda")) + b"\xff\xd9"
+
+
+def test_progressive_and_many_scan_jpegs_obey_the_pixel_bound(tmp_path: Path) -> None:
+    """Issue 25 case 10, header only: a 13000² progressive frame (PIL's draft cannot shrink
+    its coefficient buffer) is oversize under the default bound and any smaller one; a
+    baseline one is bounded by the pixels its reduced decode makes; 1000 scans is oversize."""
+    from regionvlp.data.decode import DecodeError, decode_image, open_jpeg
+    from regionvlp.data.jpeg_batch import pick_jpegs
+
+    huge_prog = _with_dims(_jpeg(64, 48, progressive=True), 13000, 13000)
+    small_prog, small_base = _jpeg(40, 30, progressive=True), _jpeg(40, 30)
+    for fn in (lambda d, p: open_jpeg(d, 32, p), lambda d, p: decode_image(d, p),
+               lambda d, p: pick_jpegs([d], 2, training=False, max_pixels=p)):
+        with pytest.raises(DecodeError, match="oversize.*progressive"):
+            fn(huge_prog, 4096 * 4096)
+        with pytest.raises(DecodeError, match="oversize.*data.max_image_pixels=1000"):
+            fn(small_prog, 1000)  # 1200 pixels
+        fn(small_prog, 4096 * 4096)
+        fn(small_base, 4096 * 4096)
+        with pytest.raises(DecodeError, match="oversize.*scans"):
+            fn(_many_scans(small_prog, 1000), 4096 * 4096)
+    big_base = _jpeg(4200, 4200)
+    assert open_jpeg(big_base, 32).size[0] <= 4200 // 8 + 1  # baseline: decoded at 1/8 scale, 525² pixels
+    with pytest.raises(DecodeError, match="oversize"):
+        open_jpeg(big_base, 32, 1000)  # the bound applies to the reduced decode too
+    with pytest.raises(DecodeError, match="oversize"):
+        open_jpeg(big_base, None)  # no reduced decode asked for: full size
+
+
+def test_hostile_frames_in_a_frame_shard_are_counted_oversize(tmp_path: Path) -> None:
+    """The same frames through the stream (``data inspect``): counted skips, bounded memory."""
+    prog = _jpeg(64, 48, progressive=True)
+    members = [("huge/a.frame000.jpg", _with_dims(prog, 13000, 13000)), ("huge/a.txt", b"huge"),
+               ("scans/b.frame000.jpg", _many_scans(prog, 1000)), ("scans/b.txt", b"scans"),
+               ("good/c.frame000.jpg", prog), ("good/c.txt", b"good")]
+    shard = tmp_path / "frames.tar"
+    shard.write_bytes(b"".join(_member(n, d) for n, d in members) + b"\0" * 1024)
+    code = ("import json, sys, time\nfrom regionvlp.cli import main\nt0 = time.monotonic()\n"
+            "rc = main(['data', 'inspect', sys.argv[1], '--frames', '2', '--size', '32', '--limit', '0'])\n"
+            "hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+            "print(json.dumps({'rc': rc, 's': time.monotonic() - t0, 'peak_kib': int(hwm.split()[1])}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(shard)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    summary, measured = lines[-2], lines[-1]
+    assert summary["samples"] == 1 and summary["skipped"] == {"oversize": 2}, summary
+    assert measured["s"] < 10 and measured["peak_kib"] * 1024 < PEAK_BYTES, measured
