@@ -70,7 +70,7 @@ def load_npz(data: bytes, names: Iterable[str], max_bytes: Optional[int] = None)
             shape, _, dtype = headers[name]
             total += math.prod(shape) * dtype.itemsize
         if max_bytes is not None and total > max_bytes:
-            raise NpzOversize(f"arrays declare {total} bytes, more than the {max_bytes} allowed (no inflating)")
+            raise NpzOversize(f"arrays declare {total} bytes, more than the {max_bytes} allowed")
         out = {}
         for name in members:
             shape, fortran, dtype = headers[name]

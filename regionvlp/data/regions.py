@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from regionvlp.data.decode import DecodeError, sample_indices
-from regionvlp.data.npzread import NpzError, load_npz
+from regionvlp.data.npzread import NpzError, NpzOversize, load_npz
 from regionvlp.data.region_arrays import read_arrays, write_arrays
 
 
@@ -75,6 +75,8 @@ def read_npz(data: bytes) -> dict[str, np.ndarray]:
     only up to what its header declares (:func:`~regionvlp.data.npzread.load_npz`)."""
     try:
         return load_npz(data, REGION_ARRAYS, max_bytes=len(data))
+    except NpzOversize as err:
+        raise DecodeError("corrupt_regions", f"regions.npz {err}: larger than the member itself (no inflating)") from None
     except NpzError as err:
         raise DecodeError("corrupt_regions", f"regions.npz {str(err)[:200]}") from None
 
