@@ -101,6 +101,10 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
+def _sparse_unsupported() -> bytes:
+    raise tarfile.ReadError("a sparse member within data.max_sample_bytes: sparse members are not read")
+
+
 class Member:
     """One member: ``name``, ``isreg``, ``offset`` (its first header block), ``size``; ``read()``."""
 
@@ -184,4 +188,6 @@ class PlainTar:
                 name = name.rstrip("/")  # as tarfile names directories
             size = int(pax["size"]) if "size" in pax else size
             self.pending = size + (-size % BLOCK)
+            if kind == b"S":  # old-GNU sparse: sized by its real size (the oversize bound), never expanded
+                return Member(name, True, start, _number(block[483:495]), _sparse_unsupported)
             return Member(name, kind in REGULAR, start, size, lambda size=size: self._data(size))
