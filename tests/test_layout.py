@@ -14,13 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 # Lowest layer first; a module may import its own layer or a lower one. The first
 # matching prefix places a module (longest prefixes are listed before shorter ones).
 LAYERS: list[tuple[str, ...]] = [
-<<<<<<< HEAD
-    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.ds_schema", "regionvlp.jsonio",
+    ("regionvlp.errors", "regionvlp.limits", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.ds_schema", "regionvlp.jsonio",
      "regionvlp.config", "regionvlp.runfolder", "regionvlp.dist", "regionvlp.optim", "regionvlp.hub"),
-=======
-    ("regionvlp.errors", "regionvlp.limits", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.config",
-     "regionvlp.dist", "regionvlp.optim", "regionvlp.hub"),
->>>>>>> c8d311a (limits: one bounded reader (read_limited/read_file/read_text, byte budgets, devices and FIFOs refused unopened) for sizes.json (also over HTTP), shards write media (/dev/zero, an endless HTTP video: skipped as oversize), manifests, caption sidecars, QA annotations and vocab; sizes.json entries that are not counts are left out with a warning, never int() (issue 25 cases 3, 12 sizes.json))
     ("regionvlp.data", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),
     ("regionvlp.detector", "regionvlp.region_learner", "regionvlp.qa.head"),
