@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "regionvlp"
 # Lowest layer first; a module may import its own layer or a lower one. The first
 # matching prefix places a module (longest prefixes are listed before shorter ones).
 LAYERS: list[tuple[str, ...]] = [
-    ("regionvlp.errors", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.ds_schema", "regionvlp.jsonio",
+    ("regionvlp.errors", "regionvlp.limits", "regionvlp.runtime", "regionvlp.pathways", "regionvlp.resolvers", "regionvlp.ds_schema", "regionvlp.jsonio",
      "regionvlp.config", "regionvlp.runfolder", "regionvlp.dist", "regionvlp.optim", "regionvlp.hub"),
     ("regionvlp.data", "regionvlp.remote", "regionvlp.qa.vocab", "regionvlp.qa.metrics"),
     ("regionvlp.outputs", "regionvlp.layers", "regionvlp.losses", "regionvlp.text"),

@@ -4,7 +4,6 @@ bad keys (with the shard and what went wrong)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from regionvlp.config import load_config
 from regionvlp.data import iter_samples
-from regionvlp.data.sources import read_bytes
+from regionvlp.data.sources import load_sizes
 from regionvlp.errors import UserError
 
 
@@ -86,15 +85,14 @@ def _compare_sizes(urls: Sequence[str], per_shard: dict[str, int], *, allow_pipe
     missing, mismatches = [], []
     for head, names in by_dir.items():
         sizes_url = f"{head}/sizes.json" if head else "sizes.json"
-        try:
-            sizes = json.loads(read_bytes(sizes_url, allow_pipe=allow_pipe))
-        except Exception:  # absent or unreadable: nothing to compare
+        sizes = load_sizes(sizes_url, allow_pipe=allow_pipe)
+        if sizes is None:  # absent or unreadable: nothing to compare
             missing.append(sizes_url)
             continue
         for name in names:
             url = f"{head}/{name}" if head else name
             found = per_shard.get(url, 0)
-            listed = sizes.get(name) if isinstance(sizes, dict) else None
-            if listed is None or int(listed) != found:
+            listed = sizes.get(name)
+            if listed is None or listed != found:
                 mismatches.append({"shard": url, "sizes_json": listed, "found": found})
     return {"ok": not mismatches, "missing": missing, "mismatches": mismatches[:100]}

@@ -2,10 +2,8 @@
 
 Only the frames the sampler asks for are decoded: decord reads them by index
 (``get_batch``), PyAV seeks to the keyframe before a far-away frame and stops at the
-last needed one. A long video is never decoded whole for a few frames.
-
-Output is always uint8 ``[T, 3, H, W]`` with ``H = W = size``; a still image is a
-one-frame clip, repeated to T frames like any clip with fewer frames than T.
+last needed one. A long video is never decoded whole for a few frames. Output: uint8
+``[T, 3, H, W]``, ``H = W = size``; a still image is a one-frame clip (bounded by header).
 """
 
 from __future__ import annotations
@@ -21,6 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from regionvlp.data.imagecost import decode_cost_problem
 
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
@@ -344,8 +344,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise DecodeError("oversize", f"image: {im.width}x{im.height} > data.max_image_pixels={max_pixels}")
+            if (why := decode_cost_problem(im, data, max_pixels, whole=True)) is not None:
+                raise DecodeError("oversize", f"image: {why}")
             arr = np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as err:
         raise DecodeError("oversize", f"image: {str(err).splitlines()[0][:200]}") from None
@@ -403,19 +403,19 @@ def frame_keys(sample: dict) -> list[str]:
     return [k for _, k in sorted(found)]
 
 
-def open_jpeg(data: bytes, short_side: Optional[int] = None):
+def open_jpeg(data: bytes, short_side: Optional[int] = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """A decoded RGB PIL image from JPEG bytes, at reduced size: the JPEG decoder skips
     DCT detail (PIL ``draft``, 1/2 … 1/8 scale) down to the smallest scale whose short
-    side is still ≥ ``short_side``."""
+    side is still ≥ ``short_side``; ``oversize`` when that costs more than ``max_pixels``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         im = Image.open(io.BytesIO(data))  # no `with`: closing would free the pixels of an RGB image returned as is
-        limit = MAX_IMAGE_PIXELS * (64 if im.format == "JPEG" else 1)  # JPEG draft decodes at 1/8 scale
-        if im.width * im.height > limit:
-            raise DecodeError("oversize", f"stored frame: {im.width}x{im.height} {im.format} > {limit} pixels")
-        if short_side is not None and min(im.size) > short_side:
+        full = im.size
+        if short_side is not None and min(im.size) > short_side and im.format == "JPEG":
             im.draft("RGB", scaled_dims(im.size[0], im.size[1], short_side))
+        if (why := decode_cost_problem(im, data, max_pixels, full)) is not None:
+            raise DecodeError("oversize", f"stored frame: {why}")
         im.load()
         rgb = im if im.mode == "RGB" else im.convert("RGB")  # RGB already (every JPEG frame we write): no copy
     except Image.DecompressionBombError as err:
@@ -427,18 +427,18 @@ def open_jpeg(data: bytes, short_side: Optional[int] = None):
     return rgb
 
 
-def decode_jpeg(data: bytes, short_side: Optional[int] = None) -> np.ndarray:
+def decode_jpeg(data: bytes, short_side: Optional[int] = None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """``[H, W, 3]`` uint8, decoded at reduced size (:func:`open_jpeg`) and then
     area-resized to exactly ``short_side`` (when larger)."""
     from PIL import Image
 
-    im = open_jpeg(data, short_side)
+    im = open_jpeg(data, short_side, max_pixels)
     dims = scaled_dims(im.size[0], im.size[1], short_side)
     return np.array(im.resize(dims, Image.Resampling.BOX) if dims else im)  # writable: torch.from_numpy takes it
 
 
 def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, size: int, *, training: bool,
-                         rng: Optional[random.Random] = None) -> np.ndarray:
+                         rng: Optional[random.Random] = None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """``[T, S, S, 3]`` (S = ``size``, or the short side when smaller) from a frame shard's
     N stored JPEGs: one at random in each of T segments of them in training, evenly
     spaced in eval (repeats when N < T). Each is decoded at reduced size, and only the
@@ -448,7 +448,7 @@ def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, size: int, *, 
 
     rng = rng or random
     idx = sample_indices(len(blobs), num_frames, "random_segment" if training else "uniform", rng)
-    images = {i: open_jpeg(blobs[i], size) for i in sorted(set(idx))}
+    images = {i: open_jpeg(blobs[i], size, max_pixels) for i in sorted(set(idx))}
     sizes = {im.size for im in images.values()}
     if len(sizes) > 1:
         raise DecodeError("corrupt_media", f"stored frames differ in size: {sorted(sizes)}")
@@ -462,13 +462,7 @@ def decode_stored_frames(blobs: Sequence[bytes], num_frames: int, size: int, *, 
 
 
 def _looks_like_image(data: bytes) -> bool:
-    head = data[:16]
-    return (
-        head.startswith(b"\xff\xd8\xff")
-        or head.startswith(b"\x89PNG\r\n\x1a\n")
-        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-        or head[:3] == b"GIF"
-    )
+    return data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF")) or (data[:4], data[8:12]) == (b"RIFF", b"WEBP")
 
 
 # ------------------------------------------------------------- resize and crop

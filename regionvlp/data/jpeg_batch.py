@@ -23,13 +23,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from regionvlp.data.decode import MAX_IMAGE_PIXELS, DecodeError, sample_indices
+from regionvlp.data.imagecost import decode_cost_problem
 
 
 DECODE_DEVICES = ("cpu", "cuda")
 
 
-def pick_jpegs(blobs: Sequence[bytes], num_frames: int, *, training: bool,
-               rng: Optional[random.Random] = None) -> tuple[list[bytes], list[int]]:
+def pick_jpegs(blobs: Sequence[bytes], num_frames: int, *, training: bool, rng: Optional[random.Random] = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[bytes], list[int]]:
     """T of the N stored JPEGs (as :func:`~regionvlp.data.decode.decode_stored_frames`
     picks them) and the crop ``[top, left, side, flip]`` shared by all T, from the
     JPEG headers only. Raises :class:`DecodeError` for an unreadable header."""
@@ -45,9 +46,8 @@ def pick_jpegs(blobs: Sequence[bytes], num_frames: int, *, training: bool,
             with Image.open(io.BytesIO(blobs[i])) as im:  # reads the header, decodes nothing
                 if im.format != "JPEG":
                     raise DecodeError("corrupt_media", f"stored frame {i} is {im.format}, not JPEG")
-                if im.width * im.height > MAX_IMAGE_PIXELS:  # decoded whole on the GPU: bound it here
-                    raise DecodeError("oversize",
-                                      f"stored frame {i}: {im.width}x{im.height} > {MAX_IMAGE_PIXELS} pixels")
+                if (why := decode_cost_problem(im, blobs[i], max_pixels, whole=True)) is not None:  # decoded whole on the GPU
+                    raise DecodeError("oversize", f"stored frame {i}: {why}")
                 sizes.add(im.size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise DecodeError("corrupt_media", f"jpeg: {str(err).splitlines()[0][:200]}") from None

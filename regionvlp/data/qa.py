@@ -25,12 +25,11 @@ from typing import Any, Iterable, Iterator
 
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
+from regionvlp.limits import ANNOTATION_BYTES, VOCAB_BYTES, read_text
 
 
 QUESTION_TYPES: tuple[str, ...] = ("what", "who", "how", "when", "where", "other")
 VOCAB_FILE = "qa_vocab.json"  # beside config.yaml in a run dir and in an export
-MAX_VOCAB_BYTES = 64 << 20
-MAX_ANNOTATION_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -135,10 +134,8 @@ def load_vocab(path: str | Path) -> QAVocab:
     if not path.is_file():
         raise UserError(f"QA vocabulary {path} not found; build one with `regionvlp qa vocab URLS --top K --out {path}` "
                         "or set qa.vocab=auto")
-    if path.stat().st_size > MAX_VOCAB_BYTES:
-        raise UserError(f"QA vocabulary {path} is larger than {MAX_VOCAB_BYTES >> 20} MiB; not a vocab file")
     try:
-        data = json_loads(path.read_text(encoding="utf-8"))
+        data = json_loads(read_text(path, VOCAB_BYTES, "QA vocabulary"))
         answers, counts = list(data["answers"]), list(data.get("counts", [0] * len(data["answers"])))
         num_pairs, skipped = data.get("num_pairs", 0), dict(data.get("skipped", {}))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -225,9 +222,7 @@ def id_candidates(value: Any) -> set[str]:
 def _annotation_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"--qa {path}: no such file")
-    if path.stat().st_size > MAX_ANNOTATION_BYTES:
-        raise UserError(f"--qa {path}: larger than {MAX_ANNOTATION_BYTES >> 30} GiB; split it")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, ANNOTATION_BYTES, "--qa", "utf-8-sig")  # refused past the budget: split it
     try:
         if text.lstrip().startswith("["):
             rows = json_loads(text)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from regionvlp.data.decode import DecodeError, sample_indices
+from regionvlp.data.npzread import NpzError, NpzOversize, load_npz
 from regionvlp.data.region_arrays import read_arrays, write_arrays
 
 
@@ -68,18 +69,26 @@ def _check_region_dtypes(arrays: dict[str, np.ndarray]) -> None:
 
 
 def read_npz(data: bytes) -> dict[str, np.ndarray]:
-    """The old ``regions.npz`` (``np.savez``, read-compatible): its arrays, each member's
-    stated size checked against the bytes present before it is read (no inflating)."""
+    """The old ``regions.npz`` (``np.savez``, read-compatible): its arrays in their stored
+    dtypes. Each member's ``.npy`` header (shape x itemsize) is checked against the bytes
+    present before anything is decompressed (no inflating), and a member is decompressed
+    only up to what its header declares (:func:`~regionvlp.data.npzread.load_npz`)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            names = [k for k in REGION_ARRAYS if k in npz.files]
-            if sum(npz.zip.getinfo(k + ".npy").file_size for k in names) > len(data):
-                raise DecodeError("corrupt_regions", "regions.npz members are larger than the member itself")
-            return {k: npz[k] for k in names}
-    except DecodeError:
-        raise
-    except Exception as err:
-        raise DecodeError("corrupt_regions", str(err).splitlines()[0][:200]) from None
+        return load_npz(data, REGION_ARRAYS, max_bytes=len(data))
+    except NpzOversize as err:
+        raise DecodeError("corrupt_regions", f"regions.npz {err}: larger than the member itself (no inflating)") from None
+    except NpzError as err:
+        raise DecodeError("corrupt_regions", f"regions.npz {str(err)[:200]}") from None
+
+
+def _check_finite(arrays: dict[str, np.ndarray], chunk: int = 1 << 20) -> None:
+    """``nonfinite_regions`` for NaN/Inf in the float arrays (checked in chunks: no
+    array-sized temporary)."""
+    for name in ("feats", "feats_scale", "boxes", "scores"):
+        flat = arrays[name].reshape(-1) if name in arrays else np.zeros(0)
+        if not all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk)):
+            bad = int(flat.size - np.isfinite(flat).sum())
+            raise DecodeError("nonfinite_regions", f"region '{name}' has {bad} NaN/Inf values")
 
 
 def _check_shapes(arrays: dict[str, np.ndarray]) -> None:
@@ -93,6 +102,7 @@ def _check_shapes(arrays: dict[str, np.ndarray]) -> None:
             f"shapes feats {feats.shape}, boxes {boxes.shape}, mask {mask.shape} do not match [T,K,F]/[T,K,4]/[T,K]",
         )
     _check_region_dtypes(arrays)
+    _check_finite(arrays)
     for name in ("labels", "scores", "feats_scale"):
         if name in arrays and arrays[name].shape != mask.shape:
             raise DecodeError("corrupt_regions", f"region '{name}' has shape {arrays[name].shape}, not {mask.shape}")

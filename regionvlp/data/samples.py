@@ -122,13 +122,14 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     else:
         if stored and spec.decode_device == "cuda":
             out["frames_jpeg"], out["frames_crop"] = pick_jpegs([raw[k] for k in stored], spec.num_frames,
-                                                                training=spec.training, rng=rng)
+                                                                training=spec.training, rng=rng,
+                                                                max_pixels=spec.max_image_pixels)
             out["media"], out["frames_size"] = f"{len(stored)} frames", spec.size
             out["decode_ms"] = (time.perf_counter() - start) * 1000.0
             return out
         if stored:
             frames = dec.decode_stored_frames([raw[k] for k in stored], spec.num_frames, spec.size,
-                                              training=spec.training, rng=rng)
+                                              training=spec.training, rng=rng, max_pixels=spec.max_image_pixels)
         elif video_key is not None:
             frames = dec.decode_video(
                 raw[video_key], spec.num_frames, spec.sampling, spec.backend, rng, short_side=spec.size

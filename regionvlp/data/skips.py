@@ -25,15 +25,18 @@ SKIP_REASONS = {
     "no_caption": "no txt and no json caption",
     "corrupt_media": "the video/image/stored-frame bytes do not decode (corrupt, truncated, unknown codec)",
     "empty_video": "the video has zero frames, zero bytes or no video stream",
-    "corrupt_regions": "regions.bin/.npz is unreadable or its arrays do not match",
+    "corrupt_regions": "regions.bin/.npz is unreadable or its arrays do not match (or declare more bytes than "
+                       "the member holds)",
+    "nonfinite_regions": "a region sample holds NaN or Inf features, boxes or scores (they would poison the batch's "
+                         "step)",
     "no_qa": "QA run: the json has no 'qa' list and no 'question'/'answer' pair",
     "bad_qa": "QA run: a question/answer pair with an empty question or no answer (the pair is skipped)",
     "qa_answer_not_in_vocab": "QA training: the answer is not in the answer vocabulary (the pair is skipped)",
     "region_shape": "a region sample has another K, feature size or dtype than the config (model.detector.num_regions, "
                     "model.region_transformer.feature_dim) or the stream's first region sample",
     "no_frames": "regions extract / detector fit / show: a region-shard sample has no frames to look at",
-    "oversize": "the sample's tar members exceed data.max_sample_bytes (from the tar header, never read) or its "
-                "image exceeds data.max_image_pixels",
+    "oversize": "the sample's tar members (header members included) exceed data.max_sample_bytes (from the tar "
+                "headers, never read) or its image exceeds data.max_image_pixels",
 }
 MAX_BAD_RECORDS = 1000
 

@@ -36,6 +36,7 @@ import braceexpand
 from regionvlp.config import mask_secrets
 from regionvlp.data.buckets import PermanentError, emulator_host, open_gs
 from regionvlp.errors import UserError
+from regionvlp.limits import SIZES_JSON_BYTES, ReadLimitError, read_file, read_limited
 
 
 log = logging.getLogger(__name__)
@@ -352,16 +353,14 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, allow_pipe: 
     return RetryingStream(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe, timeout=timeout, offset=offset)
 
 
-def read_bytes(url: str, *, allow_pipe: bool = False, retries: int = 1, backoff: float = 0.2,
+def read_bytes(url: str, *, limit: int, allow_pipe: bool = False, retries: int = 1, backoff: float = 0.2,
                timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """All of ``url`` (any scheme), refused with ``ReadLimitError`` past ``limit`` bytes
+    (a local path that is not a regular file is refused unopened)."""
+    if scheme_of(url) == "file" and not url.startswith("file://"):
+        return read_file(url, limit)
     with open_shard(url, retries=retries, backoff=backoff, allow_pipe=allow_pipe, timeout=timeout) as f:
-        chunks = []
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return read_limited(f, limit, mask_secrets(url))
 
 
 # ------------------------------------------------------------ webdataset hookup
@@ -410,19 +409,35 @@ def read_sizes(urls: Iterable[str], *, allow_pipe: bool = False, timeout: float 
     total = 0
     for head, names in by_dir.items():
         sizes_url = f"{head}/sizes.json" if head else "sizes.json"
-        try:
-            sizes = json.loads(read_bytes(sizes_url, allow_pipe=allow_pipe, timeout=timeout))
-        except Exception:
+        shards = load_sizes(sizes_url, allow_pipe=allow_pipe, timeout=timeout)
+        if shards is None or any(name not in shards for name in names):
             return None
-        if not isinstance(sizes, dict):
-            return None
-        shards = sizes.get("shards", sizes) if isinstance(sizes.get("shards"), dict) else sizes
-        for name in names:
-            n = shards.get(name)
-            if not isinstance(n, int):
-                return None
-            total += n
+        total += sum(shards[name] for name in names)
     return total
+
+
+def load_sizes(sizes_url: str, *, allow_pipe: bool = False, timeout: float = DEFAULT_TIMEOUT) -> Optional[dict[str, int]]:
+    """Shard name → samples from the ``sizes.json`` at ``sizes_url`` (at most
+    ``SIZES_JSON_BYTES`` read); None when absent, unreadable or not a JSON object. An
+    entry that is not a whole non-negative number is left out with a warning."""
+    try:
+        data = read_bytes(sizes_url, limit=SIZES_JSON_BYTES, allow_pipe=allow_pipe, timeout=timeout)
+        sizes = json.loads(data)
+    except (ReadLimitError, ValueError) as err:  # endless / huge, not JSON (or not UTF-8)
+        log.warning("%s ignored: %s", mask_secrets(sizes_url), " ".join(str(err).split())[:200])
+        return None
+    except Exception:  # absent or unreadable: no sizes
+        return None
+    if not isinstance(sizes, dict):
+        log.warning("%s ignored: not a JSON object of shard name -> samples", mask_secrets(sizes_url))
+        return None
+    shards = sizes.get("shards", sizes) if isinstance(sizes.get("shards"), dict) else sizes
+    good = {k: v for k, v in shards.items() if type(v) is int and v >= 0}
+    if len(good) < len(shards):
+        bad = next(k for k in shards if k not in good)
+        log.warning("%s: %d entries are not sample counts (e.g. %s: %s); left out", mask_secrets(sizes_url),
+                    len(shards) - len(good), str(bad)[:80], str(shards[bad])[:40])
+    return good
 
 
 def describe_unreadable(shards: ShardList, unreadable: Iterable[str]) -> str:

@@ -20,6 +20,7 @@ import tarfile
 from typing import Callable, Iterator, Optional
 
 BLOCK = 512
+MAX_HEADER_BYTES = 1 << 20  # a long-name / pax header member larger than this is a broken tar
 REGULAR = (b"0", b"\0", b"7")  # regular, old regular, contiguous (tarfile's REGULAR_TYPES, less sparse)
 
 
@@ -100,6 +101,10 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
+def _sparse_unsupported() -> bytes:
+    raise tarfile.ReadError("a sparse member within data.max_sample_bytes: sparse members are not read")
+
+
 class Member:
     """One member: ``name``, ``isreg``, ``offset`` (its first header block), ``size``; ``read()``."""
 
@@ -167,6 +172,9 @@ class PlainTar:
                 return None
             kind, size = block[156:157], _number(block[124:136])
             if kind in (b"L", b"x", b"g", b"K"):  # GNU long name, pax header: data describes the next member
+                if not 0 <= size <= MAX_HEADER_BYTES:  # never read whole (a 1 GiB long name took 2.6 GB)
+                    raise tarfile.ReadError(f"tar header member of {size} bytes at byte {self.pos - BLOCK} "
+                                            f"(more than {MAX_HEADER_BYTES})")
                 data = self._data(size)
                 if kind == b"L":
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -180,4 +188,6 @@ class PlainTar:
                 name = name.rstrip("/")  # as tarfile names directories
             size = int(pax["size"]) if "size" in pax else size
             self.pending = size + (-size % BLOCK)
+            if kind == b"S":  # old-GNU sparse: sized by its real size (the oversize bound), never expanded
+                return Member(name, True, start, _number(block[483:495]), _sparse_unsupported)
             return Member(name, kind in REGULAR, start, size, lambda size=size: self._data(size))

@@ -41,6 +41,7 @@ from regionvlp.data.staging import Output
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
 from regionvlp.runfolder import FolderLock
+from regionvlp.limits import ANNOTATION_BYTES, MEDIA_BYTES, ReadLimitError, read_file, read_text
 
 
 VIDEO_COLS = ("video", "videopath", "video_path", "path", "filepath", "file", "url", "videourl", "contentUrl")
@@ -148,14 +149,14 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
     try:
         if src.suffix.lower() == ".json":  # one JSON array of row objects
             try:
-                rows = json_loads(src.read_text(encoding="utf-8-sig"))
+                rows = json_loads(read_text(src, ANNOTATION_BYTES, "manifest", "utf-8-sig"))
             except json.JSONDecodeError as err:
                 raise UserError(f"{src}: not valid JSON ({err.msg}, line {err.lineno}); "
                                 "use a JSON array of objects or JSONL (one object per line)") from None
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise UserError(f"{src}: a .json manifest must be an array of objects (or use .jsonl)")
         elif src.suffix.lower() in (".jsonl", ".ndjson"):
-            with src.open(encoding="utf-8-sig") as f:
+            with io.StringIO(read_text(src, ANNOTATION_BYTES, "manifest", "utf-8-sig")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -166,7 +167,7 @@ def read_manifest(src: Path, video_col: Optional[str] = None, caption_col: Optio
                             raise UserError(f"{src}:{n}: each line must be a JSON object")
                         rows.append(row)
         else:
-            with src.open(newline="", encoding="utf-8-sig") as f:
+            with io.StringIO(read_text(src, ANNOTATION_BYTES, "manifest", "utf-8-sig"), newline="") as f:
                 sample = f.read(4096)
                 f.seek(0)
                 try:
@@ -205,7 +206,7 @@ def scan_folder(src: Path) -> list[Item]:
         txt = path.with_suffix(".txt")
         captions: list[str] = []
         if txt.is_file():
-            lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = read_text(txt, ANNOTATION_BYTES, "caption sidecar", errors="replace").splitlines()
             captions = _captions_of(lines)
         items.append(Item(i, f"{i:0{width}d}", str(path), captions, {"file": str(path.relative_to(src))}))
     return items
@@ -272,10 +273,12 @@ def _read_media(source: str) -> bytes:
         if "://" in source:
             from regionvlp.data.sources import read_bytes
 
-            return read_bytes(source, retries=2)
-        return Path(source).read_bytes()
+            return read_bytes(source, limit=MEDIA_BYTES, retries=2)
+        return read_file(source, MEDIA_BYTES, "video")
     except FileNotFoundError:
         raise SkipItem("missing_video", f"not found: {source}") from None
+    except ReadLimitError as err:  # endless (/dev/zero, a server that never stops) or huge
+        raise SkipItem("oversize", str(err)[:300]) from None
     except Exception as err:  # network, permission, ...
         raise SkipItem("unreadable_video", f"{type(err).__name__}: {err}") from None
 

@@ -29,9 +29,10 @@ from regionvlp.data.output import SampleTarWriter, write_sizes
 from regionvlp.data.regions import FEATURE_DTYPES, REGION_EXT, region_bytes
 from regionvlp.data.staging import Output
 from regionvlp.data.samples import with_frames
-from regionvlp.data.sources import parse_specs
+from regionvlp.data.sources import load_sizes, parse_specs
 from regionvlp.detector.extractor import build_extractor
 from regionvlp.errors import UserError
+from regionvlp.limits import SIZES_JSON_BYTES, ReadLimitError, read_text
 from regionvlp.runtime import add_counts, resolve_device
 
 
@@ -56,8 +57,8 @@ def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_text(path, SIZES_JSON_BYTES))
+    except (OSError, ValueError, ReadLimitError):
         return {}
 
 
@@ -103,7 +104,7 @@ class OutFolder:
         if previous and previous.get("extractor") != record:
             raise UserError(f"{out} holds regions extracted with other settings ({out / MANIFEST}); "
                             "use a new OUT folder or delete it to start over")
-        sizes = {k: int(v) for k, v in _read_json(out / "sizes.json").items()}
+        sizes = load_sizes(str(out / "sizes.json")) or {}
         folder = cls(out, record, dict(previous.get("skipped", {})), sizes)
         folder.save_manifest()
         return folder
