@@ -3,7 +3,7 @@
 Every benchmark (one module per ``regionvlp bench`` subcommand in this package) states
 the device, dtype and sizes it ran with and measures its baseline in the same run; a
 speed claim is a ratio against that baseline. Each is a plain function
-``bench_<name>(...) -> dict``; the CLI parsers live in ``regionvlp/cli.py``.
+``bench_<name>(...) -> dict``; the CLI parsers live in ``regionvlp/cli/bench.py``.
 """
 
 from __future__ import annotations
