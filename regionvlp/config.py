@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from regionvlp import pathways
 from regionvlp.ds_schema import check_deepspeed
-from regionvlp.errors import ConfigError
+from regionvlp.errors import QUOTE_CHARS, ConfigError, clip
 from regionvlp.resolvers import mask_secrets
 
 
@@ -261,14 +261,6 @@ def default_config() -> DictConfig:
 
 
 MAX_CONFIG_BYTES = 4 << 20  # one config file (and each of its bases), read at most
-QUOTE_CHARS = 200  # an error quotes at most this much of a file
-
-
-def clip(text: str, limit: int = QUOTE_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (marked with "…") for an error line."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file with its ``base:`` files merged underneath it (untyped)."""
     path = path.resolve()

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config that cannot describe a run: unknown key, wrong type, bad value."""
+
+
+QUOTE_CHARS = 200  # an error quotes at most this much of a received file
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with "…") for an error line."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"

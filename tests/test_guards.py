@@ -153,7 +153,7 @@ def test_deeply_nested_json_is_a_one_line_error_or_a_skip(tmp_path: Path) -> Non
     from collections import Counter
 
     from regionvlp.data.qa import count_answers, load_annotations, load_vocab
-    from regionvlp.data.writer import read_manifest
+    from regionvlp.data.inputs import read_manifest
 
     ann = tmp_path / "qa.json"
     ann.write_text(DEEP)

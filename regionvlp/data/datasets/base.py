@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from regionvlp.data.writer import FOLDER_VIDEO_EXTS
+from regionvlp.data.inputs import FOLDER_VIDEO_EXTS
 from regionvlp.errors import UserError
 
 
