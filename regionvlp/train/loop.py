@@ -36,7 +36,7 @@ from regionvlp.config import saved_container, to_yaml
 from regionvlp.detector.weights import load_extractor_weights, save_extractor_weights
 from regionvlp.model import build_batch_transform, build_model, prepare_batch
 from regionvlp.qa.vocab import prepare_run_vocab
-from regionvlp.runfolder import FolderLock
+from regionvlp.runfolder import FolderLock, check_out_dir
 from regionvlp.runtime import add_counts, get_autocast, local_device, peak_bytes
 from regionvlp.train.engine import engine_dtype, initialize
 from regionvlp.train.checkpointer import Checkpointer
@@ -179,6 +179,7 @@ def write_run_config(cfg: Any, run_dir: Path) -> None:
     """Rank 0 writes ``config.yaml`` into the run folder it holds (and a QA run's answer
     vocabulary); every rank waits."""
     if dist.is_main():
+        check_out_dir(run_dir)  # also when setup_run is called without train()'s folder lock
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.qa.enabled:  # QA: the answer vocabulary beside the config, before any loader reads it
             prepare_run_vocab(cfg, run_dir)
