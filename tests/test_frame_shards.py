@@ -296,3 +296,11 @@ def test_decode_device_cuda_decodes_batches_on_the_gpu(tmp_path, minilm_dir):
     cpu = next(iter(build_loader(_cfg(*common, "data.decode_device=cpu"), "val", training=False, tokenizer=tok)))
     assert gpu["frames"].device.type == "cuda" and gpu["frames"].shape == cpu["frames"].shape == (4, 2, 3, 32, 32)
     assert (gpu["frames"].cpu().float() - cpu["frames"].float()).abs().mean() < 3.0
+
+
+def test_shards_convert_of_only_bad_clips_exits_2(tmp_path, capsys):
+    bad = write_tar(tmp_path / "bad.tar", [{"__key__": f"{i:03d}", "mp4": b"not a video", "txt": "a caption"}
+                                            for i in range(3)])
+    rc = main(["shards", "convert", str(bad), str(tmp_path / "out"), "--keep-frames", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shards convert: 0 of 3 inputs written" in err, err

@@ -13,6 +13,7 @@ from regionvlp.config import load_config
 from regionvlp.data import build_loader, iter_samples
 from regionvlp.detector import build_extractor, build_pathway
 from regionvlp.detector.extract import extract_regions
+from regionvlp.errors import UserError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml"
 
@@ -70,9 +71,10 @@ def test_extract_equals_in_loop_and_resumes(raw_shards, tmp_path):
     assert again["samples"] == 5 and sum(again["skipped"].values()) == 2
     assert not (out / "000001.tar.tmp").exists()
 
-    # region shards given as input: nothing to detect, every sample counted
-    twice = extract_regions(cfg, [str(out / "000000.tar")], tmp_path / "twice", progress=False)
-    assert twice["samples"] == 0 and twice["skipped"] == {"no_frames": 3}
+    # region shards given as input: nothing to detect, every sample counted, and a run
+    # that wrote nothing is an error naming the counts (exit 2 on the CLI)
+    with pytest.raises(UserError, match=r"0 of 3 inputs written \(no_frames: 3\)"):
+        extract_regions(cfg, [str(out / "000000.tar")], tmp_path / "twice", progress=False)
 
     # other settings into the same folder: refused, not mixed
     other = load_config(TINY, ["model.detector.num_regions=3"])
@@ -160,3 +162,14 @@ def test_cli_regions_extract(raw_shards, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["shards_failed"] == [missing] and summary["skipped"] == {"unreadable_shard": 1}
     assert not (out / "y" / "gone.tar").exists()  # not finalised: a rerun retries it
+
+
+def test_cli_regions_extract_of_only_bad_clips_exits_2(tmp_path, capsys):
+    from data_shards import write_tar
+    from regionvlp.cli import main
+
+    bad = write_tar(tmp_path / "bad.tar", [{"__key__": f"{i:03d}", "mp4": b"not a video", "txt": "a caption"}
+                                            for i in range(3)])
+    rc = main(["regions", "extract", str(TINY), str(bad), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "regions extract: 0 of 3 inputs written" in err, err

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from regionvlp.data.decode import VIDEO_EXTS
+from regionvlp.data.matching import check_written
 from regionvlp.data.output import SampleTarWriter, finish_outputs
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
@@ -115,6 +116,8 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
         staged.publish(f"_convert/{name}.json", keep=True)
     summary = _summary(out, state, pairs, resumed, time.perf_counter() - start)
     staged.publish("skipped.jsonl", "sizes.json", keep=True)  # sizes.json last
+    check_written(summary["samples"], summary["samples"] + sum(summary["skipped"].values()), summary["skipped"],
+                  "shards convert")  # nothing converted: exit 2 with the counts
     return {**summary, "out": staged.shown()}
 
 

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from regionvlp.data import iter_samples
+from regionvlp.data.matching import check_written
 from regionvlp.data.output import SampleTarWriter, write_sizes
 from regionvlp.data.regions import FEATURE_DTYPES, REGION_EXT, region_bytes
 from regionvlp.data.staging import Output
@@ -197,9 +198,11 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         add_counts(skipped, folder.shard_skipped.get(name, {}))
     if failed and not written and not resumed:
         raise UserError(f"regions extract: no input shard could be read (first: {failed[0]}); check the URLS")
+    samples = sum(folder.sizes.get(n, 0) for n in names)
+    check_written(samples, samples + sum(skipped.values()), skipped, "regions extract")  # nothing extracted: exit 2
     return {
         "out": staged.shown(),
-        "samples": sum(folder.sizes.get(n, 0) for n in names),
+        "samples": samples,
         "skipped": skipped,
         "shards": len(shards),
         "shards_written": written,
