@@ -39,6 +39,7 @@ from regionvlp.evaluation import checkpoint_stamp, evaluate_model, load_eval_mod
 from regionvlp.runtime import device_name, local_device, peak_bytes, resolve_device
 from regionvlp.qa.evaluate import evaluate_qa
 from regionvlp.qa.stage import run_qa_stage, wants_qa
+from regionvlp.region_cache import RegionCache, can_cache, route_of, use_region_cache
 from regionvlp.report import RunResult, write_report
 from regionvlp.show import report_figures
 from regionvlp.train import train
@@ -211,12 +212,14 @@ def train_in_process(cfg: Any, result_file: Path | None = None, eval_urls: Seque
 
 
 def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: int = 4,
-            isolate: bool = True) -> dict[str, Any]:
+            isolate: bool = True, region_cache: RegionCache | None = None) -> dict[str, Any]:
     """Train each config (``{"detector": cfg, "learned": cfg, ...}``, two or more) under
     one budget into ``out_dir/<name>`` and write the report. Periodic validation is
     switched on (``val_points`` evaluations over the run) when the configs leave it at the
     end only. ``isolate``: each training in its own spawned process (clean peak memory
-    per pathway)."""
+    per pathway). ``region_cache``: the pathways that can train from region shards do,
+    from regions extracted once (:mod:`regionvlp.region_cache`); validation and the final
+    evaluation still run their detector in the loop."""
     if len(cfgs) < 2:
         raise UserError(f"compare trains two or more configs, got {len(cfgs)}")
     check_same_budget(cfgs)
@@ -225,17 +228,26 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
                         "qa.stage_steps=N (a QA head fine-tuned N steps from each retrieval run)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(cfgs.values()))
+    setup = {k: _select(first, k) for k in ("seed", "train.max_steps", "data.batch_size", "data.num_frames",
+                                            "data.size", "data.train.urls", "data.val.urls", "loss")}
     runs = []
     for name, cfg in cfgs.items():
         if not list(cfg.data.val.urls):
             raise UserError("compare needs validation shards: set data.val.urls")
         cfg.run.out_dir = str(out / name)
+        route, eval_urls = route_of(cfg), None
+        if region_cache is not None and can_cache(cfg):
+            eval_urls = list(cfg.data.val.urls)  # the final eval: the raw val frames, the detector in the loop
+            route = use_region_cache(cfg, name, region_cache)
         if int(cfg.train.val_every) <= 0:
             cfg.train.val_every = max(1, int(cfg.train.max_steps) // max(1, val_points))
         print(f"compare: training {name} pathway for {cfg.train.max_steps} steps → {cfg.run.out_dir}",
               file=sys.stderr, flush=True)
-        result = train_isolated(cfg, out / f".{name}.result.json") if isolate else train_in_process(cfg)
+        result = (train_isolated(cfg, out / f".{name}.result.json", eval_urls) if isolate
+                  else train_in_process(cfg, None, eval_urls))
         run = read_run(cfg.run.out_dir, name)
+        run.route = route
         summary = result["summary"]
         run.train_seconds = result["train_seconds"]
         run.peak_bytes = int(summary.get("peak_bytes") or result["peak_bytes"])
@@ -246,9 +258,6 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
         if not run.val:
             raise UserError(f"compare: {name} logged no validation retrieval metrics in {cfg.run.out_dir}/metrics.jsonl")
         runs.append(run)
-    first = next(iter(cfgs.values()))
-    setup = {k: _select(first, k) for k in ("seed", "train.max_steps", "data.batch_size", "data.num_frames",
-                                            "data.size", "data.train.urls", "data.val.urls", "loss")}
     qa, qa_seconds = None, None
     if wants_qa(cfgs):
         print("compare: QA stage, a QA head from each retrieval run", file=sys.stderr, flush=True)
@@ -277,15 +286,18 @@ def _clips_per_s(cfg: Any, run: RunResult) -> float | None:
 
 def compare_main(out: str | os.PathLike, detector: str | None = None, learned: str | None = None,
                  runs: Sequence[str] | None = None, overrides: Sequence[str] = (),
-                 pathways_arg: str | None = None, configs: Sequence[str] = ()) -> dict[str, Any]:
+                 pathways_arg: str | None = None, configs: Sequence[str] = (),
+                 region_cache: RegionCache | None = None) -> dict[str, Any]:
     """The ``compare`` command: ``runs`` (two or more finished run dirs), or train the
     pathways ``pathways_arg`` names (``detector,learned,fused``; default: those given a
     config) with one config each, ``configs`` as ``NAME=CONFIG`` (``detector`` /
-    ``learned``: the ``--detector`` / ``--learned`` flags), and the shared ``overrides``."""
+    ``learned``: the ``--detector`` / ``--learned`` flags), and the shared ``overrides``;
+    ``region_cache``: the ``--region-cache*`` flags."""
     paths = pathway_configs(configs, detector=detector, learned=learned)
     if runs:
-        if paths or overrides or pathways_arg:
-            raise UserError("compare: give either --runs A B ... or pathway configs (+ overrides), not both")
+        if paths or overrides or pathways_arg or region_cache:
+            raise UserError("compare: give either --runs A B ... or pathway configs (+ overrides, --region-cache), "
+                            "not both")
         return compare_runs(runs, out)
     names = [n.strip() for n in pathways_arg.split(",") if n.strip()] if pathways_arg else list(paths)
     if not pathways_arg and len(names) < 2:
@@ -304,7 +316,10 @@ def compare_main(out: str | os.PathLike, detector: str | None = None, learned: s
     for name, cfg in cfgs.items():
         if str(cfg.model.regions) != name:
             raise UserError(f"compare: the {name} config has model.regions={cfg.model.regions}; it must be {name}")
-    return compare(cfgs, out)
+    if region_cache is not None and not any(can_cache(cfg) for cfg in cfgs.values()):
+        raise UserError(f"compare: --region-cache: none of {', '.join(cfgs)} trains from region shards "
+                        "(the detector pathway does)")
+    return compare(cfgs, out, region_cache=region_cache)
 
 
 def pathway_configs(configs: Sequence[str], *, detector: str | None = None, learned: str | None = None

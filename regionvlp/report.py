@@ -36,9 +36,25 @@ class RunResult:
     train_seconds: float | None = None
     steps: int | None = None
     final_loss: float | None = None
+    route: dict[str, Any] = field(default_factory=dict)  # where its regions came from (regionvlp.region_cache)
 
 
 # -------------------------------------------------------------------- report
+def route_lines(runs: Sequence[RunResult]) -> list[str]:
+    """Cost-table rows: where each row's training, validation and final-eval regions came
+    from, and the one-off extraction a region-cache row paid before training (not in its
+    training wall-clock)."""
+    if not any(r.route for r in runs):
+        return []
+    rows = [("regions route", "route"), ("training regions", "train"), ("validation regions", "val"),
+            ("final eval regions", "eval")]
+    lines = [f"| {label} | " + " | ".join(str(r.route.get(key, "–")) for r in runs) + " |" for label, key in rows]
+    if any("extract_seconds" in r.route for r in runs):
+        lines.append("| region extraction, once (s) | " + " | ".join(_fmt(r.route.get("extract_seconds")) for r in runs)
+                     + " |")
+    return lines
+
+
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -200,6 +216,7 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
     lines.append("| throughput (clips/s) | " + " | ".join(_fmt(r.clips_per_s) for r in runs) + " |")
     lines.append("| peak memory | " + " | ".join(_fmt_bytes(r.peak_bytes) for r in runs) + " |")
     lines.append("| training wall-clock (s) | " + " | ".join(_fmt(r.train_seconds) for r in runs) + " |")
+    lines += route_lines(runs)
     lines += ["", "## Plots", "",
               f"![R@1 over steps]({plots['r1_steps']})", "",
               f"![R@1 over wall-clock]({plots['r1_time']})", "",
@@ -225,7 +242,7 @@ def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike, *, title
     for r in runs:
         summary[r.name] = {**r.final, "clips_per_s": r.clips_per_s, "peak_bytes": r.peak_bytes,
                            "steps": r.steps, "final_loss": r.final_loss, "train_seconds": r.train_seconds,
-                           "run_dir": r.run_dir, "curve": r.val}
+                           "run_dir": r.run_dir, "curve": r.val, **({"route": dict(r.route)} if r.route else {})}
         if settings and r.name in settings:
             summary[r.name]["settings"] = dict(settings[r.name])
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -156,3 +156,64 @@ def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["compare", "--out", str(tmp_path / "c"), "--detector", str(root / "detector.yaml")]) == 2
     assert "--learned" in capsys.readouterr().err
+
+
+def test_region_cache_route_trains_the_detector_from_extracted_regions(tmp_path, tiny_shards, monkeypatch):
+    """--region-cache: the detector row trains and validates from regions extracted once,
+    its final eval runs the detector in the loop on the raw val frames; the learned row is
+    untouched; the report says which route each row took."""
+    from omegaconf import OmegaConf
+
+    from regionvlp.compare import compare
+    from regionvlp.region_cache import RegionCache
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    train_urls, val_urls = tiny_shards
+    shared = ["train.max_steps=2", "train.val_every=2", "data.batch_size=2", "train.ckpt_every=2"]
+    cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
+    for cfg in cfgs.values():
+        cfg.data.train.urls = [train_urls]
+        cfg.data.val.urls = [val_urls]
+    import regionvlp.compare as cmp
+
+    final_evals = {}
+
+    def recording_eval(model, cfg, split, batch_transform=None, **kw):
+        final_evals[str(cfg.model.regions)] = (list(cfg.data.val.urls), batch_transform is not None)
+        return evaluate_model(model, cfg, split, batch_transform=batch_transform, **kw)
+
+    evaluate_model = cmp.evaluate_model
+    monkeypatch.setattr(cmp, "evaluate_model", recording_eval)
+    summary = compare(cfgs, tmp_path / "cmp", isolate=False, region_cache=RegionCache(tmp_path / "cache", frames=4))
+    det, learned = summary["detector"]["route"], summary["learned"]["route"]
+    assert det["route"] == "region-cache" and learned["route"] == "in-loop"
+    assert "4 frames stored per clip, 8 clips" in det["train"] and det["eval"].startswith("frames")
+    assert "2 frames stored per clip, 3 clips" in det["val"]  # data.num_frames, as evaluation samples them
+    cache = tmp_path / "cache" / "detector"
+    assert json.loads((cache / "train" / "sizes.json").read_text()) == {Path(train_urls).name: 8}
+    saved = OmegaConf.load(tmp_path / "cmp" / "detector" / "config.yaml")
+    assert [Path(u).parent for u in saved.data.train.urls] == [cache / "train"]  # trained from the cache
+    assert [Path(u).parent for u in saved.data.val.urls] == [cache / "val"]  # validated from it
+    assert final_evals["detector"] == ([val_urls], True)  # the final eval: raw frames, the detector in the loop
+    assert summary["detector"]["num_videos"] == 3 and [v["step"] for v in summary["detector"]["curve"]] == [2]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| regions route | region-cache | in-loop |" in report
+    assert "| region extraction, once (s) |" in report
+    assert f"- `data.train.urls`: `['{train_urls}']`" in report  # the budget line names the clips, not the cache
+
+
+def test_region_cache_flags_are_checked(tmp_path, capsys):
+    from regionvlp.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    assert main(["compare", "--out", str(tmp_path / "c"), "--learned", str(root / "learned.yaml"),
+                 "--detector", str(root / "detector.yaml"), "--region-cache-frames", "8"]) == 2
+    assert "need --region-cache DIR" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "c"), "--pathways", "learned,fused",
+                 "--config", f"learned={root / 'learned.yaml'}", "--config", f"fused={root / 'fused.yaml'}",
+                 "--region-cache", str(tmp_path / "cache")]) == 2
+    assert "none of learned, fused trains from region shards" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "c"), "--learned", str(root / "learned.yaml"),
+                 "--detector", str(root / "detector.yaml"), "--region-cache", str(tmp_path / "cache"),
+                 "--region-cache-frames", "0"]) == 2
+    assert "--region-cache-frames 0" in capsys.readouterr().err

@@ -75,8 +75,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> dict:
     from regionvlp.compare import compare_main
 
+    from regionvlp.region_cache import RegionCache
+
+    cache = None
+    if args.region_cache:
+        cache = RegionCache(args.region_cache, args.region_cache_frames, args.region_cache_dtype)
+    elif args.region_cache_frames is not None or args.region_cache_dtype != "fp16":
+        raise UserError("compare: --region-cache-frames / --region-cache-dtype need --region-cache DIR")
     return compare_main(out=args.out, detector=args.detector, learned=args.learned, runs=args.runs,
-                        overrides=args.overrides, pathways_arg=args.pathways, configs=args.configs or [])
+                        overrides=args.overrides, pathways_arg=args.pathways, configs=args.configs or [],
+                        region_cache=cache)
 
 
 def add_compare(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +104,14 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--learned", metavar="CONFIG", help="config of the learned pathway (= --config learned=CONFIG)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="two or more finished run directories instead of "
                                                                 "training")
+    p.add_argument("--region-cache", metavar="DIR", help="pathways that can train from region shards (detector) "
+                                                         "do, from regions extracted once into DIR/NAME/train; "
+                                                         "validation and the final eval still run the detector "
+                                                         "in the loop on the raw val frames")
+    p.add_argument("--region-cache-frames", type=int, metavar="N", help="frames stored per clip in the cache "
+                                                                        "(default data.num_frames; more keeps "
+                                                                        "training's temporal sampling)")
+    p.add_argument("--region-cache-dtype", default="fp16", choices=("fp16", "int8"), help="cached feature dtype")
     add_overrides(p, urls=("runs",), positional=True)  # applied to every config
     p.set_defaults(func=cmd_compare)
 
