@@ -173,3 +173,24 @@ def test_cli_regions_extract_of_only_bad_clips_exits_2(tmp_path, capsys):
     rc = main(["regions", "extract", str(TINY), str(bad), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "regions extract: 0 of 3 inputs written" in err, err
+
+
+def test_refitted_weights_in_the_same_file_do_not_resume(raw_shards, tmp_path):
+    """The record holds the weights file's SHA-256: a detector re-fitted into the same path
+    must not resume the regions its old weights made."""
+    from regionvlp.detector.detector import build_detector
+
+    cfg = load_config(TINY)
+    weights = tmp_path / "detector.pt"
+    model = build_detector(str(cfg.model.detector.arch), "none")
+    torch.save({"arch": str(cfg.model.detector.arch), "state_dict": model.state_dict()}, weights)
+    cfg.model.detector.weights = str(weights)
+    url = [str(raw_shards / "syn" / "val" / "000000.tar")]
+    first = extract_regions(cfg, url, tmp_path / "out", progress=False)
+    assert first["shards_written"] == 1
+    assert extract_regions(cfg, url, tmp_path / "out", progress=False)["shards_resumed"] == 1  # same file: resumed
+    with torch.no_grad():
+        next(iter(model.parameters())).add_(1.0)
+    torch.save({"arch": str(cfg.model.detector.arch), "state_dict": model.state_dict()}, weights)
+    with pytest.raises(UserError, match="other settings"):
+        extract_regions(cfg, url, tmp_path / "out", progress=False)

@@ -13,6 +13,7 @@ when complete, so a rerun skips finished shards (resume) and redoes a cut-off on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -76,10 +77,24 @@ def input_shards(cfg: Any, urls: Sequence[str]) -> tuple[list[str], list[str]]:
     return shards, names
 
 
+def weights_fingerprint(weights: str) -> dict[str, Any]:
+    """``weights_sha256`` of a local weights file (a detector re-fitted into the same path
+    must not resume an OUT its old weights made); nothing for a name or ``none``."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return {}
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"weights_sha256": digest.hexdigest()}
+
+
 def extractor_record(cfg: Any, *, feature_dtype: str = "fp16", keep_frames: int | None = None) -> dict[str, Any]:
     """The settings the regions depend on; a resumed OUT must have been made with the same."""
     d = cfg.model.detector
-    return {"arch": str(d.arch), "weights": str(d.weights), "num_regions": int(d.num_regions),
+    return {"arch": str(d.arch), "weights": str(d.weights), **weights_fingerprint(str(d.weights)),
+            "num_regions": int(d.num_regions),
             "num_frames": int(keep_frames or cfg.data.num_frames), "size": int(cfg.data.size),
             "feature_dtype": feature_dtype,
             "sampling": str(cfg.data.eval_sampling), "min_size": d.min_size, "max_size": d.max_size,
