@@ -59,13 +59,15 @@ def msrvtt_data(path: Path, ids: range, captions_per_clip: int = 3) -> Path:
     return path
 
 
-def msrvtt_1ka(path: Path, ids: list[int]) -> Path:
-    """MSRVTT_JSFUSION_test.csv: a pandas index column, then key,vid_key,video_id,sentence."""
+def msrvtt_1ka(path: Path, ids: list[int], index_column: bool = False) -> Path:
+    """MSRVTT_JSFUSION_test.csv as shipped: key,vid_key,video_id,sentence (ret0,msr9770,video9770,...);
+    ``index_column``: as re-saved by pandas' ``to_csv``, an unnamed index column first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["", "key", "vid_key", "video_id", "sentence"])
+        w.writerow([""] * index_column + ["key", "vid_key", "video_id", "sentence"])
         for i, n in enumerate(ids):
-            w.writerow([i, f"ret{i}", f"msr{n}", f"video{n}", f"a person, clip {n}, is cooking"])
+            w.writerow([i] * index_column + [f"ret{i}", f"msr{n}", f"video{n}", f"a person, clip {n}, is cooking"])
     return path
 
 

@@ -140,6 +140,8 @@ def test_msrvtt_split_counts_on_full_size_files(tmp_path):
     one_k = df.msrvtt_1ka(tmp_path / "MSRVTT_JSFUSION_test.csv", list(range(7010, 10000))[:1000])
     splits = read([data, one_k])
     assert len(splits["test_1ka"].clips) == 1000 and all(len(c.captions) == 1 for c in splits["test_1ka"].clips)
+    resaved = df.msrvtt_1ka(tmp_path / "pandas" / "MSRVTT_JSFUSION_test.csv", list(range(7010, 8010)), index_column=True)
+    assert [c.captions for c in read([data, resaved])["test_1ka"].clips] == [c.captions for c in splits["test_1ka"].clips]
     assert [len(splits[s].clips) for s in ("train", "val", "test")] == [6513, 497, 2990]
     assert not splits["train"].default and splits["test_1ka"].default
     assert len(read([data])["test"].clips) == 2990 and read([data])["test"].default
