@@ -72,6 +72,10 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         assert isinstance(summary["targets"][f"{name}_qa_ok"], bool)
     assert "## Video QA (val)" in report and "](qa.png)" in report and (out / "report" / "qa.png").is_file()
     assert "QA accuracy ≥ 2 × majority" in report
+    # the detector row's route: regions extracted once for training and validation, the final eval in the loop
+    assert summary["detector"]["route"]["route"] == "region-cache" and summary["learned"]["route"]["route"] == "in-loop"
+    assert "| regions route | region-cache | in-loop |" in report and "(`compare --region-cache`)" in report
+    assert (out / "report" / "region_cache" / "detector" / "train" / "sizes.json").is_file()
 
 
 def test_rerun_replaces_only_previous_demo_runs(tmp_path):
@@ -83,6 +87,8 @@ def test_rerun_replaces_only_previous_demo_runs(tmp_path):
     (report / "learned").mkdir()
     (report / "learned" / "notes.txt").write_text("not a run dir")  # kept: not a demo run
     (report / "report.md").write_text("# old")
+    (report / "region_cache" / "detector" / "train").mkdir(parents=True)
+    (report / "region_cache" / "detector" / "train" / "extract.json").write_text("{}")  # the old detector's regions
     _clear_previous_runs(report)
-    assert not (report / "detector").exists()
+    assert not (report / "detector").exists() and not (report / "region_cache").exists()
     assert (report / "learned" / "notes.txt").exists() and (report / "report.md").exists()
