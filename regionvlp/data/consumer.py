@@ -185,7 +185,7 @@ def identity_change(saved: dict[str, Any], now: Optional[dict[str, Any]], url: O
     list; its identity ``now``, None: it could not be read to check) is not the one the
     position was taken in; None: the same, or nothing to tell them apart."""
     if url is None:
-        return f"the shard list changed since the checkpoint: it no longer reaches the place of {saved['url']}"
+        return f"the shard list changed since the checkpoint: this consumer's shards no longer reach the place of {saved['url']}"
     if saved["url"] != url:
         return f"the shard list changed since the checkpoint: this place in the shard order now holds {url} " \
                f"(was {saved['url']})"
