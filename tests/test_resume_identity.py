@@ -6,6 +6,7 @@ as a corrupt shard. Unchanged shards still resume exactly."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import random
@@ -19,6 +20,8 @@ from regionvlp.config import load_config
 from regionvlp.data import build_loader
 from regionvlp.data.consumer import check_position, identity_change, shard_identity, shard_order
 from regionvlp.data.loader import ClipDataset, ConsumerStream
+from regionvlp.data.reader import ReadOptions, read_refs, tar_samples
+from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
 from regionvlp.errors import UserError
 from regionvlp.train.data import read_loader_position
@@ -203,3 +206,18 @@ def test_hostile_positions_are_refused(shards, tmp_path, tokenizer, caplog):
     assert read_loader_position(tag, 0) is None
     assert any("loader_rank0.json ignored" in r.getMessage() and "after the cursor" in r.getMessage()
                for r in caplog.records)
+
+
+def test_refs_into_several_compressed_shards_are_all_read(shards, tmp_path):
+    """Buffered samples in compressed shards are found by reading each shard from its
+    start: every shard's wanted samples, not a count over all shards, ends that read."""
+    gz = []
+    for i, url in enumerate(shards):
+        gz.append(tmp_path / "gz" / f"{i}.tar.gz")
+        gz[-1].parent.mkdir(exist_ok=True)
+        gz[-1].write_bytes(gzip.compress(Path(url).read_bytes()))
+    raw = list(tar_samples([str(p) for p in gz], SkipCounter()))
+    refs = [raw[1]["__ref__"], raw[7]["__ref__"], raw[10]["__ref__"]]  # 1 in the first shard, 2 in the second
+    assert [r[0] for r in refs] == [0, 1, 1] and not any(r[3] for r in refs)
+    got = read_refs(lambda pos: str(gz[pos]), refs, SkipCounter(), ReadOptions())
+    assert [s["__key__"] if s else None for s in got] == [raw[i]["__key__"] for i in (1, 7, 10)]
