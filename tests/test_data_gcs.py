@@ -74,6 +74,7 @@ def test_gs_shards_from_emulator(emulator_env, minilm_dir, monkeypatch):
     # opened at a byte offset: the object's bytes from there (how a resumed position is reached)
     data = (root / "shard-001.tar").read_bytes()
     with sources.open_shard("gs://vids/train/shard-001.tar", offset=1536) as f:
+        assert f.size == len(data)  # the object's whole size (part of a resume position)
         assert f.read() == data[1536:]
 
     import webdataset as wds

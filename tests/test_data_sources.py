@@ -120,7 +120,7 @@ def http_server(shard_dir):
     server.server_close()
 
 
-def test_http_shards_with_retries_and_resume(http_server, minilm_dir, monkeypatch):
+def test_http_shards_with_retries_and_resume(http_server, shard_dir, minilm_dir, monkeypatch):
     base, handler = http_server
     handler.plan.update({"shard-000.tar": ["503", "503"], "shard-001.tar": ["cut"], "shard-002.tar": ["503"] * 9})
     stream = iter_samples([f"{base}/shard-{{000..002}}.tar", f"{base}/missing.tar"], cfg_for())
@@ -134,6 +134,9 @@ def test_http_shards_with_retries_and_resume(http_server, minilm_dir, monkeypatc
 
     # the full loader over http with 2 workers (no more scripted failures)
     handler.plan.clear()
+    for offset in (0, 1024):  # the shard's whole size (part of a resume position), from any range start
+        with sources.open_shard(f"{base}/shard-001.tar", offset=offset) as f:
+            assert f.size == (shard_dir / "shard-001.tar").stat().st_size
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     cfg = cfg_for(f"data.val.urls=['{base}/shard-{{000..002}}.tar']")
@@ -166,6 +169,10 @@ def test_s3_shards_from_moto_server(moto_endpoint, shard_dir, minilm_dir, monkey
     assert stream.skipped == {"unreadable_shard": 1}
     cfg = cfg_for("data.train.urls=['s3://vids/train/shard-{000..002}.tar']", "data.batch_size=1")
     assert epoch_size(cfg.data.train) == 9
+
+    for offset in (0, 1024):  # the object's whole size (part of a resume position), from any range start
+        with sources.open_shard("s3://vids/train/shard-001.tar", offset=offset) as f:
+            assert f.size == (shard_dir / "shard-001.tar").stat().st_size
 
     # DataLoader workers (forked) make their own boto3 clients
     monkeypatch.setenv("RANK", "0")

@@ -95,6 +95,8 @@ class _GSStream:
 
     def __init__(self, f: Any, url: str) -> None:
         self.f, self.url = f, url
+        size = getattr(f, "size", None)
+        self.shard_size = size if type(size) is int else None  # the object's size (a shard's identity)
 
     def read(self, n: int = -1) -> bytes:
         try:

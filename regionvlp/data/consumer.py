@@ -16,10 +16,19 @@ header, samples seen), the raw samples waiting in the :class:`ShuffleBuffer` (an
 :class:`WholeBlocks`) by reference (shard, offset), and its random state. Each batch
 carries the position after it (``__position__``), so a resumed run opens every shard
 at its offset and re-reads only the buffered samples' bytes, decoding nothing it skips.
+
+**Shard identity.** A byte offset means something only in the shard it was taken in, so
+the position also records, for the cursor's shard and each shard a buffered sample lies
+in, that shard's identity (:func:`shard_identity`: URL, size as its source reports it, a
+hash of its first tar block). A resumed consumer compares them with the shards now at
+those places (:func:`identity_change`); a shard that changed is read from its start
+instead (see :class:`~regionvlp.data.loader.ConsumerStream`). A position is plain JSON,
+checked by :func:`check_position` before use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -75,12 +84,15 @@ def whole_blocks(raw: Iterable[dict[str, Any]], share: SampleShare) -> Iterator[
 class ReadCursor:
     """Where a consumer's reader stands: shard ``shard`` of its list, the next sample's
     first tar header at byte ``offset``, ``seen`` samples passed (sample-level split).
-    ``seekable`` is False for compressed shards (offsets count uncompressed bytes)."""
+    ``seekable`` is False for compressed shards (offsets count uncompressed bytes).
+    ``identities``: shard → :func:`shard_identity` of the shards read (or verified on
+    resume) that a position may still name; not part of :meth:`to_json`."""
 
     shard: int = 0
     offset: int = 0
     seen: int = 0
     seekable: bool = True
+    identities: dict[int, dict] = field(default_factory=dict)
 
     def move(self, shard: int, offset: int, share: Optional[SampleShare]) -> None:
         if shard != self.shard:
@@ -132,18 +144,111 @@ def rng_to_json(rng: random.Random) -> list:
 
 def rng_from_json(v: Any) -> tuple:
     version, state, gauss = v
-    if len(state) != 625 or not all(isinstance(x, int) for x in state):
+    if version != random.Random.VERSION or type(version) is not int or not isinstance(state, list) \
+            or len(state) != 625 or not all(type(x) is int and 0 <= x < 1 << 32 for x in state) or state[-1] > 624 \
+            or not (gauss is None or isinstance(gauss, float)):
         raise ValueError("not a random.Random state")
-    return int(version), tuple(state), gauss
+    return version, tuple(state), gauss
 
 
 def position(worker: int, cursor: ReadCursor, shuffle: ShuffleBuffer, blocks: Optional[WholeBlocks],
              rng: random.Random) -> dict[str, Any]:
-    """A consumer's position as plain JSON values (see the module docstring)."""
+    """A consumer's position as plain JSON values (see the module docstring). The
+    identities of shards behind the cursor that no buffered sample names are dropped
+    from ``cursor`` (no later position can name them)."""
     held = blocks.held if blocks is not None else None
-    return {"worker": worker, "cursor": cursor.to_json(), "buffer": [s["__ref__"] for s in shuffle.buf],
-            "draining": shuffle.draining, "held": held["__ref__"] if held is not None else None,
-            "rng": rng_to_json(rng)}
+    refs = [s["__ref__"] for s in shuffle.buf] + ([held["__ref__"]] if held is not None else [])
+    named = {cursor.shard} | {int(r[0]) for r in refs}
+    for pos in [p for p in cursor.identities if p < cursor.shard and p not in named]:
+        del cursor.identities[pos]
+    shards = {str(p): cursor.identities[p] for p in sorted(named) if p in cursor.identities}
+    return {"worker": worker, "cursor": cursor.to_json(), "buffer": refs[: len(shuffle.buf)],
+            "draining": shuffle.draining, "held": refs[-1] if held is not None else None,
+            "rng": rng_to_json(rng), "shards": shards}
+
+
+# -------------------------------------------------------------- shard identity
+def head_digest(block: bytes) -> str:
+    """A short hash (16 hex digits) of a shard's first 512-byte block."""
+    return hashlib.blake2b(block, digest_size=8).hexdigest()
+
+
+def shard_identity(url: str, size: Optional[int], head: bytes) -> dict[str, Any]:
+    """What tells a shard from a rewritten one or another: its URL, its size in bytes as
+    its source reports it (None when it does not: ``pipe:``) and :func:`head_digest` of
+    its first block."""
+    return {"url": url, "size": size, "head": head_digest(head)}
+
+
+def identity_change(saved: dict[str, Any], now: Optional[dict[str, Any]], url: Optional[str]) -> Optional[str]:
+    """Why the shard now at a saved position (``url``, None past the end of the shard
+    list; its identity ``now``, None: it could not be read to check) is not the one the
+    position was taken in; None: the same, or nothing to tell them apart."""
+    if url is None:
+        return f"the shard list changed since the checkpoint: this consumer's shards no longer reach the place of {saved['url']}"
+    if saved["url"] != url:
+        return f"the shard list changed since the checkpoint: this place in the shard order now holds {url} " \
+               f"(was {saved['url']})"
+    if now is None:
+        return None
+    if saved["size"] is not None and now["size"] is not None and saved["size"] != now["size"]:
+        return f"shard {url} changed since the checkpoint (size {saved['size']} -> {now['size']} bytes)"
+    if saved["head"] != now["head"]:
+        return f"shard {url} changed since the checkpoint (its first tar block differs)"
+    return None
+
+
+# ---------------------------------------------------------- checking a position
+def _count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _check_ref(v: Any, what: str) -> None:
+    if not (isinstance(v, list) and len(v) == 4 and _count(v[0]) and _count(v[1]) and type(v[2]) is int
+            and v[2] >= -1 and type(v[3]) is bool):
+        raise ValueError(f"{what} is not a sample reference [shard, offset, index, seekable]: {str(v)[:80]}")
+
+
+def _check_identity(v: Any, what: str) -> None:
+    if not (isinstance(v, dict) and set(v) == {"url", "size", "head"} and isinstance(v["url"], str)
+            and (v["size"] is None or _count(v["size"])) and isinstance(v["head"], str)):
+        raise ValueError(f"{what} is not a shard identity {{url, size, head}}: {str(v)[:80]}")
+
+
+def check_position(v: Any) -> dict[str, Any]:
+    """``v`` when it is a consumer position as :func:`position` writes it (``shards``
+    may be absent: a position from before shard identities), else ValueError saying
+    which part is wrong. Nothing in it is trusted before this check."""
+    if not isinstance(v, dict):
+        raise ValueError(f"not a JSON object: {str(v)[:80]}")
+    missing = {"worker", "cursor", "buffer", "draining", "held", "rng"} - set(v)
+    if missing:
+        raise ValueError(f"missing {', '.join(sorted(missing))}")
+    c = v["cursor"]
+    if not (_count(v["worker"]) and isinstance(c, list) and len(c) == 4 and all(_count(x) for x in c[:3])
+            and type(c[3]) is bool):
+        raise ValueError(f"worker/cursor are not a worker and [shard, offset, seen, seekable]: {str(c)[:80]}")
+    if not isinstance(v["buffer"], list) or type(v["draining"]) is not bool:
+        raise ValueError("buffer is not a list of sample references or draining not true/false")
+    for i, ref in enumerate(v["buffer"] + [v["held"]]):
+        if ref is None and i == len(v["buffer"]):
+            continue
+        what = f"buffer[{i}]" if i < len(v["buffer"]) else "held"
+        _check_ref(ref, what)
+        if ref[0] > c[0]:
+            raise ValueError(f"{what} lies in shard {ref[0]}, after the cursor's shard {c[0]}")
+    try:
+        rng_from_json(v["rng"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"rng is not a random state ({err})") from None
+    shards = v.get("shards", {})
+    if not isinstance(shards, dict):
+        raise ValueError("shards is not an object of shard -> identity")
+    for key, ident in shards.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"shards: key {str(key)[:20]!r} is not a shard number")
+        _check_identity(ident, f"shards[{key}]")
+    return v
 
 
 def consumer_count(world: int, num_workers: int) -> int:

@@ -31,11 +31,12 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from regionvlp import dist
-from regionvlp.data.consumer import (ReadCursor, SampleShare, ShuffleBuffer, WholeBlocks, consumer_count, position,
-                                     resampled_shards, rng_from_json, shard_order, split_shards, splits_samples)
+from regionvlp.data.consumer import (ReadCursor, SampleShare, ShuffleBuffer, WholeBlocks, check_position,
+                                     consumer_count, position, resampled_shards, rng_from_json, shard_order,
+                                     split_shards, splits_samples)
 from regionvlp.data.jpeg_batch import BatchJpegDecoder, decode_clips
 from regionvlp.data.qa import QAVocab, loader_vocab, qa_samples
-from regionvlp.data.reader import ReadOptions, read_refs, tar_samples
+from regionvlp.data.reader import ReadOptions, checked_position, read_refs, tar_samples
 from regionvlp.data.regions import CLIP_TENSORS, uniform_regions
 from regionvlp.data.samples import decode_spec, decoded
 from regionvlp.data.skips import SkipCounter
@@ -182,7 +183,10 @@ class ClipDataset(IterableDataset):
 
 class ConsumerStream:
     """One consumer's decoded samples: reader → whole blocks (sample share, training) →
-    shuffle buffer (training) → decode, from the epoch start or from a saved position."""
+    shuffle buffer (training) → decode, from the epoch start or from a saved position.
+    A saved position is first checked against the shards as they are now
+    (:func:`~regionvlp.data.reader.checked_position`): a shard that changed since is
+    read from its start, with a warning naming it."""
 
     def __init__(self, ds: ClipDataset, worker: int, num_workers: int, saved: Optional[dict] = None) -> None:
         self.ds, self.worker, self.num_workers = ds, worker, num_workers
@@ -190,6 +194,8 @@ class ConsumerStream:
         # distinct per (seed, epoch, rank, worker): sample shuffle, frame sampling, crops
         self.rng = random.Random(f"{int(ds.cfg.seed)}/{ds.epoch}/{ds.rank}/{worker}/samples")
         self.urls, self.share = ds.consumer_shards(worker, num_workers)
+        if saved:
+            saved = checked_position(check_position(saved), self.shard_url, ReadOptions.of(ds.cfg))
         self.cursor = ReadCursor.from_json(saved["cursor"]) if saved else ReadCursor()
         if self.share is not None:
             self.share.seen = self.cursor.seen
@@ -198,10 +204,11 @@ class ConsumerStream:
         if saved:
             self.restore(saved)
 
-    def shard_url(self, pos: int) -> str:
-        """The ``pos``-th shard of this consumer's sequence (redrawn when resampled)."""
+    def shard_url(self, pos: int) -> Optional[str]:
+        """The ``pos``-th shard of this consumer's sequence (redrawn when resampled); None
+        past its end (a saved position from a longer shard list)."""
         if isinstance(self.urls, list):
-            return self.urls[pos]
+            return self.urls[pos] if pos < len(self.urls) else None
         return list(islice(self.ds.consumer_shards(self.worker, self.num_workers)[0], pos + 1))[-1]
 
     def restore(self, saved: dict) -> None:
@@ -213,6 +220,7 @@ class ConsumerStream:
         if held and self.blocks is not None:
             self.blocks.held = got[-1]
         self.rng.setstate(rng_from_json(saved["rng"]))
+        self.cursor.identities = {int(k): v for k, v in saved.get("shards", {}).items()}
 
     def samples(self) -> Iterator[dict[str, Any]]:
         max_fail = max(8, 3 * len(self.ds.shards.urls)) if self.ds.resampled else None
@@ -296,6 +304,11 @@ def build_loader(cfg, split: str = "train", *, training: bool, epoch: int = 0, n
     """
     d = cfg.data
     split_cfg = _split_cfg(cfg, split)
+    for worker, pos in (positions or {}).items():
+        try:
+            check_position(pos)
+        except ValueError as err:
+            raise UserError(f"data position of worker {worker}: {err}") from None
     if not list(split_cfg.urls):
         raise UserError(f"data.{split}.urls is empty; give shard specs (e.g. data.{split}.urls=[shards/{{000..009}}.tar])")
     shards = parse_specs(list(split_cfg.urls), allow_pipe=bool(d.allow_pipe))

@@ -7,24 +7,29 @@ A raw sample is ``__key__``, ``__url__``, ``__ref__`` (``[shard, offset, index,
 seekable]``: where it lies, for re-reading by reference) and ext → bytes. The reader
 keeps a :class:`~regionvlp.data.consumer.ReadCursor` on the next sample, so a consumer
 resumed from its position opens each shard at its byte offset (:func:`tar_samples`) and
-re-reads only what it held by reference (:func:`read_refs`). Bad input never raises: an
+re-reads only what it held by reference (:func:`read_refs`), once :func:`checked_position`
+has compared the shards the position names with the shards now at their places (a shard
+that changed is read from its start, never at a stale offset). Bad input never raises: an
 unreadable or broken shard and an oversize sample are skipped and counted
 (:class:`~regionvlp.data.skips.SkipCounter`).
 """
 
 from __future__ import annotations
 
+import logging
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from regionvlp.config import DataConfig
-from regionvlp.data.consumer import ReadCursor, SampleShare
+from regionvlp.config import DataConfig, mask_secrets
+from regionvlp.data.consumer import ReadCursor, SampleShare, identity_change, shard_identity
 from regionvlp.data.skips import SkipCounter, short_error
 from regionvlp.data.tarstream import BLOCK, Member, PlainTar, PrefixedStream, looks_plain, read_exact
 from regionvlp.data.sources import DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, open_shard, scheme_of
 from regionvlp.errors import UserError
 
+
+log = logging.getLogger(__name__)
 
 # tarfile's stream read size: its 10 KiB default splits a 30 KB JPEG member into joined
 # pieces; 32 KiB reads ahead at most that far, well inside the 64 KiB tail that
@@ -91,11 +96,18 @@ def tar_samples(
             raise UserError(f"{failures} shards in a row gave no samples (last: {url}: {last})")
 
 
+class StaleOffset(Exception):
+    """A shard opened at a saved byte offset holds no tar header there: it changed."""
+
+
 def shard_samples(url: str, pos: int, start: int, counter: SkipCounter, opts: ReadOptions, *,
-                  share: Optional[SampleShare] = None, cursor: Optional[ReadCursor] = None):
+                  share: Optional[SampleShare] = None, cursor: Optional[ReadCursor] = None, restart: bool = True):
     """The raw samples of shard ``url`` (``pos`` in the consumer's list) from the sample
     whose first header is at byte ``start``: a seek where the source allows it, else the
-    members before ``start`` are passed over by header. Returns whether any sample came."""
+    members before ``start`` are passed over by header. A seek that finds no tar header
+    (the shard changed since the position was taken) reads the shard from its start
+    instead, with a warning (``restart``; else :class:`StaleOffset` is raised). Returns
+    whether any sample came."""
     try:
         stream = open_shard(url, retries=opts.retries, backoff=opts.backoff, allow_pipe=opts.allow_pipe,
                             timeout=opts.timeout, offset=start if start and cursor_seekable(url, cursor) else 0)
@@ -105,17 +117,28 @@ def shard_samples(url: str, pos: int, start: int, counter: SkipCounter, opts: Re
         counter.add("unreadable_shard", url=url, detail=short_error(err))
         return False
     reader = _ShardReader(url, pos, stream.offset, start, counter, share, cursor)
-    reader.oversize = _Oversize(opts.max_sample_bytes, counter, url)
+    reader.oversize, reader.size = _Oversize(opts.max_sample_bytes, counter, url), stream.size
+    stale = False
     try:
         yield from reader.samples(_CountingStream(stream))
     except (UserError,) + PROGRAMMING_ERRORS:
         raise
+    except StaleOffset:
+        if not restart:
+            raise
+        stale = True
     except Exception as err:  # tarfile.ReadError / EOFError: broken tar; OSError: reads failed after retries
         broken_tar = isinstance(err, (tarfile.TarError, EOFError)) or reader.produced
         what = "corrupt_shard" if broken_tar else "unreadable_shard"
         counter.add(what, key=(reader.current or {}).get("__key__", ""), url=url, detail=short_error(err))
     finally:
         stream.close()
+    if stale:
+        log.warning("resume: no tar header at byte %d of shard %s (it changed since the checkpoint); reading it "
+                    "from its start", start, mask_secrets(url))
+        if cursor is not None:
+            cursor.move(pos, 0, share)
+        return (yield from shard_samples(url, pos, 0, counter, opts, share=share, cursor=cursor))
     return reader.produced
 
 
@@ -136,6 +159,7 @@ class _ShardReader:
         self.produced = False
         self.seekable = True  # False: a compressed tar (offsets count uncompressed bytes)
         self.oversize = _Oversize(None, counter, url)
+        self.size: Optional[int] = None  # the shard's size as its source reports it
         self.end = 0  # where the tar archive stopped (its end block, or a garbled header)
 
     def emit(self) -> dict[str, Any]:
@@ -147,8 +171,14 @@ class _ShardReader:
     def members(self, counted: "_CountingStream") -> Iterator[Any]:
         """The stream's members (``name``, ``isreg``, ``offset``, ``size``, ``read()``):
         a plain tar parsed header by header (:mod:`~regionvlp.data.tarstream`), a
-        compressed one by :mod:`tarfile`; :attr:`end` is where the archive stopped."""
+        compressed one by :mod:`tarfile`; :attr:`end` is where the archive stopped. Read
+        from byte 0, its first block gives the shard's identity (kept in the cursor); read
+        from a saved offset, that block must be a tar header (else :class:`StaleOffset`)."""
         head = read_exact(counted, BLOCK)
+        if self.base > 0 and not (head.strip(b"\0") and looks_plain(head)):
+            raise StaleOffset(self.base)
+        if self.base == 0 and self.cursor is not None:
+            self.cursor.identities[self.pos] = shard_identity(self.url, self.size, head)
         stream = PrefixedStream(head, counted)
         if looks_plain(head):
             plain = PlainTar(stream)
@@ -266,29 +296,40 @@ def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 <<
     return None
 
 
-def read_refs(shard_url: Callable[[int], str], refs: Sequence[Sequence], counter: SkipCounter,
+def read_refs(shard_url: Callable[[int], Optional[str]], refs: Sequence[Sequence], counter: SkipCounter,
               opts: ReadOptions) -> list[Optional[dict[str, Any]]]:
     """The raw samples at ``refs`` (``[shard, offset, index, seekable]``, as ``__ref__``
     records them), in order; None where one cannot be read. A plain tar is opened at each
-    sample's offset; a compressed tar or ``pipe:`` is read once from the start with the
-    other members passed over by header."""
+    sample's offset (one with no tar header there is dropped, with one warning per shard);
+    a compressed tar or ``pipe:`` is read once from the start with the other members
+    passed over by header."""
     found: dict[tuple[int, int], dict[str, Any]] = {}
     by_shard: dict[int, list[Sequence]] = {}
     for ref in refs:
         by_shard.setdefault(int(ref[0]), []).append(ref)
     for pos, group in by_shard.items():
         url = shard_url(pos)
+        if url is None:  # past the end of the shard list
+            continue
         if all(bool(r[3]) for r in group) and cursor_seekable(url, None):
+            stale = 0
             for ref in group:
-                gen = shard_samples(url, pos, int(ref[1]), counter, opts)
-                found.update({(pos, int(ref[1])): s for s in [next(gen, None)] if s is not None})
+                gen = shard_samples(url, pos, int(ref[1]), counter, opts, restart=False)
+                try:
+                    found.update({(pos, int(ref[1])): s for s in [next(gen, None)] if s is not None})
+                except StaleOffset:
+                    stale += 1
                 gen.close()
+            if stale:
+                log.warning("resume: %d buffered sample(s) of shard %s dropped: no tar header at their byte offsets "
+                            "(it changed since the checkpoint)", stale, mask_secrets(url))
             continue
         wanted = {int(r[1]) for r in group}
         for s in shard_samples(url, pos, 0, counter, opts):
             if s["__ref__"][1] in wanted:
                 found[(pos, s["__ref__"][1])] = s
-                if len(found) == len(wanted):
+                wanted.discard(s["__ref__"][1])
+                if not wanted:
                     break
     out = []
     for ref in refs:
@@ -301,3 +342,47 @@ def read_refs(shard_url: Callable[[int], str], refs: Sequence[Sequence], counter
     return out
 
 
+def read_identity(url: str, opts: ReadOptions) -> Optional[dict[str, Any]]:
+    """The :func:`~regionvlp.data.consumer.shard_identity` of the shard at ``url`` now
+    (one read of its first block); None when it cannot be read now (reading it later
+    counts that)."""
+    try:
+        with open_shard(url, retries=opts.retries, backoff=opts.backoff, allow_pipe=opts.allow_pipe,
+                        timeout=opts.timeout) as stream:
+            return shard_identity(url, stream.size, read_exact(stream, BLOCK))
+    except (UserError,) + PROGRAMMING_ERRORS:
+        raise
+    except Exception:
+        return None
+
+
+def checked_position(saved: dict[str, Any], shard_url: Callable[[int], Optional[str]], opts: ReadOptions) -> dict[str, Any]:
+    """``saved`` (a :func:`~regionvlp.data.consumer.check_position`-checked position)
+    fitted to the shards as they are now. Each shard it names with an identity is
+    compared with the shard now at its place (``shard_url``): one that changed (another
+    URL there, another size or first block) is named in one warning; the cursor, when in
+    it, reads it from its start and its buffered samples are dropped. ``shards`` keeps the
+    identities that still hold. A position without identities is taken as it is."""
+    identities = {int(k): v for k, v in saved.get("shards", {}).items()}
+    cursor, held = list(saved["cursor"]), saved["held"]
+    refs = list(saved["buffer"]) + ([held] if held is not None else [])
+    kept: dict[int, dict] = {}
+    changed: set[int] = set()
+    for pos in sorted({cursor[0]} | {int(r[0]) for r in refs}):
+        if pos not in identities:
+            continue
+        url = shard_url(pos)
+        now = read_identity(url, opts) if url is not None and identities[pos]["url"] == url else None
+        reason = identity_change(identities[pos], now, url)
+        if reason is None:
+            kept[pos] = identities[pos]
+            continue
+        changed.add(pos)
+        dropped = sum(int(r[0]) == pos for r in refs)
+        then = [f"{dropped} buffered sample(s) from it dropped"] if dropped else []
+        if cursor[0] == pos:
+            cursor, then = [pos, 0, cursor[2], True], ["reading it from its start"] + then
+        log.warning("resume: %s; %s", mask_secrets(reason), "; ".join(then))
+    buffer = [r for r in saved["buffer"] if int(r[0]) not in changed]
+    held = held if held is not None and int(held[0]) not in changed else None
+    return dict(saved, cursor=cursor, buffer=buffer, held=held, shards={str(p): v for p, v in kept.items()})

@@ -18,6 +18,7 @@ offset already read; a shard that still fails is skipped and counted by the call
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import logging
 import os
@@ -195,13 +196,18 @@ def _open_s3(url: str, offset: int, timeout: float) -> IO[bytes]:
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     kw = {"Range": f"bytes={offset}-"} if offset else {}
     try:
-        return s3_client(timeout).get_object(Bucket=bucket, Key=key, **kw)["Body"]
+        resp = s3_client(timeout).get_object(Bucket=bucket, Key=key, **kw)
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "404", "403") or 400 <= status < 500:
             raise PermanentError(f"s3: {code or status} for {url}") from None
         raise OSError(f"s3: {code or status} for {url}") from None
+    body = resp["Body"]
+    total = str(resp.get("ContentRange") or "").rpartition("/")[2]  # "bytes 100-999/1000"
+    length = resp.get("ContentLength")
+    body.shard_size = int(total) if total.isdigit() else offset + length if type(length) is int else None
+    return body
 
 
 def _open_http(url: str, offset: int, timeout: float) -> IO[bytes]:
@@ -268,6 +274,18 @@ def open_raw(url: str, offset: int = 0, *, allow_pipe: bool = False, timeout: fl
     raise UserError(f"unsupported shard URL {url}")
 
 
+def reported_size(f, http_end: Optional[int]) -> Optional[int]:
+    """A just-opened shard's whole size in bytes as its source says: a file's stat, the
+    HTTP ``Content-Length`` (plus the range start), S3 ``ContentLength`` / GCS object size
+    (``shard_size``, set by their openers); None when it says nothing (``pipe:``, chunked)."""
+    size = getattr(f, "shard_size", None)
+    if type(size) is int:
+        return size
+    if isinstance(f, io.BufferedReader):
+        return os.fstat(f.fileno()).st_size
+    return http_end
+
+
 PROGRAMMING_ERRORS = (NameError, AttributeError, TypeError, AssertionError, ImportError)
 
 
@@ -282,6 +300,7 @@ class RetryingStream:
         self.offset = offset
         self.attempts = 0  # retries spent so far on this shard
         self.end: Optional[int] = None  # total size when the server says (HTTP Content-Length)
+        self.size: Optional[int] = None  # the shard's size in bytes as its source reports it (None: pipe:)
         self._f = self._with_retries(lambda: self._open(offset))
 
     def _open(self, offset: int):
@@ -289,6 +308,8 @@ class RetryingStream:
         remaining = getattr(f, "length", None)  # http.client.HTTPResponse: body bytes still to come
         if isinstance(remaining, int):
             self.end = offset + remaining
+        if self.size is None:
+            self.size = reported_size(f, self.end)
         return f
 
     def _with_retries(self, fn):

@@ -15,6 +15,7 @@ import torch
 
 from regionvlp import dist
 from regionvlp.data import build_loader, epoch_size
+from regionvlp.data.consumer import check_position
 from regionvlp.data.loader import resolve_num_workers
 from regionvlp.data.sources import describe_unreadable, parse_specs
 from regionvlp.errors import UserError
@@ -79,16 +80,20 @@ def write_loader_position(tag_dir: Path, rank: int, position: LoaderPosition) ->
 
 
 def read_loader_position(tag_dir: Path, rank: int) -> LoaderPosition | None:
-    """This rank's loader position from ``tag_dir``; None when absent, too large or malformed."""
+    """This rank's loader position from ``tag_dir``; None when absent, too large or
+    malformed (a malformed one with a warning saying what is wrong in it)."""
     path = tag_dir / f"loader_rank{rank}.json"
     try:
         if path.stat().st_size > MAX_POSITION_BYTES:
             return None
         raw = json.loads(path.read_text())
         pos = LoaderPosition(**{k: raw[k] for k in ("epoch", "batch_in_epoch", "world", "num_workers", "next_worker")})
-        pos.workers = {int(w): dict(v) for w, v in raw["workers"].items()}
+        pos.workers = {int(w): check_position(v) for w, v in raw["workers"].items()}
         return pos
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except OSError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("%s ignored: %s", path, " ".join(f"{type(err).__name__}: {err}".split())[:200])
         return None
 
 
