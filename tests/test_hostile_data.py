@@ -4,8 +4,11 @@ and with bounded memory (VmHWM of a fresh subprocess, as tests/test_security.py 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -45,26 +48,35 @@ def _base256_bomb() -> bytes:
     return bytes(block[:512])
 
 
-def _header_bomb(path: Path, kind: bytes, size: int) -> None:
+def _header_bomb(path: Path, kind: bytes, size: int, opener=open) -> None:
     """A tar whose first member is a ``size``-byte GNU long-name (``L``) or pax (``x``)
-    header member, then a good sample: a sparse file (the header member is a hole)."""
+    header member describing ``bomb/a.mp4``, then a good sample: a sparse file (the header
+    member is a hole), or zeros through ``opener`` (``gzip.open``: 64 MiB make ~64 KB)."""
     info = tarfile.TarInfo("././@LongLink")
     info.type, info.size = kind, size
-    with path.open("wb") as f:
+    with opener(path, "wb") as f:
         f.write(info.tobuf(tarfile.GNU_FORMAT))
-        f.seek(512 + size + (-size % 512))
-        f.write(_good_tail())
+        if opener is open:
+            f.seek(512 + size + (-size % 512))
+        else:
+            for _ in range(size >> 20):
+                f.write(bytes(1 << 20))
+            f.write(bytes(size % (1 << 20) + (-size % 512)))
+        f.write(_member("bomb/a.mp4", b"x" * 100) + _good_tail())
 
 
 _READ_ALL = """
-import json, os, resource, sys, time
+import json, os, resource, sys, time, tracemalloc
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
 out = {}
+tracemalloc.start()
 for path in sys.argv[1:]:
     counter, t0 = SkipCounter(), time.monotonic()
+    tracemalloc.reset_peak()
     keys = [s['__key__'] for s in tar_samples([path], counter, ReadOptions(max_sample_bytes=1 << 20))]
-    out[os.path.basename(path)] = {'keys': keys, 'skipped': counter.skipped, 's': time.monotonic() - t0}
+    out[os.path.basename(path)] = {'keys': keys, 'skipped': counter.skipped, 's': time.monotonic() - t0,
+                                   'traced_peak': tracemalloc.get_traced_memory()[1]}
 hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))
 print(json.dumps({'cases': out, 'peak_kib': int(hwm.split()[1])}))
 """
@@ -88,6 +100,8 @@ def test_declared_sizes_and_header_members_are_bounded(tmp_path: Path) -> None:
                                           {"size": str(2 << 20)})[:1536] + b"x" * 1024 + _good_tail(),
         "oversize_then_good.tar": _member("big/a.mp4", b"\0" * (2 << 20)) + _good_tail(),
         "plain.tar": _member("good/b.txt", b"kept") + _good_tail(),
+        # a 700 KB long name is read (under 1 MiB) and counts: with 400 KB of data the sample is over 1 MiB
+        "long_name_counts.tar": _member("n" * 700_000 + ".mp4", b"x" * 400_000, tarfile.GNU_FORMAT) + _good_tail(),
     }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -99,13 +113,35 @@ def test_declared_sizes_and_header_members_are_bounded(tmp_path: Path) -> None:
     assert all(c["s"] < 10 for c in out.values()), out
     for name in ("pax_size.tar", "base256.tar"):  # oversize by header, then cut off where the data should be
         assert out[name]["keys"] == [] and out[name]["skipped"] == {"oversize": 1, "corrupt_shard": 1}, out[name]
-    for name in ("long_name.tar", "pax_header.tar"):  # refused at the header, never read whole
-        assert out[name]["keys"] == [] and out[name]["skipped"] == {"corrupt_shard": 1}, out[name]
+    for name in ("long_name.tar", "pax_header.tar", "long_name_counts.tar"):  # the sample they describe only
+        assert out[name]["keys"] == ["good/a"] and out[name]["skipped"] == {"oversize": 1}, out[name]
+        assert out[name]["traced_peak"] < 8 << 20, out[name]  # never read whole
     # a pax size that is a lie (2 MiB declared, 1.6 KB there): the shard ends broken, not in a loop
     assert out["pax_size_then_good.tar"]["skipped"] == {"oversize": 1, "corrupt_shard": 1}
     assert out["oversize_then_good.tar"] == {**out["oversize_then_good.tar"], "keys": ["good/a"],
                                              "skipped": {"oversize": 1}}
     assert out["plain.tar"]["keys"] == ["good/b", "good/a"]
+
+
+def test_compressed_tars_are_bounded_by_their_headers_too(tmp_path: Path) -> None:
+    """The same bombs gzip'ed / bz2'ed (issue 25 cases 1 and 4 as .tar.gz): read through the
+    same parser behind a streaming decompressor, never through tarfile's stream mode."""
+    cases = {"pax_size.tar.gz": gzip.compress(_pax_bomb()), "base256.tar.gz": gzip.compress(_base256_bomb()),
+             "plain.tar.xz": lzma.compress(_member("good/b.txt", b"kept") + _good_tail())}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    _header_bomb(tmp_path / "long_name.tar.gz", tarfile.GNUTYPE_LONGNAME, 64 << 20, gzip.open)
+    _header_bomb(tmp_path / "pax_header.tar.bz2", tarfile.XHDTYPE, 64 << 20, bz2.open)
+    names = [*cases, "long_name.tar.gz", "pax_header.tar.bz2"]
+    assert all((tmp_path / n).stat().st_size < 1 << 20 for n in names)
+    out = _measured(_READ_ALL, *(str(tmp_path / n) for n in names))["cases"]
+    assert all(c["s"] < 10 for c in out.values()), out
+    for name in ("pax_size.tar.gz", "base256.tar.gz"):  # looped for days in tarfile's r|*
+        assert out[name]["keys"] == [] and out[name]["skipped"] == {"oversize": 1, "corrupt_shard": 1}, out[name]
+    for name in ("long_name.tar.gz", "pax_header.tar.bz2"):  # 64 MiB header members passed over in 64 KiB reads
+        assert out[name]["keys"] == ["good/a"] and out[name]["skipped"] == {"oversize": 1}, out[name]
+        assert out[name]["traced_peak"] < 8 << 20, out[name]
+    assert out["plain.tar.xz"]["keys"] == ["good/b", "good/a"] and out["plain.tar.xz"]["skipped"] == {}
 
 
 # ------------------------------------------------------------------ regions.npz

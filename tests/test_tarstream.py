@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
+import random
 import tarfile
 
 import pytest
@@ -61,13 +64,63 @@ def test_unread_members_are_passed_over_and_bad_input_raises_or_stops():
     assert PrefixedStream(b"ab", io.BytesIO(b"cdef")).read(3) == b"abc"
 
 
-def test_reader_groups_the_same_from_plain_and_gzipped_tars(tmp_path):
-    data = _tar(tarfile.PAX_FORMAT, MEMBERS[:3])
+COMPRESSORS = {"gz": gzip.compress, "bz2": lambda d: bz2.compress(d, 1), "xz": lzma.compress}  # bz2: 100 KB blocks
+
+
+def _strip(samples) -> list[dict]:
+    return [{k: v for k, v in s.items() if k not in ("__url__", "__ref__")} for s in samples]
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESSORS))
+def test_reader_groups_the_same_from_plain_and_compressed_tars(tmp_path, ext):
+    data = _tar(tarfile.PAX_FORMAT, MEMBERS)
     (tmp_path / "s.tar").write_bytes(data)
-    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(data))
-    plain, gzipped = SkipCounter(), SkipCounter()
-    a = [{k: v for k, v in s.items() if k not in ("__url__", "__ref__")} for s in tar_samples([str(tmp_path / "s.tar")], plain)]
-    b = [{k: v for k, v in s.items() if k not in ("__url__", "__ref__")}
-         for s in tar_samples([str(tmp_path / "s.tar.gz")], gzipped)]
-    assert a == b and [s["__key__"] for s in a] == ["a", "b"] and a[0]["frame000.jpg"] == MEMBERS[1][1]
-    assert plain.skipped == gzipped.skipped == {}  # no false corrupt_shard at a gzipped tar's end
+    (tmp_path / f"s.tar.{ext}").write_bytes(COMPRESSORS[ext](data))
+    plain, packed = SkipCounter(), SkipCounter()
+    a = list(tar_samples([str(tmp_path / "s.tar")], plain))
+    b = list(tar_samples([str(tmp_path / f"s.tar.{ext}")], packed))
+    assert _strip(a) == _strip(b) and [s["__key__"] for s in a][:2] == ["a", "b"]
+    assert a[0]["frame000.jpg"] == MEMBERS[1][1]
+    assert [s["__ref__"][1] for s in a] == [s["__ref__"][1] for s in b]  # offsets count uncompressed bytes
+    assert all(s["__ref__"][3] for s in a) and not any(s["__ref__"][3] for s in b)  # compressed: not seekable
+    assert plain.skipped == packed.skipped == {}  # no false corrupt_shard at a compressed tar's end
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESSORS))
+def test_cut_off_or_corrupted_compressed_tars_keep_the_samples_before(tmp_path, ext):
+    rng = random.Random(0)  # incompressible members: the cut falls in the middle of the samples
+    members = [(f"k{i:02d}.bin", rng.randbytes(20000)) for i in range(12)]  # bz2 decodes whole blocks
+    packed = COMPRESSORS[ext](_tar(tarfile.GNU_FORMAT, members, extra_dir=False))
+    (tmp_path / f"cut.tar.{ext}").write_bytes(packed[: len(packed) * 6 // 10])
+    middle = len(packed) // 2  # a flipped byte: bad data or a bad CRC (gzip's only at its end)
+    (tmp_path / f"flipped.tar.{ext}").write_bytes(packed[:middle] + bytes([packed[middle] ^ 0xFF]) + packed[middle + 1 :])
+    full = [f"k{i:02d}" for i in range(12)]
+    for name in ("cut", "flipped"):
+        counter = SkipCounter()
+        keys = [s["__key__"] for s in tar_samples([str(tmp_path / f"{name}.tar.{ext}")], counter)]
+        assert counter.skipped == {"corrupt_shard": 1}, (name, counter.bad)
+        assert keys == full[: len(keys)] and (0 < len(keys) < 12 or name == "flipped"), (name, keys)
+
+
+def test_garbled_sizes_end_the_archive_and_unknown_streams_are_corrupt(tmp_path):
+    data = bytearray(_tar(tarfile.USTAR_FORMAT, MEMBERS[:3], extra_dir=False))
+    second = 1024  # after a.txt's header and data block: a.frame000.jpg's header
+    data[second + 124 : second + 136] = b"-0000000001\0"  # a negative size would read the rest of the stream
+    data[second + 148 : second + 156] = b" " * 8
+    data[second + 148 : second + 156] = b"%06o\0 " % sum(data[second : second + 512])
+    plain = PlainTar(io.BytesIO(bytes(data)))
+    assert [m.name for m in plain] == ["a.txt"] and plain.offset == second
+    info = tarfile.TarInfo("c.txt")
+    info.size, info.pax_headers = 3, {"size": "3x"}  # a pax size that is no number
+    pax = bytes(data[:second]) + info.tobuf(tarfile.PAX_FORMAT) + b"abc".ljust(512, b"\0") + bytes(1024)
+    plain = PlainTar(io.BytesIO(pax))
+    assert [m.name for m in plain] == ["a.txt"] and plain.offset == second
+    with pytest.raises(tarfile.ReadError):  # the same as the first header
+        list(PlainTar(io.BytesIO(bytes(data[second:]))))
+    (tmp_path / "neg.tar").write_bytes(bytes(data))
+    (tmp_path / "junk.tar").write_bytes(b"neither a tar nor compressed" * 40)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    for name, keys in (("neg.tar", ["a"]), ("junk.tar", []), ("empty.tar", [])):
+        counter = SkipCounter()
+        assert [s["__key__"] for s in tar_samples([str(tmp_path / name)], counter)] == keys
+        assert counter.skipped == {"corrupt_shard": 1}, (name, counter.bad)

@@ -24,17 +24,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from regionvlp.config import DataConfig, mask_secrets
 from regionvlp.data.consumer import ReadCursor, SampleShare, identity_change, shard_identity
 from regionvlp.data.skips import SkipCounter, short_error
-from regionvlp.data.tarstream import BLOCK, Member, PlainTar, PrefixedStream, looks_plain, read_exact
+from regionvlp.data.tarstream import (BLOCK, MAX_HEADER_BYTES, Decompressed, PlainTar, PrefixedStream,
+                                      compression_of, looks_plain, read_exact)
 from regionvlp.data.sources import DEFAULT_TIMEOUT, PROGRAMMING_ERRORS, open_shard, scheme_of
 from regionvlp.errors import UserError
 
 
 log = logging.getLogger(__name__)
-
-# tarfile's stream read size: its 10 KiB default splits a 30 KB JPEG member into joined
-# pieces; 32 KiB reads ahead at most that far, well inside the 64 KiB tail that
-# :func:`_tar_end_problem` checks the end of the archive in
-STREAM_BUFSIZE = 1 << 15
 
 
 def _split_name(name: str) -> tuple[Optional[str], str]:
@@ -161,6 +157,7 @@ class _ShardReader:
         self.oversize = _Oversize(None, counter, url)
         self.size: Optional[int] = None  # the shard's size as its source reports it
         self.end = 0  # where the tar archive stopped (its end block, or a garbled header)
+        self.end_problem: Optional[str] = None  # a compressed tar's end check (on its uncompressed bytes)
 
     def emit(self) -> dict[str, Any]:
         if not self.produced:
@@ -169,11 +166,12 @@ class _ShardReader:
         return out
 
     def members(self, counted: "_CountingStream") -> Iterator[Any]:
-        """The stream's members (``name``, ``isreg``, ``offset``, ``size``, ``read()``):
-        a plain tar parsed header by header (:mod:`~regionvlp.data.tarstream`), a
-        compressed one by :mod:`tarfile`; :attr:`end` is where the archive stopped. Read
-        from byte 0, its first block gives the shard's identity (kept in the cursor); read
-        from a saved offset, that block must be a tar header (else :class:`StaleOffset`)."""
+        """The stream's members (``name``, ``isreg``, ``offset``, ``size``, ``header``,
+        ``read()``), parsed header by header (:mod:`~regionvlp.data.tarstream`); a gzip,
+        bz2 or xz tar through its streaming decompressor. :attr:`end` is where the archive
+        stopped; a compressed tar's end is checked here (:attr:`end_problem`). Read from
+        byte 0, its first block gives the shard's identity (kept in the cursor); read from
+        a saved offset, that block must be a tar header (else :class:`StaleOffset`)."""
         head = read_exact(counted, BLOCK)
         if self.base > 0 and not (head.strip(b"\0") and looks_plain(head)):
             raise StaleOffset(self.base)
@@ -185,14 +183,17 @@ class _ShardReader:
             yield from plain
             self.end = plain.offset
             return
-        with tarfile.open(fileobj=stream, mode="r|*", bufsize=STREAM_BUFSIZE) as tf:
-            self.seekable = getattr(tf.fileobj, "comptype", "tar") == "tar"
-            if self.cursor is not None and not self.seekable:
-                self.cursor.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
-            for info in tf:
-                yield Member(info.name, info.isreg(), info.offset, info.size,
-                             lambda info=info: tf.extractfile(info).read())
-            self.end = tf.offset
+        kind = compression_of(head)
+        if kind is None:
+            raise tarfile.ReadError("empty file" if not head else "not a tar archive (nor a gzip, bz2 or xz one)")
+        self.seekable = False  # offsets count uncompressed bytes: skip headers to reach them
+        if self.cursor is not None:
+            self.cursor.seekable = False
+        inner = _CountingStream(Decompressed(stream, kind))
+        plain = PlainTar(inner)
+        yield from plain
+        self.end = plain.offset
+        self.end_problem = _compressed_end_problem(inner, plain.offset)
 
     def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
         last_key, index = None, None
@@ -210,7 +211,7 @@ class _ShardReader:
                 start = where
             if index is None:  # another consumer's sample: skipped by its header
                 continue
-            if self.oversize.skip(key, info.size):
+            if self.oversize.skip(key, info.size, info.header):
                 self.current = None
                 continue
             data = info.read()
@@ -219,8 +220,8 @@ class _ShardReader:
                 if self.share is not None:
                     self.current["__index__"] = index
             self.current[ext] = data
-        # the end check counts archive bytes: a compressed stream's are not the tar's (gzip checks itself)
-        problem = _tar_end_problem(counted, self.end) if self.seekable else None
+        # the end check counts archive bytes: a compressed tar's were checked on its uncompressed stream
+        problem = _tar_end_problem(counted, self.end) if self.seekable else self.end_problem
         if self.current is not None:  # whole files only; a missing caption/media is caught downstream
             if self.cursor is not None:
                 self.cursor.move(self.pos + 1, 0, self.share)
@@ -233,7 +234,10 @@ class _ShardReader:
 
 class _Oversize:
     """Per-sample byte budget from tar headers: a sample over it is counted once as
-    ``oversize`` and its remaining members are passed over unread."""
+    ``oversize`` and its remaining members are passed over unread. A member's long-name /
+    pax header members count in its size; over ``MAX_HEADER_BYTES`` they were passed over
+    unread (the member's real name and size are unknown), so its sample is ``oversize``
+    whatever the budget."""
 
     def __init__(self, limit: Optional[int], counter: SkipCounter, url: str) -> None:
         self.limit, self.counter, self.url = limit, counter, url
@@ -241,19 +245,24 @@ class _Oversize:
         self.total = 0
         self.dropped: Optional[str] = None  # key of the sample already skipped
 
-    def skip(self, key: str, size: int) -> bool:
-        if self.limit is None:
-            return False
+    def skip(self, key: str, size: int, header: int = 0) -> bool:
+        limit = self.limit
+        if limit is None:
+            if header <= MAX_HEADER_BYTES:
+                return False
+            limit = -1
         if key != self.key:
             self.key, self.total = key, 0
-        self.total += int(size)
+        self.total += int(size) + header
         if key == self.dropped:
             return True
-        if self.total <= self.limit:
+        if self.total <= limit and header <= MAX_HEADER_BYTES:
             return False
         self.dropped = key
-        self.counter.add("oversize", key=key, url=self.url,
-                         detail=f"members declare {self.total} bytes > data.max_sample_bytes={self.limit}")
+        detail = (f"long-name / pax tar header members of {header} bytes (over {MAX_HEADER_BYTES}) passed over unread"
+                  if header > MAX_HEADER_BYTES else
+                  f"members declare {self.total} bytes > data.max_sample_bytes={self.limit}")
+        self.counter.add("oversize", key=key, url=self.url, detail=detail)
         return True
 
 
@@ -294,6 +303,15 @@ def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 <<
     if len(block) < 512 or block.strip(b"\0"):
         return f"invalid tar header at byte {end}"
     return None
+
+
+def _compressed_end_problem(stream: _CountingStream, end: int) -> Optional[str]:
+    """:func:`_tar_end_problem` on a compressed tar's uncompressed stream; reading it to
+    its end also checks the compressed stream's own end (gzip / bz2 / xz CRC, cut off)."""
+    try:
+        return _tar_end_problem(stream, end)
+    except tarfile.ReadError as err:
+        return str(err)
 
 
 def read_refs(shard_url: Callable[[int], Optional[str]], refs: Sequence[Sequence], counter: SkipCounter,
