@@ -13,7 +13,7 @@ import pytest
 
 from regionvlp.data.reader import tar_samples
 from regionvlp.data.skips import SkipCounter
-from regionvlp.data.tarstream import PlainTar, PrefixedStream, looks_plain
+from regionvlp.data.tarstream import READ_ALONG, PlainTar, PrefixedStream, looks_plain
 
 
 def _tar(fmt: int, members: list[tuple[str, bytes]], *, extra_dir: bool = True) -> bytes:
@@ -124,3 +124,57 @@ def test_garbled_sizes_end_the_archive_and_unknown_streams_are_corrupt(tmp_path)
         counter = SkipCounter()
         assert [s["__key__"] for s in tar_samples([str(tmp_path / name)], counter)] == keys
         assert counter.skipped == {"corrupt_shard": 1}, (name, counter.bad)
+
+
+class _ShortReads(io.BytesIO):
+    """A stream that returns at most 1000 bytes per read (as an HTTP body may)."""
+
+    def read(self, n=-1):
+        return super().read(1000 if n is None or n < 0 else min(n, 1000))
+
+
+@pytest.mark.parametrize("stream", [io.BytesIO, _ShortReads])
+def test_members_of_every_size_read_or_passed_over_match_tarfile(stream):
+    along = READ_ALONG
+    sizes = [0, 1, 511, 512, 513, along - 512, along - 1, along, along + 1, 3 * along + 7, 5]
+    members = [(f"k{i:02d}.bin", (bytes(range(256)) * (n // 256 + 2))[i : i + n]) for i, n in enumerate(sizes)]
+    data = _tar(tarfile.PAX_FORMAT, members, extra_dir=False) + bytes(100 << 10)  # zero blocks past the end
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        want = [(i.name, i.offset, i.size, tf.extractfile(i).read()) for i in tf]
+        end = tf.offset
+    for keep in (lambda i: True, lambda i: i % 2 == 0, lambda i: i % 3 == 1, lambda i: False):
+        plain = PlainTar(stream(data))
+        got = [(m.name, m.offset, m.size, m.read() if keep(i) else None) for i, m in enumerate(plain)]
+        assert got == [(n, o, s, d if keep(i) else None) for i, (n, o, s, d) in enumerate(want)]
+        assert plain.end_block == bytes(512) and plain.offset == end
+
+
+def test_header_checksum_is_the_exact_byte_sum():
+    block = bytearray(b"\xff" * 512)  # the largest byte sums: every run at its adler32 bound
+    for value in (0xff, 0x00, 0x80):
+        block[:148] = bytes([value]) * 148
+        unsigned = tarfile.calc_chksums(bytes(block))[0]
+        for stored, ok in ((unsigned, True), (unsigned - 1, False), (unsigned + 1, False), (unsigned - 65521, False)):
+            block[148:156] = b"%06o\0 " % stored
+            assert looks_plain(bytes(block)) is ok, (value, stored - unsigned)
+    one = _tar(tarfile.GNU_FORMAT, MEMBERS[:2], extra_dir=False)
+    second = bytearray(one)
+    second[1024 + 20] ^= 1  # one bit of the second header's name: its checksum no longer agrees
+    plain = PlainTar(io.BytesIO(bytes(second)))
+    assert [m.name for m in plain] == ["a.txt"] and plain.offset == 1024
+    assert plain.end_block == bytes(second[1024:1536])
+
+
+def test_reader_end_check_sees_the_block_the_parser_stopped_at(tmp_path):
+    data = _tar(tarfile.PAX_FORMAT, MEMBERS[:3], extra_dir=False)
+    cases = {"padded.tar": (data + bytes(200 << 10), {}),  # long zero padding past the end: a whole tar
+             "padded.tar.gz": (gzip.compress(data + bytes(200 << 10)), {}),
+             "garbled.tar.gz": (gzip.compress(data[:3072] + b"garbage!" * 64 + data[3072:]), {"corrupt_shard": 1}),
+             "garbled.tar": (data[:3072] + b"garbage!" * 64 + data[3072:], {"corrupt_shard": 1}),
+             "cut.tar": (data[:3072 + 100], {"corrupt_shard": 1})}  # inside the third header
+    for name, (body, skipped) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        counter = SkipCounter()
+        keys = [s["__key__"] for s in tar_samples([str(tmp_path / name)], counter)]
+        assert counter.skipped == skipped, name
+        assert keys[0] == "a", name

@@ -158,6 +158,7 @@ class _ShardReader:
         self.size: Optional[int] = None  # the shard's size as its source reports it
         self.end = 0  # where the tar archive stopped (its end block, or a garbled header)
         self.end_problem: Optional[str] = None  # a compressed tar's end check (on its uncompressed bytes)
+        self.end_block = b""  # the block read there (the end check looks at it)
 
     def emit(self) -> dict[str, Any]:
         if not self.produced:
@@ -181,7 +182,7 @@ class _ShardReader:
         if looks_plain(head):
             plain = PlainTar(stream)
             yield from plain
-            self.end = plain.offset
+            self.end, self.end_block = plain.offset, plain.end_block
             return
         kind = compression_of(head)
         if kind is None:
@@ -192,8 +193,8 @@ class _ShardReader:
         inner = _CountingStream(Decompressed(stream, kind))
         plain = PlainTar(inner)
         yield from plain
-        self.end = plain.offset
-        self.end_problem = _compressed_end_problem(inner, plain.offset)
+        self.end, self.end_block = plain.offset, plain.end_block
+        self.end_problem = _compressed_end_problem(inner, plain.offset, plain.end_block)
 
     def samples(self, counted: "_CountingStream") -> Iterator[dict[str, Any]]:
         last_key, index = None, None
@@ -221,7 +222,7 @@ class _ShardReader:
                     self.current["__index__"] = index
             self.current[ext] = data
         # the end check counts archive bytes: a compressed tar's were checked on its uncompressed stream
-        problem = _tar_end_problem(counted, self.end) if self.seekable else self.end_problem
+        problem = _tar_end_problem(counted, self.end, self.end_block) if self.seekable else self.end_problem
         if self.current is not None:  # whole files only; a missing caption/media is caught downstream
             if self.cursor is not None:
                 self.cursor.move(self.pos + 1, 0, self.share)
@@ -267,27 +268,24 @@ class _Oversize:
 
 
 class _CountingStream:
-    """Pass-through reader that counts bytes and keeps the last ``keep`` of them, so the
-    end of a tar stream can be checked after :mod:`tarfile` stops reading."""
+    """Pass-through reader that counts bytes, so the end of a tar stream can be checked
+    after the parser stops reading."""
 
-    def __init__(self, f, keep: int = 1 << 16) -> None:
-        self.f, self.keep = f, keep
+    def __init__(self, f) -> None:
+        self.f = f
         self.count = 0
-        self.tail = bytearray()
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.count += len(data)
-        self.tail += data
-        if len(self.tail) > 2 * self.keep:
-            del self.tail[: len(self.tail) - self.keep]
         return data
 
 
-def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 << 20) -> Optional[str]:
-    """Why a tar that :mod:`tarfile` read "to the end" is in fact cut off or broken: the
-    block at ``end`` (where tarfile stopped) must be a whole zero block. tarfile stops
-    silently on a truncated or garbled header after the first member."""
+def _tar_end_problem(stream: _CountingStream, end: int, block: bytes, max_trailing: int = 1 << 20) -> Optional[str]:
+    """Why a tar that was read "to the end" is in fact cut off or broken: the block at
+    ``end`` where the parser stopped (``block``, the bytes it read there) must be a whole
+    zero block; like tarfile, the parser stops silently on a truncated or garbled header
+    after the first member. Trailing data past it is read (up to ``max_trailing``)."""
     trailing = 0
     while trailing <= max_trailing:
         chunk = stream.read(1 << 16)
@@ -298,18 +296,16 @@ def _tar_end_problem(stream: _CountingStream, end: int, max_trailing: int = 1 <<
         return f"data after the end of the tar archive at byte {end} (garbled header?)"
     if end + 512 > stream.count:
         return f"tar cut off inside a header at byte {end} of {stream.count}"
-    start = len(stream.tail) - (stream.count - end)
-    block = bytes(stream.tail[start : start + 512]) if start >= 0 else b""
     if len(block) < 512 or block.strip(b"\0"):
         return f"invalid tar header at byte {end}"
     return None
 
 
-def _compressed_end_problem(stream: _CountingStream, end: int) -> Optional[str]:
+def _compressed_end_problem(stream: _CountingStream, end: int, block: bytes) -> Optional[str]:
     """:func:`_tar_end_problem` on a compressed tar's uncompressed stream; reading it to
     its end also checks the compressed stream's own end (gzip / bz2 / xz CRC, cut off)."""
     try:
-        return _tar_end_problem(stream, end)
+        return _tar_end_problem(stream, end, block)
     except tarfile.ReadError as err:
         return str(err)
 
