@@ -222,6 +222,28 @@ def test_region_bin_rejects_short_and_foreign_bytes():
         regions_fmt.decode_regions(ra.write_arrays(arrays))
 
 
+def test_region_bin_nonfinite_found_in_every_sample_of_a_known_layout():
+    from regionvlp.data import region_arrays as ra
+
+    src = _regions(t=8, k=30, f=1024)
+    arrays = ra.read_arrays(regions_fmt.region_bytes(src, "fp16"))
+    big = {k: v.copy() for k, v in arrays.items()}
+    big["feats"][:] = np.float16(65504)  # the largest halves: no false NaN/Inf from summing them
+    big["feats"][1::2] = np.float16(-65504)
+    wide = dict(big, feats=np.full((8, 30, 1024), 3e38, np.float32))  # float32 near its max, summed would overflow
+    for ok in (big, wide):
+        for _ in range(2):  # the second time its layout is known: only the values are checked
+            assert regions_fmt.decode_regions(ra.write_arrays(ok))["region_feats"].shape == (8, 30, 1024)
+    for name, where in (("feats", (7, 29, 1023)), ("feats", (0, 0, 0)), ("boxes", (3, 4, 2)), ("scores", (5, 1))):
+        for bad in (np.nan, np.inf, -np.inf):
+            for good in (big, wide):
+                hostile = {k: v.copy() for k, v in good.items()}
+                hostile[name][where] = bad
+                with pytest.raises(dec.DecodeError, match="NaN/Inf") as err:
+                    regions_fmt.decode_regions(ra.write_arrays(hostile))
+                assert err.value.reason == "nonfinite_regions"
+
+
 def test_collate_keeps_stored_dtypes_and_prepare_batch_widens():
     from regionvlp.data.loader import collate
     from regionvlp.model import prepare_batch

@@ -9,7 +9,9 @@ The header is ``{"arrays": {NAME: {"dtype": "<f2", "shape": [T, K, F], "offset":
 Reading is a view: every array is ``np.frombuffer`` over the member's bytes, no zip
 parsing and no copy. Nothing is allocated before the header has been checked: each
 array's dtype must be one its name allows, its shape have the stated rank, and
-``offset + prod(shape) * itemsize`` lie inside the bytes present.
+``offset + prod(shape) * itemsize`` lie inside the bytes present. A checked layout is
+remembered by its header bytes and the member's length (:func:`layout_key`, the last
+64): the samples of a shard share one, parsed once.
 """
 
 from __future__ import annotations
@@ -84,12 +86,36 @@ def _checked(name: str, entry: Any, start: int, total: int) -> tuple[np.dtype, t
     return dt, tuple(shape), offset
 
 
-def read_arrays(data: bytes) -> dict[str, np.ndarray]:
-    """``regions.bin`` bytes -> read-only numpy views into them, by name (checked first)."""
-    entries, start = _header(data)
-    placed = {name: _checked(name, entry, start, len(data)) for name, entry in entries.items()}
-    return {name: np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=off).reshape(shape)
-            for name, (dt, shape, off) in placed.items()}
+Layout = dict[str, tuple[np.dtype, tuple[int, ...], int, int]]  # name -> dtype, shape, offset, count
+_LAYOUTS: dict[tuple[bytes, int], Layout] = {}  # (prefix + header bytes, member length) -> its checked layout
+MAX_LAYOUTS = 64
+
+
+def layout_key(data: bytes) -> tuple[bytes, int]:
+    """What a member's layout depends on: its prefix and header bytes, and its length
+    (equal keys: equal layouts, so a checked one is looked up, not parsed again)."""
+    size = int.from_bytes(data[8:12], "little") if len(data) >= PREFIX.size else 0
+    return bytes(data[: PREFIX.size + min(size, MAX_HEADER)]), len(data)
+
+
+def _layout(data: bytes, key: tuple[bytes, int]) -> Layout:
+    placed = _LAYOUTS.get(key)
+    if placed is None:
+        entries, start = _header(data)
+        placed = {name: (dt, shape, off, math.prod(shape))
+                  for name, (dt, shape, off) in ((n, _checked(n, e, start, len(data))) for n, e in entries.items())}
+        if len(_LAYOUTS) >= MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = placed
+    return placed
+
+
+def read_arrays(data: bytes, key: tuple[bytes, int] | None = None) -> dict[str, np.ndarray]:
+    """``regions.bin`` bytes -> read-only numpy views into them, by name (checked first;
+    a layout seen before, by :func:`layout_key`, is not parsed again)."""
+    placed = _layout(data, key if key is not None else layout_key(data))
+    return {name: np.frombuffer(data, dtype=dt, count=count, offset=off).reshape(shape)
+            for name, (dt, shape, off, count) in placed.items()}
 
 
 def write_arrays(arrays: dict[str, np.ndarray]) -> bytes:

@@ -87,14 +87,16 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, rng: random.Random) -> 
     status = meta.get("status")
     if status is not None and status != "success":
         raise dec.DecodeError("status_not_success", f"status={status!r}")
-    video_key = _media_key(raw, dec.VIDEO_EXTS)
-    stored = dec.frame_keys(raw)  # a frame shard's JPEGs; the video (if kept) serves T > N
-    if stored and video_key is not None and spec.num_frames > len(stored):
-        stored = []
-    image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None and not stored else None
-    region_key = next((k for k in REGION_EXTS if k in raw), None)
-    if video_key is None and image_key is None and region_key is None and not stored:
-        raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
+    region_key = next((k for k in REGION_EXTS if k in raw), None)  # regions first: then no other media is read
+    video_key, image_key, stored = None, None, []
+    if region_key is None:
+        video_key = _media_key(raw, dec.VIDEO_EXTS)
+        stored = dec.frame_keys(raw)  # a frame shard's JPEGs; the video (if kept) serves T > N
+        if stored and video_key is not None and spec.num_frames > len(stored):
+            stored = []
+        image_key = _media_key(raw, dec.IMAGE_EXTS) if video_key is None and not stored else None
+        if video_key is None and image_key is None and not stored:
+            raise dec.DecodeError("no_media", f"keys: {', '.join(k for k in raw if not k.startswith('__'))}")
     captions = sample_captions(raw.get("txt"), meta)
     if not captions and not has_qa(meta):  # a QA clip needs no caption: its question takes the place
         raise dec.DecodeError("no_caption")
