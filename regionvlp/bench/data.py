@@ -9,13 +9,13 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from regionvlp.bench.common import interleaved_times
-from regionvlp.bench.region_data import bench_region_shards
+from regionvlp.bench.region_data import REGION_VARIANTS, bench_region_shards
 from regionvlp.data import decode as dec
 from regionvlp.data.convert import convert_sample
 from regionvlp.data.output import SampleTarWriter
@@ -182,10 +182,23 @@ def _data_steps(videos: list[bytes], shards: dict[str, Path], *, frames: int, si
     return steps
 
 
+def variant_selection(names: Optional[Sequence[str]]) -> tuple[bool, tuple[str, ...]]:
+    """``--variants``: whether the frame variants run (they run together: they share
+    the ``full_decode`` baseline) and which region variants; None: all of both."""
+    if not names:
+        return True, tuple(REGION_VARIANTS)
+    known = DATA_VARIANTS + tuple(REGION_VARIANTS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"bench data --variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return any(n in DATA_VARIANTS for n in names), tuple(n for n in REGION_VARIANTS if n in names)
+
+
 def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 224, backend: str = "auto",
                clips: int = 2, repeats: int = 3, draws: int = 8, keep_frames: int = 8, frame_side: int = FRAME_SIDE,
                core: Optional[int] = None, clip_seconds: float = 20.0, clip_height: int = 360,
-               clip_width: int = 640, region_samples: int = 512) -> dict[str, Any]:
+               clip_width: int = 640, region_samples: int = 512,
+               variants: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Clips/s per core of the data path, one process pinned to one core (1 torch
     thread): ``full_decode`` (baseline: every frame of the video to RGB), ``random_segment``
     and ``keyframe`` training sampling of the video shard, and ``frame_shard`` (one of
@@ -195,8 +208,10 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
     the decode of the same samples held in memory; both count clips per CPU-second of
     that core (the steady figure on a shared machine; wall figures beside them);
     ``cores_per_gpu_at_800`` is 800 / the loader figure. ``region_samples`` > 0 adds the
-    region-shard variants (:mod:`regionvlp.bench.region_data`, ``cores_per_gpu_at_10000``)."""
+    region-shard variants (:mod:`regionvlp.bench.region_data`, ``cores_per_gpu_at_10000``).
+    ``variants`` (names of either kind) runs only those (the frame ones all together)."""
     # auto: what the loader's data.backend auto does (PyAV first); its full decode is PyAV's
+    with_frames, region_names = variant_selection(variants)
     if urls:
         videos, source = _video_samples(urls, clips), " ".join(urls)
     else:
@@ -205,31 +220,42 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
     info = video_info(videos[0])
     cores = sorted(os.sched_getaffinity(0))
     core = cores[0] if core is None else core
-    threads, counter = torch.get_num_threads(), SkipCounter()
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        shards = _shard_files(videos, Path(tmp), draws, keep_frames, frame_side)
-        try:
-            os.sched_setaffinity(0, {core})
-            torch.set_num_threads(1)
-            steps = _data_steps(videos, shards, frames=frames, size=size, backend=backend, draws=draws, counter=counter)
-            for step in steps.values():  # warm-up: codec tables, swscale contexts, imports, page cache
-                step()
-            times = interleaved_times(steps, torch.device("cpu"), repeats)
-            regions = bench_region_shards(videos, size=size, repeats=repeats, samples=region_samples) \
-                if region_samples else {}
-        finally:
-            torch.set_num_threads(threads)
-            os.sched_setaffinity(0, set(cores))
-        stored = {"video_shard_bytes": shards["video"].stat().st_size, "frame_shard_bytes": shards["frames"].stat().st_size}
+    threads = torch.get_num_threads()
     result: dict[str, Any] = {
         "bench": "data", "device": f"cpu (1 process pinned to core {core}, 1 torch thread)",
         "cpu": device_name(torch.device("cpu")), "dtype": "uint8", "backend": backend, "frames": frames,
-        "size": size, "clips": len(videos), "draws_per_clip": draws, "source": source,
-        "clip_seconds": info["seconds"], "clip_frames": info["frames"],
-        "clip_resolution": f"{info['width']}x{info['height']}", "keyframe_interval_s": info["keyframe_interval_s"],
-        "keep_frames": keep_frames, "frame_side": frame_side, "baseline": "full_decode",
-        "load_avg_1m": round(os.getloadavg()[0], 2), "skipped": counter.skipped, **stored,
+        "size": size, "clips": len(videos), "source": source, "clip_seconds": info["seconds"],
+        "clip_frames": info["frames"], "clip_resolution": f"{info['width']}x{info['height']}",
+        "keyframe_interval_s": info["keyframe_interval_s"],
     }
+    try:
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
+        if with_frames:
+            result |= _bench_frames(videos, frames=frames, size=size, backend=backend, repeats=repeats, draws=draws,
+                                    keep_frames=keep_frames, frame_side=frame_side)
+        if region_samples and region_names:
+            result |= bench_region_shards(videos, size=size, repeats=repeats, samples=region_samples,
+                                          variants=region_names)
+    finally:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, set(cores))
+    return result | {"load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _bench_frames(videos: list[bytes], *, frames: int, size: int, backend: str, repeats: int, draws: int,
+                  keep_frames: int, frame_side: int) -> dict[str, Any]:
+    """The frame variants' figures (the process already pinned)."""
+    counter = SkipCounter()
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        shards = _shard_files(videos, Path(tmp), draws, keep_frames, frame_side)
+        steps = _data_steps(videos, shards, frames=frames, size=size, backend=backend, draws=draws, counter=counter)
+        for step in steps.values():  # warm-up: codec tables, swscale contexts, imports, page cache
+            step()
+        times = interleaved_times(steps, torch.device("cpu"), repeats)
+        stored = {"video_shard_bytes": shards["video"].stat().st_size, "frame_shard_bytes": shards["frames"].stat().st_size}
+    result: dict[str, Any] = {"draws_per_clip": draws, "keep_frames": keep_frames, "frame_side": frame_side,
+                              "baseline": "full_decode", "skipped": counter.skipped, **stored}
     per_s = {}
     for name, t in times.items():
         n = len(videos) * (1 if name == "full_decode" else draws)
@@ -240,4 +266,4 @@ def bench_data(urls: list[str] | None = None, *, frames: int = 1, size: int = 22
     result["loader_share_of_decode"] = {k: round(per_s[k] / per_s[f"{k}_decode_only"], 3) for k in DATA_VARIANTS[1:]}
     # 4 significant digits: a fast variant needs a fraction of a core, which 2 decimals would blur
     result["cores_per_gpu_at_800"] = {k: float(f"{800 / per_s[k]:.4g}") for k in DATA_VARIANTS}
-    return result | regions
+    return result

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -108,29 +108,32 @@ def _reader(path: Path, size: int, frames: int, batch: int, sink: dict[str, int]
 
 
 def region_steps(videos: list[bytes], root: Path, *, size: int, samples: int, batch: int,
+                 variants: Sequence[str] = tuple(REGION_VARIANTS),
                  ) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, int]]]:
-    """One timed pass per variant over its shard of ``samples`` region samples, and per
-    variant what a pass saw: clips, stored bytes of the region member, host bytes of
-    one collated sample's region tensors."""
-    extracted = {n: _extracted(videos, root, size, n) for n in sorted(set(REGION_VARIANTS.values()))}
+    """One timed pass per variant (of ``variants``) over its shard of ``samples`` region
+    samples, and per variant what a pass saw: clips, stored bytes of the region member,
+    host bytes of one collated sample's region tensors."""
+    extracted = {n: _extracted(videos, root, size, n) for n in sorted({REGION_VARIANTS[v] for v in variants})}
     steps, seen = {}, {}
-    for name, frames in REGION_VARIANTS.items():
+    for name in variants:
+        frames = REGION_VARIANTS[name]
         raw = extracted[frames] if name != "region_npz" else [_as_npz(s) for s in extracted[frames]]
         member = NPZ_EXT if name == "region_npz" else REGION_EXT
         seen[name] = {"stored_bytes": sum(len(s[member]) for s in raw) // len(raw), "frames": frames}
         path = _shard(root / f"{name}.tar", raw, samples)
         seen[name]["shard_bytes_per_sample"] = path.stat().st_size // samples
         steps[name] = _reader(path, size, frames, batch, seen[name])
-    seen["region_shard"]["int8"] = int8_loss(extracted[1] + extracted[8])
+    seen["int8"] = int8_loss([s for group in extracted.values() for s in group])
     return steps, seen
 
 
 def bench_region_shards(videos: list[bytes], *, size: int, repeats: int, samples: int = 512,
-                        batch: int = 64) -> dict[str, Any]:
+                        batch: int = 64, variants: Sequence[str] = tuple(REGION_VARIANTS)) -> dict[str, Any]:
     """Clips per CPU-second of each region variant (the caller pins the process) and the
-    bytes per sample, stored vs on the host after collate; ``cores_per_gpu_at_10000``."""
+    bytes per sample, stored vs on the host after collate; ``cores_per_gpu_at_10000``.
+    ``variants``: the ones to run (``region_speedup`` needs ``region_npz`` among them)."""
     with tempfile.TemporaryDirectory(prefix="bench_regions_") as tmp:
-        steps, seen = region_steps(videos, Path(tmp), size=size, samples=samples, batch=batch)
+        steps, seen = region_steps(videos, Path(tmp), size=size, samples=samples, batch=batch, variants=variants)
         for step in steps.values():  # warm-up: imports, page cache
             step()
         times = interleaved_times(steps, torch.device("cpu"), repeats)
@@ -141,10 +144,11 @@ def bench_region_shards(videos: list[bytes], *, size: int, repeats: int, samples
         per_s[name] = samples / max(t["cpu_seconds"], 1e-9)
         result[f"{name}_per_s"] = round(per_s[name], 1)
         result[f"{name}_wall_per_s"] = round(samples / max(t["seconds"], 1e-9), 1)
-        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k not in ("clips", "int8")}
+        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k != "clips"}
         if seen[name]["clips"] != samples * (repeats + 1):
             raise RuntimeError(f"bench data: {name} read {seen[name]['clips']} clips, not {samples} per pass")
-    result["region_int8"] = seen["region_shard"]["int8"]
-    result["region_speedup"] = {k: round(per_s[k] / per_s["region_npz"], 2) for k in per_s if k != "region_npz"}
+    result["region_int8"] = seen["int8"]
+    if "region_npz" in per_s:
+        result["region_speedup"] = {k: round(per_s[k] / per_s["region_npz"], 2) for k in per_s if k != "region_npz"}
     result["cores_per_gpu_at_10000"] = {k: float(f"{10000 / v:.4g}") for k, v in per_s.items()}
     return result

@@ -17,7 +17,8 @@ def cmd_bench_data(args: argparse.Namespace) -> dict:
                       repeats=args.repeats, draws=args.draws, keep_frames=args.keep_frames,
                       frame_side=args.frame_side, core=args.core, clip_seconds=args.clip_seconds,
                       clip_height=args.clip_height, clip_width=args.clip_width,
-                      region_samples=args.region_samples)
+                      region_samples=args.region_samples,
+                      variants=args.variants.split(",") if args.variants else None)
 
 
 def add_bench_data(bsub: argparse._SubParsersAction) -> None:
@@ -40,6 +41,9 @@ def add_bench_data(bsub: argparse._SubParsersAction) -> None:
                    help="region_shard / region_shard_8f / region_npz: samples per timed pass (0: skip them)")
     p.add_argument("--clip-width", type=positive_int, default=640, help="width of the generated real-style clips "
                                                                          "(the source scaled to cover, centre-cropped)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variants to run (default: all), e.g. region_shard,region_shard_8f: "
+                        "the region ones alone and fast; any frame variant runs all four (shared baseline)")
     p.set_defaults(func=cmd_bench_data)
 
 
