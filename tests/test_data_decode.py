@@ -234,6 +234,15 @@ def test_region_bin_nonfinite_found_in_every_sample_of_a_known_layout():
     for ok in (big, wide):
         for _ in range(2):  # the second time its layout is known: only the values are checked
             assert regions_fmt.decode_regions(ra.write_arrays(ok))["region_feats"].shape == (8, 30, 1024)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # every float16 bit pattern
+    finite = halves[np.isfinite(halves.view(np.float16))]
+    every = dict(big, feats=np.resize(finite, (8, 30, 1024)).view(np.float16))
+    assert regions_fmt.decode_regions(ra.write_arrays(every))["region_feats"].shape == (8, 30, 1024)
+    for pattern in (0x7C00, 0x7C01, 0x7E00, 0x7FFF, 0xFC00, 0xFC01, 0xFE00, 0xFFFF):  # +-Inf, NaNs of both signs
+        hostile = dict(every, feats=every["feats"].copy())
+        hostile["feats"].view(np.uint16)[4, 17, 300] = pattern
+        with pytest.raises(dec.DecodeError, match="NaN/Inf"):
+            regions_fmt.decode_regions(ra.write_arrays(hostile))
     for name, where in (("feats", (7, 29, 1023)), ("feats", (0, 0, 0)), ("boxes", (3, 4, 2)), ("scores", (5, 1))):
         for bad in (np.nan, np.inf, -np.inf):
             for good in (big, wide):
