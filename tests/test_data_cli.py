@@ -92,6 +92,9 @@ def test_bench_data_variants_run_alone(tmp_path, capsys):
     assert "region_npz_per_s" not in result and "region_speedup" not in result  # no baseline asked for
     assert "full_decode_per_s" not in result and "cores_per_gpu_at_800" not in result and "load_avg_1m" in result
     assert result["region_shard_8f_bytes"]["frames"] == 8 and result["region_int8"]["int8_cosine_min"] >= 0.999
+    for v in ("region_shard", "region_shard_8f"):  # each stage of the loader path timed alone
+        assert sorted(result["region_stage_us"][v]) == ["collate", "decode_sample", "tar"]
+        assert all(t > 0 for t in result["region_stage_us"][v].values())
     assert main(args + ["--variants", "region_shard,nope"]) == 2
 
 

@@ -8,13 +8,15 @@ the old ``regions.npz`` (``region_npz``, the baseline of the format). Each shard
 ``samples`` copies of the clips' samples (``region_int8``: the same regions stored int8,
 bytes ratio and feature cosine to fp16); a timed pass reads it as a loader worker does:
 tar bytes -> grouped sample (json, txt, regions) -> decoded region tensors -> collated
-batches of ``batch`` (no tokenizer: the text side is the same for every variant).
+batches of ``batch`` (no tokenizer: the text side is the same for every variant). Each
+stage is also timed alone (``region_stage_us``, µs of CPU per sample).
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,11 +24,11 @@ import torch
 
 from regionvlp.bench.common import interleaved_times
 from regionvlp.config import load_config
-from regionvlp.data.loader import batched
+from regionvlp.data.loader import batched, collate
 from regionvlp.data.output import SampleTarWriter
 from regionvlp.data.reader import tar_samples
 from regionvlp.data.regions import NPZ_EXT, REGION_EXT, decode_regions, region_bytes, regions_npz
-from regionvlp.data.samples import decode_spec, decoded
+from regionvlp.data.samples import decode_sample, decode_spec, decoded
 from regionvlp.data.skips import SkipCounter
 from regionvlp.detector.extract import extract_regions
 
@@ -107,6 +109,38 @@ def _reader(path: Path, size: int, frames: int, batch: int, sink: dict[str, int]
     return step
 
 
+def _cpu_seconds(fn: Callable[[], None]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def stage_times(path: Path, size: int, frames: int, batch: int, repeats: int) -> dict[str, float]:
+    """µs of CPU per sample in each stage of the loader path over the shard at ``path``,
+    best of ``repeats``: reading the tar (``tar_samples``: tar bytes -> grouped raw
+    samples), ``decode_sample`` of those samples held in memory, ``collate`` of the
+    decoded ones in batches of ``batch``."""
+    spec = decode_spec(_bench_cfg(size, frames), training=True)
+    rng = random.Random(0)
+    raws = list(tar_samples([str(path)], SkipCounter()))
+    decs = [decode_sample(r, spec, rng) for r in raws]
+
+    def tar() -> None:
+        for _ in tar_samples([str(path)], SkipCounter()):
+            pass
+
+    def decode() -> None:
+        for r in raws:
+            decode_sample(r, spec, rng)
+
+    def collate_all() -> None:
+        for i in range(0, len(decs), batch):
+            collate(decs[i : i + batch], None, 0)
+
+    return {name: round(min(_cpu_seconds(fn) for _ in range(max(1, repeats))) / len(raws) * 1e6, 1)
+            for name, fn in (("tar", tar), ("decode_sample", decode), ("collate", collate_all))}
+
+
 def region_steps(videos: list[bytes], root: Path, *, size: int, samples: int, batch: int,
                  variants: Sequence[str] = tuple(REGION_VARIANTS),
                  ) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, int]]]:
@@ -123,6 +157,7 @@ def region_steps(videos: list[bytes], root: Path, *, size: int, samples: int, ba
         path = _shard(root / f"{name}.tar", raw, samples)
         seen[name]["shard_bytes_per_sample"] = path.stat().st_size // samples
         steps[name] = _reader(path, size, frames, batch, seen[name])
+        seen[name]["path"] = path
     seen["int8"] = int8_loss([s for group in extracted.values() for s in group])
     return steps, seen
 
@@ -130,13 +165,15 @@ def region_steps(videos: list[bytes], root: Path, *, size: int, samples: int, ba
 def bench_region_shards(videos: list[bytes], *, size: int, repeats: int, samples: int = 512,
                         batch: int = 64, variants: Sequence[str] = tuple(REGION_VARIANTS)) -> dict[str, Any]:
     """Clips per CPU-second of each region variant (the caller pins the process) and the
-    bytes per sample, stored vs on the host after collate; ``cores_per_gpu_at_10000``.
+    bytes per sample, stored vs on the host after collate; ``cores_per_gpu_at_10000``;
+    ``region_stage_us``: where a sample's time goes (:func:`stage_times`).
     ``variants``: the ones to run (``region_speedup`` needs ``region_npz`` among them)."""
     with tempfile.TemporaryDirectory(prefix="bench_regions_") as tmp:
         steps, seen = region_steps(videos, Path(tmp), size=size, samples=samples, batch=batch, variants=variants)
         for step in steps.values():  # warm-up: imports, page cache
             step()
         times = interleaved_times(steps, torch.device("cpu"), repeats)
+        stages = {name: stage_times(seen[name]["path"], size, REGION_VARIANTS[name], batch, repeats) for name in steps}
     result: dict[str, Any] = {"region_samples": samples, "region_batch": batch, "region_baseline": "region_npz",
                               "region_source": "regions extract, random-init fasterrcnn_tiny, K=30, F=1024, fp16"}
     per_s = {}
@@ -144,9 +181,10 @@ def bench_region_shards(videos: list[bytes], *, size: int, repeats: int, samples
         per_s[name] = samples / max(t["cpu_seconds"], 1e-9)
         result[f"{name}_per_s"] = round(per_s[name], 1)
         result[f"{name}_wall_per_s"] = round(samples / max(t["seconds"], 1e-9), 1)
-        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k != "clips"}
+        result[f"{name}_bytes"] = {k: v for k, v in seen[name].items() if k not in ("clips", "path")}
         if seen[name]["clips"] != samples * (repeats + 1):
             raise RuntimeError(f"bench data: {name} read {seen[name]['clips']} clips, not {samples} per pass")
+    result["region_stage_us"] = stages
     result["region_int8"] = seen["int8"]
     if "region_npz" in per_s:
         result["region_speedup"] = {k: round(per_s[k] / per_s["region_npz"], 2) for k in per_s if k != "region_npz"}
