@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from regionvlp import pathways
 from regionvlp.ds_schema import check_deepspeed
 from regionvlp.errors import QUOTE_CHARS, ConfigError, clip
+from regionvlp.limits import ReadLimitError, read_file
 from regionvlp.resolvers import mask_secrets
 
 
@@ -267,13 +268,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if path in seen:
         raise ConfigError(f"config {path}: 'base' includes form a cycle")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config {path} is not a regular file (a device, FIFO or folder)" if path.exists()
+                          else f"config file not found: {path}")
     if seen and path.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"config {seen[-1]}: base {path} is not a .yaml / .yml file")
-    with open(path, "rb") as fh:
-        text = fh.read(MAX_CONFIG_BYTES + 1)
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML")
+    try:  # sized before it is read, and read with the budget (a file growing meanwhile too)
+        text = read_file(path, MAX_CONFIG_BYTES, "config")
+    except ReadLimitError:
+        raise ConfigError(f"config {path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML") from None
     try:
         node = OmegaConf.create(text.decode("utf-8"))
     except Exception as err:  # yaml parse errors, bytes that are not UTF-8

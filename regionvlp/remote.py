@@ -251,12 +251,17 @@ def fetch_folder(url: str, local: Path, max_bytes: int = MAX_FILE_BYTES) -> Path
     return local
 
 
-def cache_dir(url: str) -> Path:
-    """An empty per-URL folder under ``REGIONVLP_CACHE`` (default ``~/.cache/regionvlp``)."""
+def cache_path(url: str) -> Path:
+    """The per-URL folder under ``REGIONVLP_CACHE`` (default ``~/.cache/regionvlp``), as it is."""
     import hashlib
 
     root = Path(os.environ.get("REGIONVLP_CACHE", Path.home() / ".cache" / "regionvlp")) / "remote"
-    local = root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return root / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def cache_dir(url: str) -> Path:
+    """:func:`cache_path` emptied."""
+    local = cache_path(url)
     shutil.rmtree(local, ignore_errors=True)
     return local
 

@@ -2,7 +2,7 @@
 
 :class:`FolderLock` is an exclusive ``fcntl.flock`` on ``.lock`` inside the folder, held
 for the life of a run (``regionvlp train``) or a shard set being written (``shards
-write``). The kernel drops it when the holder exits or crashes (``kill -9`` included),
+write``, ``shards convert``, ``regions extract``: :meth:`regionvlp.data.staging.Output.held`). The kernel drops it when the holder exits or crashes (``kill -9`` included),
 so a stale lock never blocks the next run. A second holder is refused with one line
 naming the first (pid, host, start time), which the lock file records.
 """
@@ -51,25 +51,29 @@ def _holder(fd: int) -> str:
 
 class FolderLock:
     """``with FolderLock(folder, key):`` — the folder is this process's until the block
-    ends (or the process dies). ``enabled=False``: a no-op (ranks other than 0)."""
+    ends (or the process dies). ``enabled=False``: a no-op (ranks other than 0). ``name``:
+    the lock file in ``folder`` (default ``.lock``); ``shown``: what the refusal names
+    (default the folder; a bucket OUT names its URL, the lock being its staging folder's)."""
 
-    def __init__(self, folder: str | Path, key: str = "run.out_dir", enabled: bool = True) -> None:
+    def __init__(self, folder: str | Path, key: str = "run.out_dir", enabled: bool = True,
+                 name: str = LOCK_NAME, shown: Optional[str] = None) -> None:
         self.folder, self.key, self.enabled = Path(folder), key, enabled
+        self.name, self.shown = name, shown or str(folder)
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "FolderLock":
         if not self.enabled:
             return self
         check_out_dir(self.folder, self.key)
-        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / self.name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = _holder(fd)
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.key}={self.folder}: cannot lock it ({err.strerror or err})") from None
-            raise UserError(f"{self.key}={self.folder} is in use by {holder}; wait for that run to end "
+                raise UserError(f"{self.key}={self.shown}: cannot lock it ({err.strerror or err})") from None
+            raise UserError(f"{self.key}={self.shown} is in use by {holder}; wait for that run to end "
                             f"or pick another {self.key}") from None
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -4,7 +4,9 @@ Each input shard (any tar of webdataset samples, e.g. what video2dataset writes)
 ``OUT/<same name>``: every sample keeps its members and gains ``frame000.jpg`` …
 (N evenly spaced frames, short side at most ``--frame-side``, 256 by default); ``--drop-video`` leaves the
 video out. Shards are streamed (nothing but the current sample is held), written under
-``NAME.PID.tmp`` and renamed when whole, so a re-run skips finished shards (resume). A sample
+``NAME.PID.tmp`` and renamed when whole, so a re-run skips finished shards (resume); OUT is
+held by one ``shards convert`` at a time (a second exits 2 naming the first), and a
+dead writer's temp files are removed at start. A sample
 without a decodable video is skipped and listed in ``OUT/skipped.jsonl``, as
 ``shards write`` does; a shard that cannot be read is listed too.
 """
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from regionvlp.data.decode import VIDEO_EXTS
 from regionvlp.data.matching import check_written
-from regionvlp.data.output import SampleTarWriter, finish_outputs
+from regionvlp.data.output import SampleTarWriter, clear_stale_temps, finish_outputs, temp_name
 from regionvlp.data.reader import ReadOptions, tar_samples
 from regionvlp.data.skips import SkipCounter
 from regionvlp.data.sources import parse_specs
@@ -30,6 +32,9 @@ from regionvlp.data.staging import Output
 from regionvlp.data.writer import FRAME_SIDE, SkipItem, WriteOptions, add_frames, check_frame_options
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
+from regionvlp.limits import read_text
+
+OPTIONS_BYTES = 1 << 20  # _convert/options.json: four settings
 
 
 def _shard_names(urls: Sequence[str]) -> list[tuple[str, str]]:
@@ -65,7 +70,7 @@ def convert_sample(raw: dict[str, Any], opts: WriteOptions) -> dict[str, Any]:
 def _convert_one(url: str, dest: Path, opts: WriteOptions, allow_pipe: bool) -> dict[str, Any]:
     counter = SkipCounter()
     stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    tmp = dest.with_name(temp_name(dest.name))
     try:
         with SampleTarWriter(tmp) as sink:  # keys made safe: no "..", no absolute member names
             for raw in tar_samples([url], counter, ReadOptions(allow_pipe=allow_pipe)):
@@ -94,13 +99,25 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
     start = time.perf_counter()
     pairs = _shard_names(parse_specs(list(urls), allow_pipe=allow_pipe).urls)
     opts = WriteOptions(frame_side=frame_side, keep_frames=keep_frames, drop_video=drop_video, jpeg_quality=jpeg_quality)
-    staged = Output.of(out, "shards convert")  # a folder or a bucket; never pipe:
+    with Output.held(out, "shards convert") as staged:  # a folder or a bucket, never pipe:; one writer per OUT
+        summary = _convert_all(staged, pairs, opts, allow_pipe, progress)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    check_written(summary["samples"], summary["samples"] + sum(summary["skipped"].values()), summary["skipped"],
+                  "shards convert")  # nothing converted: exit 2 with the counts
+    return summary
+
+
+def _convert_all(staged: Output, pairs: list[tuple[str, str]], opts: WriteOptions, allow_pipe: bool,
+                 progress: bool) -> dict[str, Any]:
+    """Every pending shard of ``pairs`` into the held OUT ``staged``; the summary."""
     out = staged.local
+    clear_stale_temps(out, "*.tmp")  # leftovers of interrupted runs (any input name; this process holds OUT)
     state = out / "_convert"
     state.mkdir(parents=True, exist_ok=True)
-    options = {"keep_frames": keep_frames, "drop_video": drop_video, "frame_side": frame_side, "jpeg_quality": jpeg_quality}
+    options = {"keep_frames": opts.keep_frames, "drop_video": opts.drop_video, "frame_side": opts.frame_side,
+               "jpeg_quality": opts.jpeg_quality}
     opt_file = state / "options.json"
-    if opt_file.is_file() and json_loads(opt_file.read_text()) != options:
+    if opt_file.is_file() and json_loads(read_text(opt_file, OPTIONS_BYTES, "shards convert state")) != options:
         raise UserError(f"{out} holds shards converted with other options; convert into an empty OUT (or delete it)")
     opt_file.write_text(json.dumps(options) + "\n")
     staged.publish("_convert/options.json", keep=True)
@@ -114,15 +131,13 @@ def convert_shards(urls: Sequence[str], out: str | Path, *, keep_frames: int, dr
         stats_file.write_text(json.dumps(stats) + "\n")
         staged.publish(name)  # a bucket OUT: the shard whole, then its resume record
         staged.publish(f"_convert/{name}.json", keep=True)
-    summary = _summary(out, state, pairs, resumed, time.perf_counter() - start)
+    summary = _summary(out, state, pairs, resumed)
     staged.publish("skipped.jsonl", "sizes.json", keep=True)  # sizes.json last
-    check_written(summary["samples"], summary["samples"] + sum(summary["skipped"].values()), summary["skipped"],
-                  "shards convert")  # nothing converted: exit 2 with the counts
     return {**summary, "out": staged.shown()}
 
 
-def _summary(out: Path, state: Path, pairs: list[tuple[str, str]], resumed: int, seconds: float) -> dict[str, Any]:
+def _summary(out: Path, state: Path, pairs: list[tuple[str, str]], resumed: int) -> dict[str, Any]:
     sizes, skipped, items, total = finish_outputs(out, {name: state / f"{name}.json" for _, name in pairs},
                                                   "shards convert")
     return {"out": str(out), "samples": sum(sizes.values()), "skipped": skipped, "shards": len(pairs),
-            "resumed_shards": resumed, "bytes": total, "skipped_items": items[:100], "seconds": round(seconds, 3)}
+            "resumed_shards": resumed, "bytes": total, "skipped_items": items[:100]}

@@ -144,7 +144,7 @@ class ShardSink:
         self._tmp: Path | None = None
 
     def _open(self) -> None:
-        self._tmp = self.out_dir / f"{self.index:06d}.tar.{os.getpid()}.tmp"  # per process: never another writer's
+        self._tmp = self.out_dir / temp_name(f"{self.index:06d}.tar")  # per process: never another writer's
         self._tar = SampleTarWriter(self._tmp)
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -171,9 +171,40 @@ class ShardSink:
             self._tar = None
 
 
+def temp_name(name: str) -> str:
+    """The per-process temporary name of output file ``name`` (``NAME.PID.tmp``): two
+    writers never share one, and :func:`clear_stale_temps` can tell whose it is."""
+    return f"{name}.{os.getpid()}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clear_stale_temps(out: Path, pattern: str = "*.tar*.tmp") -> list[Path]:
+    """Remove the leftovers of interrupted writers in ``out`` (called with OUT locked):
+    a ``NAME.PID.tmp`` of a dead process (or of this pid: a reused one), and a name that
+    carries no pid (older writers' ``NAME.tmp``); a live process's temp is never touched.
+    Returns what was removed."""
+    removed = []
+    for tmp in out.glob(pattern):
+        pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
+        if pid.isdigit() and 0 < int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     """``sizes.json``: shard file name → samples (what ``data.epoch_size`` sums)."""
-    tmp = out_dir / f"sizes.json.{os.getpid()}.tmp"
+    tmp = out_dir / temp_name("sizes.json")
     tmp.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
     os.replace(tmp, out_dir / "sizes.json")
 

@@ -7,17 +7,27 @@ under a temporary name, renamed when whole); each finished shard is then uploade
 the summary files (``skipped.jsonl``, then ``sizes.json``) last. Objects appear in a bucket
 only once their upload is complete, so a shard there is whole; a rerun pulls the resume
 state back and skips the shards already in the bucket.
+
+:meth:`Output.held` holds OUT for one writer (:class:`regionvlp.runfolder.FolderLock`)
+for the command's life: a local OUT is locked itself; a bucket OUT is locked through a
+lock file beside its staging folder (``REGIONVLP_CACHE/remote/<hash>.lock``), taken
+before that folder is emptied and refilled, so a second writer of the same URL on this
+host exits 2 naming the first instead of clearing its staging folder. A bucket has no
+lock of its own: writers of one URL on two hosts are not kept apart (give each its own
+prefix).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from regionvlp import remote
 from regionvlp.data.matching import check_written
 from regionvlp.data.output import finish_outputs, local_output, shard_urls
+from regionvlp.runfolder import FolderLock
 
 STATE_MAX_BYTES = 256 << 20  # a resume record / sizes.json pulled back from the bucket
 
@@ -40,6 +50,20 @@ class Output:
         staged.local.mkdir(parents=True)
         staged.pull(url, staged.local)
         return staged
+
+    @classmethod
+    @contextmanager
+    def held(cls, out: str | Path, what: str) -> Iterator["Output"]:
+        """:meth:`of`, with OUT locked for this process until the block ends (a second
+        writer: :class:`UserError` naming the holder); see the module doc."""
+        if not remote.is_remote(out):
+            local = local_output(out, what)
+            with FolderLock(local, f"{what} OUT"):
+                yield cls(local)
+            return
+        staging = remote.cache_path(str(out).rstrip("/"))
+        with FolderLock(staging.parent, f"{what} OUT", name=staging.name + ".lock", shown=str(out).rstrip("/")):
+            yield cls.of(out, what)
 
     def pull(self, url: str, local: Path) -> None:
         for name, size in remote.list_files(url).items():

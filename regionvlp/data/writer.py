@@ -33,12 +33,12 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from regionvlp.data.decode import DecodeError, decode_pyav, reformat
-from regionvlp.data.output import SampleTarWriter, cut_captions, local_output, process_pool
+from regionvlp.data.output import (SampleTarWriter, clear_stale_temps, cut_captions, local_output, process_pool,
+                                   temp_name)
 from regionvlp.data.staging import Output
 from regionvlp.data.inputs import Item, join_qa, read_source
 from regionvlp.errors import UserError
 from regionvlp.jsonio import json_loads
-from regionvlp.runfolder import FolderLock
 from regionvlp.limits import MEDIA_BYTES, ReadLimitError, read_file
 
 
@@ -310,14 +310,12 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
     start = time.perf_counter()
     opts = WriteOptions(max_side=max_side, max_seconds=max_seconds, fps=fps, keep_frames=keep_frames,
                         drop_video=drop_video, jpeg_quality=jpeg_quality, frame_side=frame_side)
-    staged = Output.of(out, "shards write")  # a folder, or a bucket staged locally
-    out, items, extra = read_inputs(src, staged.local, video_col, caption_col, max_caption_chars, qa)
-    with FolderLock(out, "shards write OUT"):  # one writer per OUT; a second one exits 2 naming the first
+    with Output.held(out, "shards write") as staged:  # one writer per OUT (a bucket's staging too); a second exits 2
+        out, items, extra = read_inputs(src, staged.local, video_col, caption_col, max_caption_chars, qa)
         state = _claim_out(out, src, items, shard_size, opts)
         staged.publish("_write/source.json", keep=True)
         n_shards = (len(items) + shard_size - 1) // shard_size
-        for tmp in out.glob("*.tar*.tmp"):  # leftovers of an interrupted run (this process holds OUT)
-            tmp.unlink()
+        clear_stale_temps(out)  # leftovers of interrupted runs (this process holds OUT)
         done = {k for k in range(n_shards) if (state / f"{k:06d}.json").is_file() and staged.has(f"{k:06d}.tar")}
         pending = [k for k in range(n_shards) if k not in done]
         jobs: Iterator[tuple[Item, WriteOptions]] = (
@@ -336,7 +334,7 @@ def write_shards(src: str | Path, out: str | Path, *, shard_size: int = 1000, wo
             for k in pending:
                 n_in = len(items[k * shard_size:(k + 1) * shard_size])
                 name = f"{k:06d}.tar"
-                tmp_path = out / f"{name}.{os.getpid()}.tmp"
+                tmp_path = out / temp_name(name)
                 sink = SampleTarWriter(tmp_path)
                 stats: dict[str, Any] = {"samples": 0, "bytes": 0, "skipped": []}
                 for _ in range(n_in):

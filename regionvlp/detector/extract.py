@@ -6,9 +6,11 @@ and a ``region_extractor`` record) and ``regions.bin`` (:mod:`regionvlp.data.reg
 ``feats`` float16 or int8 with a per-region scale [T,K,F], ``boxes`` float32 [T,K,4],
 ``mask`` bool [T,K], ``labels`` int64 [T,K], ``scores`` float32 [T,K]). Frames are
 decoded as evaluation does (``data.eval_sampling``, ``data.size``), T =
-``keep_frames`` (default ``data.num_frames``). A shard is written to ``NAME.tar.tmp`` and renamed
-when complete, so a rerun skips finished shards (resume) and redoes a cut-off one.
-``sizes.json`` beside them counts the samples per shard.
+``keep_frames`` (default ``data.num_frames``). A shard is written to ``NAME.tar.PID.tmp`` and
+renamed when complete, so a rerun skips finished shards (resume) and redoes a cut-off one.
+``sizes.json`` beside them counts the samples per shard. OUT is held by one ``regions
+extract`` for the command's life (:meth:`Output.held`: a second exits 2 naming the first),
+and temp files of dead writers are removed at start (never a live process's).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from regionvlp.data import iter_samples
 from regionvlp.data.matching import check_written
-from regionvlp.data.output import SampleTarWriter, write_sizes
+from regionvlp.data.output import SampleTarWriter, clear_stale_temps, temp_name, write_sizes
 from regionvlp.data.regions import FEATURE_DTYPES, REGION_EXT, region_bytes
 from regionvlp.data.staging import Output
 from regionvlp.data.samples import with_frames
@@ -126,7 +128,7 @@ class OutFolder:
         return folder
 
     def save_manifest(self) -> None:
-        tmp = self.out / (MANIFEST + ".tmp")
+        tmp = self.out / temp_name(MANIFEST)
         tmp.write_text(json.dumps({"extractor": self.record, "skipped": self.shard_skipped}, indent=1) + "\n")
         os.replace(tmp, self.out / MANIFEST)
 
@@ -171,47 +173,29 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
                     keep_frames: int | None = None) -> dict[str, Any]:
     """Run the frozen extractor over ``urls`` and write region shards into ``out`` (see
     module doc): features stored as ``feature_dtype`` (fp16 | int8), ``keep_frames``
-    frames per clip (default ``data.num_frames``)."""
+    frames per clip (default ``data.num_frames``). OUT is held by this process throughout
+    (a second ``regions extract`` into it: :class:`UserError` naming this one)."""
     if feature_dtype not in FEATURE_DTYPES:
         raise UserError(f"regions extract: --feature-dtype {feature_dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}")
     if keep_frames is not None and not 1 <= int(keep_frames) <= 1024:
         raise UserError(f"regions extract: --keep-frames {keep_frames}; expected 1..1024")
-    staged = Output.of(out, "regions extract")  # a folder, or a bucket staged locally
-    out = staged.local
-    shards, names = input_shards(cfg, urls)
-    folder = OutFolder.open(out, extractor_record(cfg, feature_dtype=feature_dtype, keep_frames=keep_frames))
-    dev = resolve_device(device or str(cfg.run.device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
-    extractor = build_extractor(cfg).to(dev)
-    skipped: dict[str, int] = {}
-    written = resumed = captions_cut = 0
-    failed: list[str] = []
     start = time.perf_counter()
-    bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
-    for url, name in zip(shards, names):
-        if name in folder.sizes and staged.has(name):
-            resumed += 1
-            continue
-        folder.sizes.pop(name, None)
-        tmp = out / (name + ".tmp")
-        count, shard_skips, cut = extract_shard(url, tmp, cfg, extractor, folder.record,
-                                                int(batch_size or cfg.data.batch_size), bar)
-        captions_cut += cut
-        if count == 0 and shard_skips.get("unreadable_shard"):
-            # not finalised: a rerun retries it (a network blip must not become an empty shard)
-            tmp.unlink(missing_ok=True)
-            failed.append(url)
-            add_counts(skipped, shard_skips)
-            continue
-        folder.finish(name, tmp, count, shard_skips)
-        staged.publish(name)  # a bucket OUT: the shard whole, then the resume state
-        staged.publish(MANIFEST, "sizes.json", keep=True)
-        written += 1
-    bar.close()
+    shards, names = input_shards(cfg, urls)
+    with Output.held(out, "regions extract") as staged:  # a folder, or a bucket staged locally; one writer
+        clear_stale_temps(staged.local)  # leftovers of interrupted runs (this process holds OUT)
+        folder = OutFolder.open(staged.local, extractor_record(cfg, feature_dtype=feature_dtype,
+                                                               keep_frames=keep_frames))
+        dev = resolve_device(device or str(cfg.run.device))
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("CUDA was asked for but no GPU is visible; use --device cpu (or auto)")
+        extractor = build_extractor(cfg).to(dev)
+        done = _extract_pending(staged, folder, shards, names, cfg, extractor, int(batch_size or cfg.data.batch_size),
+                                progress)
+    skipped: dict[str, int] = dict(done["skipped"])
     for name in names:  # resumed shards' skips were recorded by the run that wrote them
         add_counts(skipped, folder.shard_skipped.get(name, {}))
-    if failed and not written and not resumed:
+    failed = done["failed"]
+    if failed and not done["written"] and not done["resumed"]:
         raise UserError(f"regions extract: no input shard could be read (first: {failed[0]}); check the URLS")
     samples = sum(folder.sizes.get(n, 0) for n in names)
     check_written(samples, samples + sum(skipped.values()), skipped, "regions extract")  # nothing extracted: exit 2
@@ -220,13 +204,45 @@ def extract_regions(cfg: Any, urls: Sequence[str], out: str | Path, *, batch_siz
         "samples": samples,
         "skipped": skipped,
         "shards": len(shards),
-        "shards_written": written,
-        "shards_resumed": resumed,
+        "shards_written": done["written"],
+        "shards_resumed": done["resumed"],
         "shards_failed": failed,  # unreadable inputs, not written; rerun to retry them
-        "captions_cut": captions_cut,  # cut to data.max_caption_chars
+        "captions_cut": done["captions_cut"],  # cut to data.max_caption_chars
         "device": str(dev),
         "num_regions": int(cfg.model.detector.num_regions),
         "num_frames": folder.record["num_frames"],
         "feature_dtype": feature_dtype,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _extract_pending(staged: Output, folder: OutFolder, shards: list[str], names: list[str], cfg: Any,
+                     extractor: Any, batch_size: int, progress: bool) -> dict[str, Any]:
+    """Every input shard not finished in OUT, extracted under its per-process temp name
+    and renamed (a bucket OUT: uploaded); the counts of this run."""
+    done: dict[str, Any] = {"skipped": {}, "written": 0, "resumed": 0, "captions_cut": 0, "failed": []}
+    bar = tqdm(desc="regions extract", unit="clip", file=sys.stderr, disable=not progress)
+    for url, name in zip(shards, names):
+        if name in folder.sizes and staged.has(name):
+            done["resumed"] += 1
+            continue
+        folder.sizes.pop(name, None)
+        tmp = staged.local / temp_name(name)  # NAME.tar.PID.tmp: never another writer's
+        try:
+            count, shard_skips, cut = extract_shard(url, tmp, cfg, extractor, folder.record, batch_size, bar)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        done["captions_cut"] += cut
+        if count == 0 and shard_skips.get("unreadable_shard"):
+            # not finalised: a rerun retries it (a network blip must not become an empty shard)
+            tmp.unlink(missing_ok=True)
+            done["failed"].append(url)
+            add_counts(done["skipped"], shard_skips)
+            continue
+        folder.finish(name, tmp, count, shard_skips)
+        staged.publish(name)  # a bucket OUT: the shard whole, then the resume state
+        staged.publish(MANIFEST, "sizes.json", keep=True)
+        done["written"] += 1
+    bar.close()
+    return done

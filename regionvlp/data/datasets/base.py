@@ -11,6 +11,7 @@ refuses a clip that two schemes resolve to two different files.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from collections import Counter
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from regionvlp.data.inputs import FOLDER_VIDEO_EXTS
-from regionvlp.errors import UserError
+from regionvlp.errors import UserError, clip
+from regionvlp.limits import DATASET_JSON_BYTES, DATASET_TEXT_BYTES, ReadLimitError, iter_lines, read_text
 
 
-MAX_JSON_BYTES = 1 << 30  # annotation JSON read whole: bounded first
+MAX_JSON_BYTES = DATASET_JSON_BYTES  # annotation JSON read whole: bounded first
+MAX_TEXT_BYTES = DATASET_TEXT_BYTES  # annotation CSV/TSV/TXT: streamed, bounded all the same
 MAX_SIDECAR_BYTES = 1 << 20
 csv.field_size_limit(1 << 24)
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
 @dataclass
@@ -67,34 +71,47 @@ class Adapter:
 
 # ------------------------------------------------------------------ file reading
 def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """A JSON annotation file, its size bounded before it is read."""
-    if path.stat().st_size > limit:
-        raise UserError(f"{path}: larger than {limit >> 20} MiB; not an annotation file of this dataset")
+    """A JSON annotation file, its size bounded before it is read (a larger file, a
+    device or a FIFO: :class:`~regionvlp.limits.ReadLimitError`, exit 2)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_text(path, limit, "annotation file", "utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({clip(' '.join(str(err).split()))})") from None
 
 
-def text_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 text file (streamed, so a large file is never held whole)."""
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        for line in f:
-            yield line.rstrip("\r\n")
+def _lines(path: Path, limit: int) -> Iterator[str]:
+    """Lines with their endings, ending at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (as a file
+    opened with ``newline=""`` gives them), streamed and bounded (:func:`iter_lines`)."""
+    for raw in iter_lines(path, limit, "annotation file"):
+        yield from _LINE.findall(raw)
 
 
-def csv_rows(path: Path, delimiter: Optional[str] = None, header: bool = True) -> Iterator[Any]:
+def text_lines(path: Path, limit: int = MAX_TEXT_BYTES) -> Iterator[str]:
+    """Lines of a UTF-8 text file without their endings, streamed (one line held; the
+    file and each line bounded: :func:`regionvlp.limits.iter_lines`)."""
+    for line in _lines(path, limit):
+        yield line.rstrip("\r\n")
+
+
+def csv_rows(path: Path, delimiter: Optional[str] = None, header: bool = True,
+             limit: int = MAX_TEXT_BYTES) -> Iterator[Any]:
     """Rows of a CSV/TSV file: dicts with a header line, lists without; the delimiter
-    sniffed (``,`` tab ``;``) unless given."""
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        if delimiter is None:
-            head = f.read(8192)
-            f.seek(0)
-            delimiter = "\t" if head.count("\t") > head.count(",") else ","
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting) if header \
-            else csv.reader(f, delimiter=delimiter, quoting=quoting)
-        yield from reader
+    sniffed (``,`` tab ``;``) from the first 8 KiB unless given. Streamed through
+    :func:`regionvlp.limits.iter_lines` (the file and each line bounded)."""
+    lines = _lines(path, limit)
+    if delimiter is None:
+        head: list[str] = []
+        for line in lines:
+            head.append(line)
+            if sum(map(len, head)) >= 8192:
+                break
+        text = "".join(head)
+        delimiter = "\t" if text.count("\t") > text.count(",") else ","
+        lines = itertools.chain(head, lines)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(lines, delimiter=delimiter, quoting=quoting) if header \
+        else csv.reader(lines, delimiter=delimiter, quoting=quoting)
+    yield from reader
 
 
 def expect_keys(row: Any, keys: Sequence[str], path: Path) -> None:
@@ -186,10 +203,8 @@ class VideoIndex:
 def sidecar_name(path: Path, key: str) -> Optional[str]:
     """``json[key]`` of a small sidecar with ``status`` success (or no status), else None."""
     try:
-        if not path.is_file() or path.stat().st_size > MAX_SIDECAR_BYTES:
-            return None
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        meta = json.loads(read_text(path, MAX_SIDECAR_BYTES, "sidecar"))
+    except (OSError, ValueError, UnicodeDecodeError, ReadLimitError):  # missing, unreadable or too big: no name
         return None
     if not isinstance(meta, dict) or meta.get("status", "success") != "success":
         return None

@@ -24,10 +24,12 @@ from regionvlp.data.matching import check_match, match_report
 from regionvlp.data.output import local_output
 from regionvlp.data.writer import write_shards
 from regionvlp.errors import UserError
+from regionvlp.runfolder import FolderLock
 from regionvlp.runtime import file_sha256
 
 
 MISSING_LISTED = 100  # missing clip ids in dataset.json (all of them in missing.txt)
+PREPARE_LOCK = ".prepare.lock"  # OUT/SPLIT held while its manifest, shards and dataset.json are written
 
 
 def choose_splits(adapter: Adapter, splits: dict[str, Split], wanted: Optional[str]) -> list[Split]:
@@ -70,20 +72,22 @@ def prepare_split(adapter: Adapter, split: Split, index: VideoIndex, out: Path, 
     what = f"datasets prepare {adapter.name} --split {split.name}"
     match = check_match(match_report(len(rows), len(split.clips), missing, index.names()), what,
                         f"{adapter.hint} (--videos {index.root} holds {index.count} videos)")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (out / "missing.txt").write_text("".join(f"{m}\n" for m in missing), encoding="utf-8")
-    written = write_shards(manifest, out, video_col="video", **write)
-    skipped = Counter(split.skipped)
-    skipped.update({"missing_video": len(missing)} if missing else {})
-    skipped.update(written["skipped"])
-    info = {"name": adapter.name, "split": split.name, "protocol": split.protocol,
-            "counts": counts_of(split, rows, written), "skipped": dict(skipped), "match": match,
-            "annotations": [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in split.files],
-            "videos": str(index.root), "missing": missing[:MISSING_LISTED], "urls": written["urls"],
-            "shards": written["shards"], "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    # held before manifest.jsonl is written (shards write then holds OUT/SPLIT/.lock inside this):
+    # a second prepare into the same OUT exits 2 naming the first instead of rewriting its manifest
+    with FolderLock(out, f"datasets prepare {adapter.name} OUT", name=PREPARE_LOCK):
+        manifest = out / "manifest.jsonl"
+        manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        (out / "missing.txt").write_text("".join(f"{m}\n" for m in missing), encoding="utf-8")
+        written = write_shards(manifest, out, video_col="video", **write)
+        skipped = Counter(split.skipped)
+        skipped.update({"missing_video": len(missing)} if missing else {})
+        skipped.update(written["skipped"])
+        info = {"name": adapter.name, "split": split.name, "protocol": split.protocol,
+                "counts": counts_of(split, rows, written), "skipped": dict(skipped), "match": match,
+                "annotations": [{"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in split.files],
+                "videos": str(index.root), "missing": missing[:MISSING_LISTED], "urls": written["urls"],
+                "shards": written["shards"], "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return {**{k: v for k, v in info.items() if k not in ("missing", "written_at")},
             "samples": written["samples"], "out": str(out), "resumed_shards": written["resumed_shards"]}
 
