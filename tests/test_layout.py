@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("regionvlp.evaluation", "regionvlp.qa.evaluate"),
     ("regionvlp.train",),
     ("regionvlp.bench",),
-    ("regionvlp.compare", "regionvlp.report", "regionvlp.demo", "regionvlp.show", "regionvlp.qa.stage"),
+    ("regionvlp.compare", "regionvlp.report", "regionvlp.demo", "regionvlp.show", "regionvlp.qa.stage",
+     "regionvlp.region_cache"),
     ("regionvlp.cli", "regionvlp.__main__"),
 ]
 # pairs in one layer that must not know each other (either direction)
