@@ -113,11 +113,13 @@ def _run_regions(run_dir: Path) -> str | None:
         return None
 
 
-def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu") -> dict[str, str]:
-    """``regions.png`` + ``retrieval.png`` of the runs' checkpoints (:mod:`regionvlp.show`);
-    when they cannot be drawn (e.g. a run without a checkpoint), ``{"note": why}``."""
+def region_figures(runs: Sequence[RunResult], out: Path, device: str = "cpu",
+                   urls: Sequence[str] | None = None) -> dict[str, str]:
+    """``regions.png`` + ``retrieval.png`` of the runs' checkpoints (:mod:`regionvlp.show`)
+    on the raw val frames ``urls`` (default: the first run's ``data.val.urls``); when they
+    cannot be drawn (e.g. a run without a checkpoint), ``{"note": why}``."""
     try:
-        return report_figures({r.name: r.run_dir for r in runs}, out, device=device)
+        return report_figures({r.name: r.run_dir for r in runs}, out, device=device, urls=urls)
     except UserError as err:
         log.warning("compare: no region figures: %s", err)
         return {"note": str(err)}
@@ -269,7 +271,8 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
     settings = {name: {f"model.{sec}": _select(cfg, f"model.{sec}") for sec in pathways.of(cfg).sections}
                 for name, cfg in cfgs.items()}
     summary = write_report(runs, out, setup=setup, device=device_name(device),
-                           figures=region_figures(runs, out, str(device)), qa=qa, settings=settings)
+                           figures=region_figures(runs, out, str(device), setup["data.val.urls"]), qa=qa,
+                           settings=settings)  # the raw val frames, whatever route a row's regions took
     if qa_seconds is not None:
         summary["qa_seconds"] = qa_seconds  # the QA stage's wall-clock (training + evaluation, both pathways)
     return summary

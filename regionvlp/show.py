@@ -413,12 +413,12 @@ def draw_thumb(ax: Any, thumb: np.ndarray, rank: int, true: bool) -> None:
 
 # ------------------------------------------------------------------- report
 def report_figures(run_dirs: Mapping[str, str | Path], out: str | Path, *, clips: int = 4, queries: int = 3,
-                   seed: int | None = None, device: str = "cpu") -> dict[str, str]:
-    """``out/regions.png`` and ``out/retrieval.png`` for the ``compare`` report, on the
-    first run's validation shards (``data.val.urls``); returns name -> path."""
+                   seed: int | None = None, device: str = "cpu", urls: Sequence[str] | None = None) -> dict[str, str]:
+    """``out/regions.png`` and ``out/retrieval.png`` for the ``compare`` report, on
+    ``urls`` (raw frames; default: the first run's ``data.val.urls``); returns name -> path."""
     models = {name: load(d, device) for name, d in run_dirs.items()}
     first = next(iter(models.values()))
-    urls = [str(u) for u in first.cfg.data.val.urls]
+    urls = [str(u) for u in (first.cfg.data.val.urls if urls is None else urls)]
     if not urls:
         raise UserError(f"{first.source}: its config has no data.val.urls to take the clips from")
     seed = int(first.cfg.seed if seed is None else seed)

@@ -199,6 +199,7 @@ def test_region_cache_route_trains_the_detector_from_extracted_regions(tmp_path,
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| regions route | region-cache | in-loop |" in report
     assert "| region extraction, once (s) |" in report
+    assert set(summary["figures"]) == {"regions", "retrieval"}  # drawn on the raw val frames
     assert f"- `data.train.urls`: `['{train_urls}']`" in report  # the budget line names the clips, not the cache
 
 
