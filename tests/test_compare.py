@@ -105,6 +105,17 @@ def tiny_shards(tmp_path_factory) -> tuple[str, str]:
     return s["train"]["urls"], s["val"]["urls"]
 
 
+def tiny_configs(train_urls: str, val_urls: str) -> dict:
+    """Both tiny pathways for 2 steps on the same shards (validated at step 2)."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    shared = ["train.max_steps=2", "train.val_every=2", "data.batch_size=2", "train.ckpt_every=2"]
+    cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
+    for cfg in cfgs.values():
+        cfg.data.train.urls = [train_urls]
+        cfg.data.val.urls = [val_urls]
+    return cfgs
+
+
 def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards, capsys):
     """Both tiny configs, same data/steps/seed, trained by regionvlp.train.train; the
     report has both pathways' curves, final metrics, throughput and peak memory."""
@@ -112,11 +123,7 @@ def test_compare_trains_both_tiny_pathways_and_reports(tmp_path, tiny_shards, ca
 
     root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
     train_urls, val_urls = tiny_shards
-    shared = ["train.max_steps=2", "train.val_every=2", "data.batch_size=2", "train.ckpt_every=2"]
-    cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
-    for cfg in cfgs.values():
-        cfg.data.train.urls = [train_urls]
-        cfg.data.val.urls = [val_urls]
+    cfgs = tiny_configs(train_urls, val_urls)
     summary = compare(cfgs, tmp_path / "cmp", isolate=False)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| metric | detector | learned |" in report
@@ -167,13 +174,8 @@ def test_region_cache_route_trains_the_detector_from_extracted_regions(tmp_path,
     from regionvlp.compare import compare
     from regionvlp.region_cache import RegionCache
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "tiny"
     train_urls, val_urls = tiny_shards
-    shared = ["train.max_steps=2", "train.val_every=2", "data.batch_size=2", "train.ckpt_every=2"]
-    cfgs = {name: load_config(root / f"{name}.yaml", shared) for name in ("detector", "learned")}
-    for cfg in cfgs.values():
-        cfg.data.train.urls = [train_urls]
-        cfg.data.val.urls = [val_urls]
+    cfgs = tiny_configs(train_urls, val_urls)
     import regionvlp.compare as cmp
 
     final_evals = {}
