@@ -105,10 +105,10 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="two or more finished run directories instead of "
                                                                 "training")
     p.add_argument("--region-cache", metavar="DIR", help="pathways that can train from region shards (detector) "
-                                                         "do, from regions extracted once into DIR/NAME/train; "
-                                                         "validation and the final eval still run the detector "
-                                                         "in the loop on the raw val frames")
-    p.add_argument("--region-cache-frames", type=int, metavar="N", help="frames stored per clip in the cache "
+                                                         "train and validate from regions extracted once into "
+                                                         "DIR/NAME/{train,val}; their final eval still runs the "
+                                                         "detector in the loop on the raw val frames")
+    p.add_argument("--region-cache-frames", type=int, metavar="N", help="training frames stored per clip in the cache "
                                                                         "(default data.num_frames; more keeps "
                                                                         "training's temporal sampling)")
     p.add_argument("--region-cache-dtype", default="fp16", choices=("fp16", "int8"), help="cached feature dtype")
