@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from regionvlp import pathways
 from regionvlp.data.regions import FEATURE_DTYPES
+from regionvlp.data.sources import parse_specs
 from regionvlp.errors import UserError
 
 IN_LOOP = "in-loop"
@@ -93,7 +94,19 @@ def _extract_split(cfg: Any, urls: list[str], out: Path, cache: RegionCache, fra
     summary = extract_regions(cfg, urls, out, feature_dtype=cache.feature_dtype, keep_frames=frames)
     summary["seconds"] = time.perf_counter() - t0
     _, names = input_shards(cfg, urls)
-    return summary, [str(out / n) for n in names]
+    sources = parse_specs(urls, allow_pipe=bool(cfg.data.allow_pipe)).sources
+    return summary, cached_urls([(s.weight, len(s.urls)) for s in sources], [str(out / n) for n in names])
+
+
+def cached_urls(sources: list[tuple[float, int]], paths: list[str]) -> list[str]:
+    """The region shards' URLs for the sources ``(weight, shard count)`` they were
+    extracted from, in order: plain paths when every shard weighs the same; else each
+    shard its own source weighing ``weight / count``, so resampling draws a shard as
+    often as from the original spec (a source by weight, then a shard in it uniformly)."""
+    per_shard = [weight / count for weight, count in sources for _ in range(count)]
+    if len(set(per_shard)) <= 1:
+        return list(paths)
+    return [f"{path}@{weight!r}" for path, weight in zip(paths, per_shard)]
 
 
 def use_region_cache(cfg: Any, name: str, cache: RegionCache) -> dict[str, Any]:

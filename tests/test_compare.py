@@ -220,3 +220,17 @@ def test_region_cache_flags_are_checked(tmp_path, capsys):
                  "--detector", str(root / "detector.yaml"), "--region-cache", str(tmp_path / "cache"),
                  "--region-cache-frames", "0"]) == 2
     assert "--region-cache-frames 0" in capsys.readouterr().err
+
+
+def test_region_cache_keeps_the_sources_weights():
+    """`a@3 :: {b,c}` resampled draws a 3:1 source, then a shard in it: the cached shards
+    keep that (each its own source at weight / count); equal weights stay plain paths."""
+    from regionvlp.data.sources import parse_specs
+    from regionvlp.region_cache import cached_urls
+
+    assert cached_urls([(1.0, 2), (1.0, 2)], ["a", "b", "c", "d"]) == ["a", "b", "c", "d"]
+    assert cached_urls([(2.0, 2), (1.0, 1)], ["a", "b", "c"]) == ["a", "b", "c"]  # 1 per shard either way
+    urls = cached_urls([(3.0, 1), (1.0, 2)], ["/r/a.tar", "/r/b.tar", "/r/c.tar"])
+    assert urls == ["/r/a.tar@3.0", "/r/b.tar@0.5", "/r/c.tar@0.5"]
+    sources = parse_specs(urls).sources
+    assert [(s.urls, s.weight) for s in sources] == [(["/r/a.tar"], 3.0), (["/r/b.tar"], 0.5), (["/r/c.tar"], 0.5)]
