@@ -172,3 +172,16 @@ def test_cli_prints_one_json_summary_last(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--videos", "2", "--size", "63"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "even" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_second_synth_into_a_held_out_is_refused(tmp_path):
+    """OUT is locked while synth writes it (a second one would clear its splits)."""
+    from regionvlp.errors import UserError
+    from regionvlp.runfolder import FolderLock
+
+    (tmp_path / "world").mkdir()
+    with FolderLock(tmp_path / "world", "synth OUT"):  # another synth holds it
+        with pytest.raises(UserError, match=r"synth OUT=.*world is in use by pid"):
+            synth(tmp_path / "world", videos=2, val_videos=1, size=32, frames=2, progress=False)
+    assert not list((tmp_path / "world").glob("*/*.tar"))  # nothing written, nothing cleared
+    assert synth(tmp_path / "world", videos=2, val_videos=1, size=32, frames=2, progress=False)["samples"] == 3

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from regionvlp.data.output import ShardSink, process_pool, shard_urls, write_sizes
 from regionvlp.errors import UserError
+from regionvlp.runfolder import FolderLock
 
 
 # class ids: index in CLASSES; 0 is the background (torchvision detection convention)
@@ -435,16 +436,18 @@ def synth(out: str | Path, *, videos: int, seed: int = 0, val_videos: int | None
     summary: dict[str, Any] = {"out": str(out), "samples": 0, "skipped": {}, "shards": 0,
                                "shard_size": shard_size}
     failed: list[str] = []
-    pool = process_pool(workers)
-    try:
-        for split, n in (("train", videos), ("val", val_videos)):
-            _write_split(out / split, _samples(spec, split, n, pool), n, split, summary, failed, progress)
-        if pool is not None:
-            pool.close()  # finished: let the workers exit on their own
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "synth OUT"):  # a second synth into OUT would clear the splits this one writes
+        pool = process_pool(workers)
+        try:
+            for split, n in (("train", videos), ("val", val_videos)):
+                _write_split(out / split, _samples(spec, split, n, pool), n, split, summary, failed, progress)
+            if pool is not None:
+                pool.close()  # finished: let the workers exit on their own
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
     world = {"classes": CLASSES, "colors": list(COLORS), "sizes": list(SIZES), "motions": MOTIONS,
              "backgrounds": BACKGROUNDS, "spec": asdict(spec),
              "held_out_pairs": sorted(map(list, held_out_pairs(seed))) if compositional else []}
