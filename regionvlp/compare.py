@@ -238,7 +238,7 @@ def compare(cfgs: Mapping[str, Any], out_dir: str | os.PathLike, *, val_points: 
         if not list(cfg.data.val.urls):
             raise UserError("compare needs validation shards: set data.val.urls")
         cfg.run.out_dir = str(out / name)
-        route, eval_urls = route_of(cfg), None
+        route, eval_urls = route_of(), None
         if region_cache is not None and can_cache(cfg):
             eval_urls = list(cfg.data.val.urls)  # the final eval: the raw val frames, the detector in the loop
             route = use_region_cache(cfg, name, region_cache)

@@ -74,8 +74,7 @@ def _shards(extract: dict[str, Any]) -> str:
            f"{extract['samples']} clips)"
 
 
-def route_of(cfg: Any, train: Optional[dict[str, Any]] = None, val: Optional[dict[str, Any]] = None
-             ) -> dict[str, Any]:
+def route_of(train: Optional[dict[str, Any]] = None, val: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What the report says of a row's route: where its training, validation (periodic and
     the QA stage's) and final-eval regions came from; ``train``/``val``: the extractions."""
     if train is None or val is None:
@@ -93,9 +92,9 @@ def _extract_split(cfg: Any, urls: list[str], out: Path, cache: RegionCache, fra
     t0 = time.perf_counter()
     summary = extract_regions(cfg, urls, out, feature_dtype=cache.feature_dtype, keep_frames=frames)
     summary["seconds"] = time.perf_counter() - t0
-    _, names = input_shards(cfg, urls)
-    sources = parse_specs(urls, allow_pipe=bool(cfg.data.allow_pipe)).sources
-    return summary, cached_urls([(s.weight, len(s.urls)) for s in sources], [str(out / n) for n in names])
+    _, names = input_shards(cfg, urls)  # the output names, in the order parse_specs flattens the sources
+    sources = [(s.weight, len(s.urls)) for s in parse_specs(urls, allow_pipe=bool(cfg.data.allow_pipe)).sources]
+    return summary, cached_urls(sources, [str(out / n) for n in names])
 
 
 def cached_urls(sources: list[tuple[float, int]], paths: list[str]) -> list[str]:
@@ -122,4 +121,4 @@ def use_region_cache(cfg: Any, name: str, cache: RegionCache) -> dict[str, Any]:
     val, cfg.data.val.urls = _extract_split(cfg, list(cfg.data.val.urls), root / "val", cache, None)
     cfg.data.train.samples_per_epoch = None  # sizes.json beside the region shards counts what was extracted
     cfg.data.val.samples_per_epoch = None
-    return route_of(cfg, train, val)
+    return route_of(train, val)
